@@ -1,0 +1,398 @@
+//! Streaming features exactly as of arbitrary instants, with DataFusion: the engine behind
+//! point-in-time training rows and the consistency checker's recomputation.
+//!
+//! Each row `(key, t)` joins the entity's events in `[t - lookback, t)`; windows are filters on
+//! that join. Sessions are numbered once over all events with window functions (a gap greater
+//! than the session gap starts a new one) and carry running aggregates, so a row reads its
+//! current session from the latest event before `t`.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Int64Array, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use datafusion::common::JoinType;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct, last_value, max, min, sum};
+use datafusion::functions_aggregate::{
+    count::count_udaf, first_last::last_value_udaf, min_max::max_udaf, min_max::min_udaf,
+    sum::sum_udaf,
+};
+use datafusion::logical_expr::WindowFrame;
+use datafusion::logical_expr::expr::{NullTreatment, WindowFunction};
+use datafusion::prelude::{DataFrame, Expr, ExprFunctionExt, SessionContext, cast, col, lit, when};
+use duet_spec::{Agg, Aggregation, Extent, Feature, Measure, Value, ValueType, View};
+
+use crate::translate::{MS, filter_expr, null_f64, value_expr};
+use crate::{Error, Result};
+
+fn df_err(e: datafusion::error::DataFusionError) -> Error {
+    Error::Internal(format!("query failed: {e}"))
+}
+
+/// The largest distance before `t` any of the features reads.
+fn lookback(features: &[(&View, &Feature)]) -> i64 {
+    features
+        .iter()
+        .map(|(_, f)| match f.extent {
+            Extent::Session { gap } => gap.as_ms(),
+            e => e.lookback().map_or(i64::MAX / 4, |d| d.as_ms()),
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Running aggregate over an entity's current session, ordered by `(ms, event_id)`.
+fn running(
+    fun: Arc<datafusion::logical_expr::AggregateUDF>,
+    arg: Expr,
+    partition: Vec<Expr>,
+    ignore_nulls: bool,
+) -> Result<Expr> {
+    let w = Expr::from(WindowFunction::new(fun, vec![arg]))
+        .partition_by(partition)
+        .order_by(vec![
+            col(MS).sort(true, false),
+            col("event_id").sort(true, false),
+        ])
+        .window_frame(WindowFrame::new(Some(true)));
+    let w = if ignore_nulls {
+        w.null_treatment(NullTreatment::IgnoreNulls)
+    } else {
+        w
+    };
+    w.build().map_err(df_err)
+}
+
+/// Adds session columns for every session feature: `g{gap}_sid` numbers sessions per entity,
+/// and `f{j}_sess` (plus `f{j}_sess_n`) holds the feature's running value in its session.
+fn with_sessions(ev: DataFrame, key: &str, features: &[(&View, &Feature)]) -> Result<DataFrame> {
+    let mut gaps: Vec<i64> = features
+        .iter()
+        .filter_map(|(_, f)| match f.extent {
+            Extent::Session { gap } => Some(gap.as_ms()),
+            _ => None,
+        })
+        .collect();
+    gaps.sort_unstable();
+    gaps.dedup();
+    if gaps.is_empty() {
+        return Ok(ev);
+    }
+    let order = vec![col(MS).sort(true, false), col("event_id").sort(true, false)];
+    let prev = datafusion::functions_window::expr_fn::lag(col(MS), Some(1), None)
+        .partition_by(vec![col(key)])
+        .order_by(order.clone())
+        .build()
+        .map_err(df_err)?
+        .alias("prev_ms");
+    let mut ev = ev.window(vec![prev]).map_err(df_err)?;
+    for gap in &gaps {
+        let starts = when(
+            col("prev_ms")
+                .is_null()
+                .or((col(MS) - col("prev_ms")).gt(lit(*gap))),
+            lit(1i64),
+        )
+        .otherwise(lit(0i64))
+        .map_err(df_err)?;
+        ev = ev
+            .with_column(&format!("g{gap}_new"), starts)
+            .and_then(|df| {
+                df.window(vec![
+                    running(
+                        sum_udaf(),
+                        col(format!("g{gap}_new")),
+                        vec![col(key)],
+                        false,
+                    )
+                    .expect("builds")
+                    .alias(format!("g{gap}_sid")),
+                ])
+            })
+            .map_err(df_err)?;
+    }
+    let mut windows = Vec::new();
+    let mut durations = Vec::new();
+    for (j, (_, f)) in features.iter().enumerate() {
+        let (Extent::Session { gap }, Aggregation::Measure(m)) = (f.extent, &f.aggregation) else {
+            continue;
+        };
+        let part = vec![col(key), col(format!("g{}_sid", gap.as_ms()))];
+        let keep = filter_expr(&m.filter);
+        let v = || -> Result<Expr> { value_expr(m.value.as_ref().expect("validated")) };
+        let (value, n) = match m.agg {
+            Agg::Count => (
+                running(
+                    sum_udaf(),
+                    when(keep, lit(1i64)).otherwise(lit(0i64)).map_err(df_err)?,
+                    part.clone(),
+                    false,
+                )?,
+                None,
+            ),
+            Agg::Duration => {
+                durations.push(j);
+                (running(min_udaf(), col(MS), part.clone(), false)?, None)
+            }
+            Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
+                let x = when(keep.clone(), v()?)
+                    .otherwise(null_f64())
+                    .map_err(df_err)?;
+                let fun = match m.agg {
+                    Agg::Sum | Agg::Mean => sum_udaf(),
+                    Agg::Min => min_udaf(),
+                    _ => max_udaf(),
+                };
+                (
+                    running(fun, x.clone(), part.clone(), false)?,
+                    Some(running(count_udaf(), x, part.clone(), false)?),
+                )
+            }
+            Agg::Last => {
+                let x = when(keep, v()?).otherwise(null_f64()).map_err(df_err)?;
+                (running(last_value_udaf(), x, part.clone(), true)?, None)
+            }
+            Agg::CountDistinct => unreachable!("validated: not over sessions"),
+        };
+        windows.push(value.alias(format!("f{j}_sess")));
+        if let Some(n) = n {
+            windows.push(n.alias(format!("f{j}_sess_n")));
+        }
+    }
+    let mut ev = ev.window(windows).map_err(df_err)?;
+    // A window function must stand alone in its projection: the session's first time comes
+    // out of the window, the duration is derived from it afterwards.
+    for j in durations {
+        let first = format!("f{j}_sess");
+        let duration = cast(col(MS) - col(&first), DataType::Float64) / lit(1000.0);
+        ev = ev.with_column(&first, duration).map_err(df_err)?;
+    }
+    Ok(ev)
+}
+
+/// The lower time bound of a feature's extent for a row at `t` (column `t`).
+fn lower_bound(extent: &Extent) -> Expr {
+    match extent {
+        Extent::Sliding { window, resolution } => {
+            let r = resolution.as_ms();
+            ((col("t") + lit(r - 1)) / lit(r)) * lit(r) - lit(window.as_ms())
+        }
+        Extent::Recent { ttl } => col("t") - lit(ttl.as_ms()),
+        Extent::Session { gap } => col("t") - lit(gap.as_ms()),
+        Extent::AllHistory => lit(i64::MIN),
+    }
+}
+
+/// The value of `v` at the latest row (by `(ms, event_id)`) where `pred` holds; null when it
+/// holds nowhere. Written without an aggregate FILTER: DataFusion 55 mis-merges `last_value`
+/// ordered aggregates that carry a FILTER across partitions, so matching rows are ordered last
+/// instead.
+pub fn latest_where(v: Expr, pred: Expr) -> Result<Expr> {
+    let matched = when(pred.clone(), lit(1i64))
+        .otherwise(lit(0i64))
+        .map_err(df_err)?;
+    let value = when(pred, v)
+        .otherwise(lit(datafusion::scalar::ScalarValue::Null))
+        .map_err(df_err)?;
+    let order = vec![
+        matched.sort(true, false),
+        col(MS).sort(true, false),
+        col("event_id").sort(true, false),
+    ];
+    Ok(last_value(value, order))
+}
+
+/// Aggregates of one measure for one row: `(value, n)` where `n` counts what matched.
+fn measure_aggs(m: &Measure, within: Expr, alias: &str) -> Result<Vec<Expr>> {
+    let keep = filter_expr(&m.filter).and(within);
+    let build = |agg: Expr, pred: Expr| agg.filter(pred).build().map_err(df_err);
+    Ok(match m.agg {
+        Agg::Count => vec![build(count(lit(1)), keep)?.alias(format!("{alias}_n"))],
+        Agg::CountDistinct => {
+            let v = value_expr(m.value.as_ref().expect("validated"))?;
+            vec![build(count_distinct(v), keep)?.alias(format!("{alias}_n"))]
+        }
+        Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
+            let v = value_expr(m.value.as_ref().expect("validated"))?;
+            let agg = match m.agg {
+                Agg::Sum | Agg::Mean => sum(v.clone()),
+                Agg::Min => min(v.clone()),
+                _ => max(v.clone()),
+            };
+            vec![
+                build(agg, keep.clone())?.alias(format!("{alias}_v")),
+                build(count(v), keep)?.alias(format!("{alias}_n")),
+            ]
+        }
+        Agg::Last => {
+            let v = value_expr(m.value.as_ref().expect("validated"))?;
+            let keep = keep.and(v.clone().is_not_null());
+            vec![
+                latest_where(v, keep.clone())?.alias(format!("{alias}_v")),
+                build(count(lit(1)), keep)?.alias(format!("{alias}_n")),
+            ]
+        }
+        Agg::Duration => unreachable!("duration exists only over sessions"),
+    })
+}
+
+/// The raw value of a measure from its aggregates: null when nothing matched (or, with
+/// `zero_when_empty`, 0 for counts and sums, as ratios read them).
+fn measure_value(m: &Measure, alias: &str, zero_when_empty: bool) -> Result<Expr> {
+    let n = col(format!("{alias}_n"));
+    let empty = n.clone().eq(lit(0i64));
+    let zero = zero_when_empty && matches!(m.agg, Agg::Count | Agg::CountDistinct | Agg::Sum);
+    let none = if zero { lit(0.0) } else { null_f64() };
+    let v = match m.agg {
+        Agg::Count | Agg::CountDistinct => cast(n.clone(), DataType::Float64),
+        Agg::Mean => col(format!("{alias}_v")) / cast(n.clone(), DataType::Float64),
+        _ => col(format!("{alias}_v")),
+    };
+    when(empty, none).otherwise(v).map_err(df_err)
+}
+
+/// The per-row query: one column `f{j}` per feature, ordered by row.
+fn rows_query(
+    ev: DataFrame,
+    rows: DataFrame,
+    key: &str,
+    features: &[(&View, &Feature)],
+) -> Result<DataFrame> {
+    let lb = lookback(features);
+    let join_filter = col(MS).lt(col("t")).and(col(MS).gt_eq(col("t") - lit(lb)));
+    let joined = rows
+        .join(ev, JoinType::Left, &["row_key"], &[key], Some(join_filter))
+        .map_err(df_err)?;
+    let mut aggs = Vec::new();
+    for (j, (_, f)) in features.iter().enumerate() {
+        let within = col(MS).gt_eq(lower_bound(&f.extent));
+        match (&f.aggregation, f.extent) {
+            (Aggregation::Measure(m), Extent::Session { .. }) => {
+                let latest = |c: String| latest_where(col(c), within.clone());
+                aggs.push(latest(format!("f{j}_sess"))?.alias(format!("f{j}_v")));
+                if matches!(m.agg, Agg::Sum | Agg::Mean | Agg::Min | Agg::Max) {
+                    aggs.push(latest(format!("f{j}_sess_n"))?.alias(format!("f{j}_n")));
+                }
+            }
+            (Aggregation::Measure(m), _) => aggs.extend(measure_aggs(m, within, &format!("f{j}"))?),
+            (
+                Aggregation::Ratio {
+                    numerator,
+                    denominator,
+                },
+                _,
+            ) => {
+                aggs.extend(measure_aggs(
+                    numerator,
+                    within.clone(),
+                    &format!("f{j}num"),
+                )?);
+                aggs.extend(measure_aggs(denominator, within, &format!("f{j}den"))?);
+            }
+            (Aggregation::PctRank { .. } | Aggregation::Age { .. }, _) => {
+                return Err(Error::Internal(format!("{} is a batch feature", f.name)));
+            }
+        }
+    }
+    let grouped = joined
+        .aggregate(vec![col("row_idx")], aggs)
+        .map_err(df_err)?;
+    let mut outputs = vec![col("row_idx")];
+    for (j, (_, f)) in features.iter().enumerate() {
+        let raw = match (&f.aggregation, f.extent) {
+            (Aggregation::Measure(m), Extent::Session { .. }) => {
+                let v = col(format!("f{j}_v"));
+                match m.agg {
+                    Agg::Count => when(v.clone().eq(lit(0i64)), null_f64())
+                        .otherwise(cast(v, DataType::Float64))
+                        .map_err(df_err)?,
+                    Agg::Sum | Agg::Min | Agg::Max | Agg::Mean => {
+                        let n = col(format!("f{j}_n"));
+                        let value = if m.agg == Agg::Mean {
+                            v / cast(n.clone(), DataType::Float64)
+                        } else {
+                            v
+                        };
+                        when(n.clone().is_null().or(n.eq(lit(0i64))), null_f64())
+                            .otherwise(value)
+                            .map_err(df_err)?
+                    }
+                    _ => v,
+                }
+            }
+            (Aggregation::Measure(m), _) => measure_value(m, &format!("f{j}"), false)?,
+            (
+                Aggregation::Ratio {
+                    numerator,
+                    denominator,
+                },
+                _,
+            ) => {
+                let num = measure_value(numerator, &format!("f{j}num"), true)?;
+                let den = measure_value(denominator, &format!("f{j}den"), true)?;
+                when(
+                    den.clone().is_null().or(den.clone().eq(lit(0.0))),
+                    null_f64(),
+                )
+                .otherwise(num / den)
+                .map_err(df_err)?
+            }
+            _ => unreachable!("refused above"),
+        };
+        let default = match f.default {
+            Value::Null => null_f64(),
+            v => lit(v.as_f64().expect("not null")),
+        };
+        let value = datafusion::functions::core::expr_fn::coalesce(vec![raw, default]);
+        let typed = match f.value_type {
+            ValueType::Int => cast(value, DataType::Int64),
+            ValueType::Float => cast(value, DataType::Float64),
+        };
+        outputs.push(typed.alias(format!("f{j}")));
+    }
+    grouped
+        .select(outputs)
+        .and_then(|df| df.sort(vec![col("row_idx").sort(true, false)]))
+        .map_err(df_err)
+}
+
+/// Evaluates streaming `features` for each `(keys[i], ts[i])` exactly as of `ts[i]`, from the
+/// deduplicated events `ev` (as produced by [`crate::tiles::deduplicated_events`]). Returns one
+/// column per feature, in row order.
+pub async fn streaming_as_of(
+    ctx: &SessionContext,
+    ev: DataFrame,
+    keys: &[String],
+    ts: &[i64],
+    features: &[(&View, &Feature)],
+) -> Result<Vec<ArrayRef>> {
+    if features.is_empty() {
+        return Ok(vec![]);
+    }
+    let key = features[0].0.join_key.name();
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("row_idx", DataType::Int64, false),
+        Field::new("row_key", DataType::Utf8, false),
+        Field::new("t", DataType::Int64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(Int64Array::from_iter_values(0..keys.len() as i64)),
+            Arc::new(StringArray::from_iter_values(keys)),
+            Arc::new(Int64Array::from(ts.to_vec())),
+        ],
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
+    let rows = ctx.read_batch(batch).map_err(df_err)?;
+    let ev = with_sessions(ev, key, features)?;
+    let result = rows_query(ev, rows, key, features)?
+        .collect()
+        .await
+        .map_err(df_err)?;
+    let result = arrow::compute::concat_batches(&result[0].schema(), &result)
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((0..features.len())
+        .map(|j| result.column(j + 1).clone())
+        .collect())
+}

@@ -1,0 +1,305 @@
+//! The snapshot store: versioned Parquet snapshots published atomically.
+//!
+//! Layout under the store URL:
+//!
+//! ```text
+//! snapshots/<view>/runs/<run_id>/data.parquet    written first, never modified
+//! snapshots/<view>/commits/<as_of>.json          the manifest; one atomic PUT publishes it
+//! dead_letters/<run_id>.jsonl                    invalid events of a run
+//! _lease/batch.json                              held while a batch job runs
+//! ```
+//!
+//! A reader lists `commits/` and follows a manifest to its data, so it sees the previous
+//! snapshot or the new one, never a partial one: a job killed before its commit PUT leaves only
+//! an unreferenced run directory, which the next job deletes.
+
+use std::collections::BTreeMap;
+
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectStoreExt;
+use object_store::path::Path;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::{Deserialize, Serialize};
+
+use crate::log::InputFile;
+use crate::store::Location;
+use crate::{Error, Result};
+
+/// A feature as recorded in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestFeature {
+    /// Served name.
+    pub name: String,
+    /// `int` or `float`.
+    pub value_type: String,
+    /// The definition's fingerprint.
+    pub fingerprint: String,
+}
+
+/// What a published snapshot is: written as `commits/<as_of>.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// The view.
+    pub view: String,
+    /// The instant the snapshot is as of (RFC 3339).
+    pub as_of: String,
+    /// The same, in epoch milliseconds.
+    pub as_of_ms: i64,
+    /// The join key column.
+    pub join_key: String,
+    /// The spec version that made it.
+    pub spec_version: u32,
+    /// The spec's fingerprint.
+    pub spec_fingerprint: String,
+    /// The features, in column order.
+    pub features: Vec<ManifestFeature>,
+    /// Entities in the snapshot.
+    pub rows: u64,
+    /// The data file, relative to the store root.
+    pub data: String,
+    /// Its size in bytes.
+    pub data_bytes: u64,
+    /// Input files read.
+    pub inputs: Vec<InputFile>,
+    /// Valid input records (duplicates included).
+    pub valid_events: u64,
+    /// Duplicate records dropped.
+    pub duplicates: u64,
+    /// Invalid records by reason.
+    pub invalid: BTreeMap<String, u64>,
+    /// Total invalid records.
+    pub invalid_total: u64,
+    /// The run that made it.
+    pub run_id: String,
+    /// Wall-clock time the run had spent when this snapshot was published (ms).
+    pub duration_ms: u64,
+    /// When it was published (RFC 3339).
+    pub created_at: String,
+    /// duet's version.
+    pub duet_version: String,
+}
+
+/// The commit file name of an as-of instant: sortable, readable, no colons.
+pub fn as_of_key(as_of_ms: i64) -> String {
+    duet_spec::timestamp::format_ms(as_of_ms).replace(':', "")
+}
+
+fn view_dir(view: &str) -> String {
+    format!("snapshots/{view}")
+}
+
+fn storage(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Storage(format!("{what}: {e}"))
+}
+
+/// Every published manifest of a view, oldest first.
+pub async fn list_manifests(store: &Location, view: &str) -> Result<Vec<Manifest>> {
+    let prefix = store.child(&format!("{}/commits", view_dir(view)));
+    let metas: Vec<_> = store
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| storage(&format!("cannot list snapshots in {}", store.url), e))?;
+    let mut manifests: Vec<Manifest> = futures::stream::iter(metas)
+        .map(|m| async move { read_manifest(store, &m.location).await })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    manifests.sort_by_key(|m| m.as_of_ms);
+    Ok(manifests)
+}
+
+async fn read_manifest(store: &Location, path: &Path) -> Result<Manifest> {
+    let bytes = store
+        .store
+        .get(path)
+        .await
+        .map_err(|e| storage(&format!("cannot read {}", store.display(path)), e))?
+        .bytes()
+        .await
+        .map_err(|e| storage(&format!("cannot read {}", store.display(path)), e))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::Storage(format!(
+            "{} is not a snapshot manifest: {e}",
+            store.display(path)
+        ))
+    })
+}
+
+/// The newest published manifest of a view, if any.
+pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Manifest>> {
+    Ok(list_manifests(store, view).await?.pop())
+}
+
+/// The manifest of the snapshot as of exactly `as_of_ms`, if published.
+pub async fn manifest_at(store: &Location, view: &str, as_of_ms: i64) -> Result<Option<Manifest>> {
+    let path = store.child(&format!(
+        "{}/commits/{}.json",
+        view_dir(view),
+        as_of_key(as_of_ms)
+    ));
+    match store.store.head(&path).await {
+        Ok(_) => Ok(Some(read_manifest(store, &path).await?)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(storage(&format!("cannot read {}", store.display(&path)), e)),
+    }
+}
+
+/// Reads a snapshot's rows.
+pub async fn read_snapshot(store: &Location, manifest: &Manifest) -> Result<Vec<RecordBatch>> {
+    let path = store.child(&manifest.data);
+    let name = store.display(&path);
+    let what = format!("cannot read snapshot {name}");
+    let bytes = store
+        .store
+        .get(&path)
+        .await
+        .map_err(|e| storage(&what, e))?
+        .bytes()
+        .await
+        .map_err(|e| storage(&what, e))?;
+    tokio::task::spawn_blocking(move || {
+        ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .and_then(|b| b.with_batch_size(64 * 1024).build())
+            .map_err(|e| storage(&what, e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| storage(&what, e))
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("snapshot reading task failed: {e}")))?
+}
+
+/// Writes a snapshot's data file under the run's directory; returns its path and size.
+pub async fn write_data(
+    store: &Location,
+    view: &str,
+    run_id: &str,
+    as_of_ms: i64,
+    batch: &RecordBatch,
+) -> Result<(String, u64)> {
+    let rel = format!(
+        "{}/runs/{run_id}/{}.parquet",
+        view_dir(view),
+        as_of_key(as_of_ms)
+    );
+    let props = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .build();
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    w.write(batch).map_err(|e| Error::Internal(e.to_string()))?;
+    w.close().map_err(|e| Error::Internal(e.to_string()))?;
+    let size = buf.len() as u64;
+    let path = store.child(&rel);
+    put_large(store, &path, Bytes::from(buf)).await?;
+    Ok((rel, size))
+}
+
+async fn put_large(store: &Location, path: &Path, bytes: Bytes) -> Result<()> {
+    const PART: usize = 16 << 20;
+    let what = format!("cannot write {}", store.display(path));
+    if bytes.len() <= PART {
+        store
+            .store
+            .put(path, bytes.into())
+            .await
+            .map_err(|e| storage(&what, e))?;
+        return Ok(());
+    }
+    let mut upload = store
+        .store
+        .put_multipart(path)
+        .await
+        .map_err(|e| storage(&what, e))?;
+    for chunk in bytes.chunks(PART) {
+        if let Err(e) = upload.put_part(bytes.slice_ref(chunk).into()).await {
+            let _ = upload.abort().await;
+            return Err(storage(&what, e));
+        }
+    }
+    upload.complete().await.map_err(|e| storage(&what, e))?;
+    Ok(())
+}
+
+/// Publishes a manifest: one atomic PUT makes the snapshot visible (replacing an earlier one
+/// as of the same instant).
+pub async fn commit(store: &Location, manifest: &Manifest) -> Result<()> {
+    let path = store.child(&format!(
+        "{}/commits/{}.json",
+        view_dir(&manifest.view),
+        as_of_key(manifest.as_of_ms)
+    ));
+    let body = serde_json::to_vec_pretty(manifest).expect("serializable");
+    store
+        .store
+        .put(&path, body.into())
+        .await
+        .map_err(|e| storage(&format!("cannot publish {}", store.display(&path)), e))?;
+    Ok(())
+}
+
+/// Keeps the newest `retain` snapshots of a view, deletes the rest, and deletes run
+/// directories no manifest refers to (left by replaced snapshots and killed jobs), except the
+/// current run's. Returns the as-of keys of deleted snapshots.
+pub async fn enforce_retention(
+    store: &Location,
+    view: &str,
+    retain: usize,
+    current_run: &str,
+) -> Result<Vec<String>> {
+    let manifests = list_manifests(store, view).await?;
+    let excess = manifests.len().saturating_sub(retain.max(1));
+    let mut deleted = Vec::new();
+    for m in &manifests[..excess] {
+        let path = store.child(&format!(
+            "{}/commits/{}.json",
+            view_dir(view),
+            as_of_key(m.as_of_ms)
+        ));
+        store
+            .store
+            .delete(&path)
+            .await
+            .map_err(|e| storage(&format!("cannot delete {}", store.display(&path)), e))?;
+        deleted.push(m.as_of.clone());
+    }
+    let referenced: std::collections::HashSet<&str> = manifests[excess..]
+        .iter()
+        .map(|m| m.data.as_str())
+        .collect();
+    let runs = store.child(&format!("{}/runs", view_dir(view)));
+    let files: Vec<_> = store
+        .store
+        .list(Some(&runs))
+        .try_collect()
+        .await
+        .map_err(|e| storage(&format!("cannot list {}", store.url), e))?;
+    let root_len = store.prefix.as_ref().len();
+    for f in files {
+        let rel = f.location.as_ref()[root_len..].trim_start_matches('/');
+        if !referenced.contains(rel) && !rel.contains(&format!("/runs/{current_run}/")) {
+            let _ = store.store.delete(&f.location).await;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Writes a run's dead letters as JSON lines; returns their path relative to the store.
+pub async fn write_dead_letters(
+    store: &Location,
+    run_id: &str,
+    lines: &[duet_spec::event::DeadLetter],
+) -> Result<String> {
+    let rel = format!("dead_letters/{run_id}.jsonl");
+    let mut text = String::new();
+    for d in lines {
+        text.push_str(&d.to_json_line());
+        text.push('\n');
+    }
+    put_large(store, &store.child(&rel), Bytes::from(text)).await?;
+    Ok(rel)
+}

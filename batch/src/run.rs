@@ -1,0 +1,294 @@
+//! `duet batch run` and `duet batch backfill`: read the log once, compute tiles once, publish
+//! one snapshot per requested instant.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use duet_spec::duration::floor_to;
+use duet_spec::timestamp::format_ms;
+use duet_spec::{Layer, Spec};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use crate::lease::{Lease, now_ms};
+use crate::log::read_event_log;
+use crate::progress::Progress;
+use crate::publish::{
+    Manifest, ManifestFeature, commit, enforce_retention, list_manifests, write_data,
+    write_dead_letters,
+};
+use crate::snapshot::snapshot;
+use crate::store::resolve;
+use crate::tiles::{TilePlan, compute_tiles, deduplicated_events, session};
+use crate::{Error, Result};
+
+/// What to compute.
+#[derive(Debug, Clone)]
+pub struct BatchJob {
+    /// The offline event log.
+    pub events: String,
+    /// The snapshot store.
+    pub store: String,
+    /// The instants to publish snapshots as of, ascending.
+    pub as_of: Vec<i64>,
+    /// Snapshots kept per view.
+    pub retain: usize,
+    /// Draw progress bars (on a terminal) instead of logging stages.
+    pub progress: bool,
+}
+
+/// One published snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct Published {
+    /// The view.
+    pub view: String,
+    /// As of (RFC 3339).
+    pub as_of: String,
+    /// Entities.
+    pub rows: u64,
+    /// The manifest's location.
+    pub manifest: String,
+}
+
+/// What a batch job did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchReport {
+    /// The run's id.
+    pub run_id: String,
+    /// Snapshots published.
+    pub snapshots: Vec<Published>,
+    /// Input files read.
+    pub input_files: usize,
+    /// Valid records read (duplicates included).
+    pub valid_events: u64,
+    /// Duplicate records dropped.
+    pub duplicates: u64,
+    /// Invalid records by reason.
+    pub invalid: BTreeMap<String, u64>,
+    /// Where the invalid records were written, relative to the store.
+    pub dead_letters: Option<String>,
+    /// Snapshots deleted by retention.
+    pub expired: Vec<String>,
+    /// Wall-clock milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The UTC-midnight (cadence-boundary) instants in `[from, to]`.
+pub fn backfill_instants(spec: &Spec, from: i64, to: i64) -> Result<Vec<i64>> {
+    if from > to {
+        return Err(Error::BadInput(format!(
+            "--from {} is after --to {}: give the earlier date first",
+            format_ms(from),
+            format_ms(to)
+        )));
+    }
+    let cadence = spec
+        .views_of(Layer::Batch)
+        .map(|v| v.cadence.as_ms())
+        .max()
+        .ok_or_else(|| Error::BadInput("the spec has no batch views".into()))?;
+    let first = if floor_to(from, cadence) == from {
+        from
+    } else {
+        floor_to(from, cadence) + cadence
+    };
+    Ok((0..)
+        .map(|i| first + i * cadence)
+        .take_while(|s| *s <= to)
+        .collect())
+}
+
+fn run_id() -> String {
+    format!(
+        "{}-{}",
+        format_ms(now_ms()).replace([':', '.'], ""),
+        std::process::id()
+    )
+}
+
+/// Runs a batch job over every batch view of the spec.
+pub async fn run_batch(spec: &Spec, job: &BatchJob) -> Result<BatchReport> {
+    let started = Instant::now();
+    let now = now_ms();
+    if let Some(future) = job.as_of.iter().find(|t| **t > now) {
+        return Err(Error::BadInput(format!(
+            "--as-of {} is in the future: a snapshot must only see events that can no longer change",
+            format_ms(*future)
+        )));
+    }
+    if job.as_of.is_empty() {
+        return Err(Error::BadInput("no snapshot instants to compute".into()));
+    }
+    let views: Vec<_> = spec.views_of(Layer::Batch).collect();
+    if views.is_empty() {
+        return Err(Error::BadInput(
+            "the spec has no batch views: nothing to compute".into(),
+        ));
+    }
+    let store = resolve(&job.store)?;
+    let run_id = run_id();
+    let progress = Progress::new(job.progress);
+    let lease = Lease::acquire(&store, "batch", &run_id).await?;
+    let result = run_locked(spec, job, &store, &run_id, &views, &progress, started).await;
+    lease.release().await;
+    progress.finish();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_locked(
+    spec: &Spec,
+    job: &BatchJob,
+    store: &crate::store::Location,
+    run_id: &str,
+    views: &[&duet_spec::View],
+    progress: &Progress,
+    started: Instant,
+) -> Result<BatchReport> {
+    for view in views {
+        refuse_redefinitions(store, view).await?;
+    }
+    progress.stage(&format!("reading events from {}", job.events));
+    let log = read_event_log(&job.events).await?;
+    tracing::info!(
+        files = log.files.len(),
+        valid = log.valid,
+        invalid = log.invalid.total(),
+        "read the event log"
+    );
+    if log.valid == 0 {
+        tracing::warn!(events = %job.events, "the event log holds no valid events: snapshots will be empty");
+    }
+    let dead_letters = if log.dead_letters.is_empty() {
+        None
+    } else {
+        Some(write_dead_letters(store, run_id, &log.dead_letters).await?)
+    };
+    let before = *job.as_of.iter().max().expect("non-empty");
+    let ctx = session();
+    let mut published = Vec::new();
+    let mut expired = Vec::new();
+    let mut duplicates = 0;
+    let batches = log.batches.clone();
+    for view in views {
+        progress.stage(&format!("computing tiles of view {}", view.name));
+        let plan = TilePlan::compile(view);
+        let ev = deduplicated_events(&ctx, batches.clone(), before).await?;
+        let tiles = compute_tiles(&plan, ev).await?;
+        let in_range: u64 = log.batches.iter().map(|b| count_before(b, before)).sum();
+        duplicates = in_range.saturating_sub(tiles.events);
+        let tiles = std::sync::Arc::new(tiles);
+        let plan = std::sync::Arc::new(plan);
+        progress.bar(
+            job.as_of.len() as u64,
+            &format!("publishing snapshots of {}", view.name),
+        );
+        let manifests: Vec<Manifest> = futures::stream::iter(job.as_of.iter().copied())
+            .map(|s| {
+                let (tiles, plan) = (tiles.clone(), plan.clone());
+                let log = &log;
+                async move {
+                    let batch = tokio::task::spawn_blocking(move || snapshot(&tiles, &plan, s))
+                        .await
+                        .map_err(|e| Error::Internal(format!("snapshot task failed: {e}")))?;
+                    let (data, data_bytes) =
+                        write_data(store, &view.name, run_id, s, &batch).await?;
+                    let manifest = Manifest {
+                        view: view.name.clone(),
+                        as_of: format_ms(s),
+                        as_of_ms: s,
+                        join_key: view.join_key.name().to_string(),
+                        spec_version: spec.version,
+                        spec_fingerprint: spec.fingerprint(),
+                        features: view
+                            .features
+                            .iter()
+                            .map(|f| ManifestFeature {
+                                name: f.name.clone(),
+                                value_type: match f.value_type {
+                                    duet_spec::ValueType::Int => "int".into(),
+                                    duet_spec::ValueType::Float => "float".into(),
+                                },
+                                fingerprint: f.fingerprint(),
+                            })
+                            .collect(),
+                        rows: batch.num_rows() as u64,
+                        data,
+                        data_bytes,
+                        inputs: log.files.clone(),
+                        valid_events: log.valid,
+                        duplicates,
+                        invalid: log.invalid.0.clone(),
+                        invalid_total: log.invalid.total(),
+                        run_id: run_id.to_string(),
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        created_at: format_ms(now_ms()),
+                        duet_version: env!("CARGO_PKG_VERSION").to_string(),
+                    };
+                    commit(store, &manifest).await?;
+                    progress.inc();
+                    Ok::<_, Error>(manifest)
+                }
+            })
+            .buffered(2)
+            .try_collect()
+            .await?;
+        for m in manifests {
+            published.push(Published {
+                view: m.view.clone(),
+                as_of: m.as_of.clone(),
+                rows: m.rows,
+                manifest: format!(
+                    "snapshots/{}/commits/{}.json",
+                    m.view,
+                    crate::publish::as_of_key(m.as_of_ms)
+                ),
+            });
+        }
+        expired.extend(enforce_retention(store, &view.name, job.retain, run_id).await?);
+    }
+    Ok(BatchReport {
+        run_id: run_id.to_string(),
+        snapshots: published,
+        input_files: log.files.len(),
+        valid_events: log.valid,
+        duplicates,
+        invalid: log.invalid.0.clone(),
+        dead_letters,
+        expired,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn count_before(batch: &arrow::record_batch::RecordBatch, before: i64) -> u64 {
+    use arrow::array::AsArray;
+    let ts = batch
+        .column(4)
+        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+    ts.values().iter().filter(|t| **t < before).count() as u64
+}
+
+/// Refuses to publish a feature whose definition differs from the one that made the view's
+/// existing snapshots under the same name.
+async fn refuse_redefinitions(
+    store: &crate::store::Location,
+    view: &duet_spec::View,
+) -> Result<()> {
+    let manifests = list_manifests(store, &view.name).await?;
+    for f in &view.features {
+        let fp = f.fingerprint();
+        if let Some(old) = manifests.iter().find(|m| {
+            m.features
+                .iter()
+                .any(|x| x.name == f.name && x.fingerprint != fp)
+        }) {
+            let next = f.version.map_or(2, |v| v + 1);
+            return Err(Error::BadInput(format!(
+                "feature `{}` of view `{}` has changed definition since the snapshot as of {} in {} was made: \
+                 publish the new definition as a new version (`version = {next}` in the spec) so both are served side by side",
+                f.name, view.name, old.as_of, store.url
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,646 @@
+//! Tiles: per-entity partial aggregates at each feature's resolution, computed once by a
+//! DataFusion plan compiled from the spec, then folded into windows by [`crate::snapshot`].
+//!
+//! A batch view compiles into *slots*: one partial aggregate (a count, a sum with its count, a
+//! min, a max, a latest value, the earliest time, or a set of distinct values) per distinct
+//! (aggregation, filter, value, resolution). Features share slots: `txn_count_90d` and the
+//! denominator of `refund_rate_90d` read the same purchase-count tiles.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type};
+use datafusion::datasource::MemTable;
+use datafusion::functions_aggregate::expr_fn::{count, first_value, max, min, sum};
+use datafusion::prelude::{
+    DataFrame, Expr, ExprFunctionExt, SessionConfig, SessionContext, cast, col, lit,
+};
+use datafusion::scalar::ScalarValue;
+use duet_spec::expr::Expr as DExpr;
+use duet_spec::{Agg, Aggregation, Extent, Feature, Filter, Measure, View};
+
+use crate::translate::{MS, filter_expr, floor_div, value_expr};
+use crate::{Error, Result};
+
+/// What one slot keeps per tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SlotKind {
+    /// Number of matching events.
+    Count,
+    /// Sum of the value and the number of non-null values.
+    Sum,
+    /// Smallest value (and the number of non-null values).
+    Min,
+    /// Largest value (and the number of non-null values).
+    Max,
+    /// The value of the latest matching event with a value, and its time.
+    Last,
+    /// The distinct values (kept in a table of their own).
+    Distinct,
+    /// The earliest time of a matching event.
+    First,
+}
+
+/// One partial aggregate of the plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slot {
+    /// What it keeps.
+    pub kind: SlotKind,
+    /// Which events it reads.
+    pub filter: Filter,
+    /// What it aggregates, if anything.
+    pub value: Option<DExpr>,
+    /// Tile size in milliseconds.
+    pub resolution: i64,
+}
+
+/// How a feature's value is folded from slots.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recipe {
+    /// One measure over a window of tiles.
+    Measure {
+        /// The aggregation.
+        agg: Agg,
+        /// The slot read.
+        slot: usize,
+    },
+    /// A ratio of two measures.
+    Ratio {
+        /// Numerator aggregation and slot.
+        num: (Agg, usize),
+        /// Denominator aggregation and slot.
+        den: (Agg, usize),
+    },
+    /// Cumulative-distribution rank of a measure over the population.
+    PctRank {
+        /// The ranked aggregation and its slot.
+        of: (Agg, usize),
+        /// Decimal places before ranking.
+        round: Option<u32>,
+    },
+    /// Whole units since the earliest matching event.
+    Age {
+        /// The slot holding earliest times.
+        slot: usize,
+        /// The unit in milliseconds.
+        unit: i64,
+    },
+}
+
+/// A feature compiled for the batch layer: its recipe and window.
+#[derive(Debug, Clone)]
+pub struct CompiledFeature {
+    /// The feature.
+    pub feature: Feature,
+    /// How to fold it.
+    pub recipe: Recipe,
+    /// Window length in tiles (`None`: all history).
+    pub window_tiles: Option<i64>,
+    /// Tile size in milliseconds.
+    pub resolution: i64,
+}
+
+/// A batch view compiled into slots and recipes.
+#[derive(Debug, Clone)]
+pub struct TilePlan {
+    /// The view's name.
+    pub view: String,
+    /// The join key column.
+    pub join_key: String,
+    /// The slots, in first-use order.
+    pub slots: Vec<Slot>,
+    /// The features, in view order.
+    pub features: Vec<CompiledFeature>,
+}
+
+impl TilePlan {
+    /// Compiles a batch view.
+    pub fn compile(view: &View) -> TilePlan {
+        let mut plan = TilePlan {
+            view: view.name.clone(),
+            join_key: view.join_key.name().to_string(),
+            slots: Vec::new(),
+            features: Vec::new(),
+        };
+        for f in &view.features {
+            let (window_tiles, resolution) = match f.extent {
+                Extent::Sliding { window, resolution } => (
+                    Some(window.as_ms() / resolution.as_ms()),
+                    resolution.as_ms(),
+                ),
+                _ => (None, view.cadence.as_ms()),
+            };
+            let recipe = match &f.aggregation {
+                Aggregation::Measure(m) => Recipe::Measure {
+                    agg: m.agg,
+                    slot: plan.slot_for(m, resolution),
+                },
+                Aggregation::Ratio {
+                    numerator,
+                    denominator,
+                } => Recipe::Ratio {
+                    num: (numerator.agg, plan.slot_for(numerator, resolution)),
+                    den: (denominator.agg, plan.slot_for(denominator, resolution)),
+                },
+                Aggregation::PctRank { of, round } => Recipe::PctRank {
+                    of: (of.agg, plan.slot_for(of, resolution)),
+                    round: *round,
+                },
+                Aggregation::Age { filter, unit } => Recipe::Age {
+                    slot: plan.add_slot(Slot {
+                        kind: SlotKind::First,
+                        filter: filter.clone(),
+                        value: None,
+                        resolution,
+                    }),
+                    unit: unit.as_ms(),
+                },
+            };
+            plan.features.push(CompiledFeature {
+                feature: f.clone(),
+                recipe,
+                window_tiles,
+                resolution,
+            });
+        }
+        plan
+    }
+
+    fn slot_for(&mut self, m: &Measure, resolution: i64) -> usize {
+        let kind = match m.agg {
+            Agg::Count => SlotKind::Count,
+            Agg::Sum | Agg::Mean => SlotKind::Sum,
+            Agg::Min => SlotKind::Min,
+            Agg::Max => SlotKind::Max,
+            Agg::Last => SlotKind::Last,
+            Agg::CountDistinct => SlotKind::Distinct,
+            Agg::Duration => unreachable!("validated: sessions are streaming only"),
+        };
+        self.add_slot(Slot {
+            kind,
+            filter: m.filter.clone(),
+            value: m.value.clone(),
+            resolution,
+        })
+    }
+
+    fn add_slot(&mut self, slot: Slot) -> usize {
+        if let Some(i) = self.slots.iter().position(|s| *s == slot) {
+            return i;
+        }
+        self.slots.push(slot);
+        self.slots.len() - 1
+    }
+
+    /// The distinct tile resolutions, ascending.
+    pub fn resolutions(&self) -> Vec<i64> {
+        let mut r: Vec<i64> = self.slots.iter().map(|s| s.resolution).collect();
+        r.sort_unstable();
+        r.dedup();
+        r
+    }
+
+    /// The tile query for one resolution, over the deduplicated events `ev`.
+    pub fn tile_query(&self, ev: DataFrame, resolution: i64) -> Result<DataFrame> {
+        let mut aggs: Vec<Expr> = vec![min(col(MS)).alias("first_ms")];
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.resolution != resolution || slot.kind == SlotKind::Distinct {
+                continue;
+            }
+            aggs.extend(slot_aggregates(i, slot)?);
+        }
+        ev.with_column("tile", floor_div(col(MS), resolution))
+            .and_then(|df| df.aggregate(vec![col(&self.join_key), col("tile")], aggs))
+            .map_err(df_err)
+    }
+
+    /// The distinct-values query of a `Distinct` slot.
+    pub fn distinct_query(&self, ev: DataFrame, slot: usize) -> Result<DataFrame> {
+        let s = &self.slots[slot];
+        let value = value_expr(
+            s.value
+                .as_ref()
+                .expect("validated: count_distinct has a value"),
+        )?;
+        ev.filter(filter_expr(&s.filter))
+            .and_then(|df| {
+                df.select(vec![
+                    col(&self.join_key),
+                    floor_div(col(MS), s.resolution).alias("tile"),
+                    value.alias("v"),
+                ])
+            })
+            .and_then(|df| df.filter(col("v").is_not_null()))
+            .and_then(|df| df.distinct())
+            .map_err(df_err)
+    }
+}
+
+fn df_err(e: datafusion::error::DataFusionError) -> Error {
+    Error::Internal(format!("query failed: {e}"))
+}
+
+fn slot_aggregates(i: usize, slot: &Slot) -> Result<Vec<Expr>> {
+    let keep = filter_expr(&slot.filter);
+    let v = || -> Result<Expr> {
+        value_expr(
+            slot.value
+                .as_ref()
+                .expect("validated: the aggregation has a value"),
+        )
+    };
+    let filtered = |agg: Expr, pred: Expr| agg.filter(pred).build().map_err(df_err);
+    Ok(match slot.kind {
+        SlotKind::Count => vec![filtered(count(lit(1)), keep)?.alias(format!("s{i}_n"))],
+        SlotKind::Sum | SlotKind::Min | SlotKind::Max => {
+            let value = v()?;
+            let agg = match slot.kind {
+                SlotKind::Sum => sum(value.clone()),
+                SlotKind::Min => min(value.clone()),
+                _ => max(value.clone()),
+            };
+            vec![
+                filtered(agg, keep.clone())?.alias(format!("s{i}_v")),
+                filtered(count(value), keep)?.alias(format!("s{i}_n")),
+            ]
+        }
+        SlotKind::Last => {
+            let value = v()?;
+            let pred = keep.and(value.clone().is_not_null());
+            vec![
+                filtered(max(col(MS)), pred.clone())?.alias(format!("s{i}_t")),
+                crate::asof::latest_where(value, pred)?.alias(format!("s{i}_v")),
+            ]
+        }
+        SlotKind::First => vec![filtered(min(col(MS)), keep)?.alias(format!("s{i}_t"))],
+        SlotKind::Distinct => vec![],
+    })
+}
+
+/// A DataFusion session sized for this machine.
+pub fn session() -> SessionContext {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    SessionContext::new_with_config(
+        SessionConfig::new()
+            .with_target_partitions(cores)
+            .with_batch_size(64 * 1024),
+    )
+}
+
+/// Registers validated event batches and returns them deduplicated by `event_id`, restricted to
+/// `ts < before`, with `ms` (epoch milliseconds) added. Exact copies count once.
+pub async fn deduplicated_events(
+    ctx: &SessionContext,
+    batches: Vec<RecordBatch>,
+    before: i64,
+) -> Result<DataFrame> {
+    let schema = duet_spec::event::event_schema();
+    let parts = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
+    for (i, b) in batches.into_iter().enumerate() {
+        partitions[i % parts].push(b);
+    }
+    let table = MemTable::try_new(schema, partitions).map_err(df_err)?;
+    static TABLES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "events_{}",
+        TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    ctx.register_table(name.as_str(), Arc::new(table))
+        .map_err(df_err)?;
+    let before_ts = lit(ScalarValue::TimestampMillisecond(
+        Some(before),
+        Some("UTC".into()),
+    ));
+    let first = |c: &str| first_value(col(c), vec![]).alias(c);
+    ctx.table(name.as_str())
+        .await
+        .and_then(|df| df.filter(col("ts").lt(before_ts)))
+        .and_then(|df| {
+            df.aggregate(
+                vec![col("event_id")],
+                vec![
+                    first("user_id"),
+                    first("event_type"),
+                    first("amount"),
+                    first("ts"),
+                ],
+            )
+        })
+        .and_then(|df| {
+            df.select(vec![
+                col("event_id"),
+                col("user_id"),
+                col("event_type"),
+                col("amount"),
+                col("ts"),
+                cast(col("ts"), DataType::Int64).alias(MS),
+            ])
+        })
+        .map_err(df_err)
+}
+
+/// The tiles of one resolution, grouped by entity: `offsets[u]..offsets[u + 1]` are entity
+/// `u`'s tiles, ascending.
+#[derive(Debug, Default)]
+pub struct GroupTiles {
+    /// Tile size in milliseconds.
+    pub resolution: i64,
+    /// Per entity, where its tiles start (one more entry than entities).
+    pub offsets: Vec<usize>,
+    /// Tile indices (`floor(ts / resolution)`).
+    pub tile: Vec<i64>,
+    /// Per slot of this resolution (by slot index): its partial columns.
+    pub slots: HashMap<usize, SlotColumns>,
+}
+
+/// The partial aggregates of one slot, one entry per tile (or per distinct row).
+#[derive(Debug)]
+pub enum SlotColumns {
+    /// Count, sum, min, max: the value (unused for counts) and the number of values.
+    Values {
+        /// Sum, min or max (0 where `n` is 0).
+        v: Vec<f64>,
+        /// Matching events (counts) or non-null values.
+        n: Vec<i64>,
+    },
+    /// Latest value and its time (`i64::MIN` where none).
+    Last {
+        /// Time of the latest matching event with a value.
+        t: Vec<i64>,
+        /// Its value.
+        v: Vec<f64>,
+    },
+    /// Earliest matching time (`i64::MAX` where none).
+    First {
+        /// The earliest time.
+        t: Vec<i64>,
+    },
+    /// Distinct values: `offsets` per entity into `tile` and `keys`.
+    Distinct {
+        /// Per entity, where its rows start.
+        offsets: Vec<usize>,
+        /// The tile of each row.
+        tile: Vec<i64>,
+        /// The value of each row, as a comparable key.
+        keys: Vec<DistinctKey>,
+    },
+}
+
+/// A value compared by `count_distinct`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DistinctKey {
+    /// A number, by its bits (with -0 folded into 0).
+    Num(u64),
+    /// Text.
+    Text(Box<str>),
+}
+
+/// Every tile of a view, for entities in sorted order.
+#[derive(Debug, Default)]
+pub struct TileSet {
+    /// The entities, sorted.
+    pub entities: Vec<String>,
+    /// The earliest event time of each entity.
+    pub first_ms: Vec<i64>,
+    /// Tiles per resolution.
+    pub groups: Vec<GroupTiles>,
+    /// Distinct-value slots (their columns are `SlotColumns::Distinct`).
+    pub distinct: HashMap<usize, SlotColumns>,
+    /// Events after deduplication.
+    pub events: u64,
+}
+
+impl TileSet {
+    /// The group holding tiles of `resolution`.
+    pub fn group(&self, resolution: i64) -> &GroupTiles {
+        self.groups
+            .iter()
+            .find(|g| g.resolution == resolution)
+            .expect("every resolution of the plan has a group")
+    }
+}
+
+/// Runs the plan's tile queries over deduplicated events and gathers the results by entity.
+pub async fn compute_tiles(plan: &TilePlan, ev: DataFrame) -> Result<TileSet> {
+    let ev = ev.cache().await.map_err(df_err)?;
+    let events = ev.clone().count().await.map_err(df_err)? as u64;
+    let mut raw_groups = Vec::new();
+    for r in plan.resolutions() {
+        let batches = plan
+            .tile_query(ev.clone(), r)?
+            .collect()
+            .await
+            .map_err(df_err)?;
+        raw_groups.push((r, batches));
+    }
+    let mut raw_distinct = Vec::new();
+    for (i, s) in plan.slots.iter().enumerate() {
+        if s.kind == SlotKind::Distinct {
+            raw_distinct.push((
+                i,
+                plan.distinct_query(ev.clone(), i)?
+                    .collect()
+                    .await
+                    .map_err(df_err)?,
+            ));
+        }
+    }
+    let plan = plan.clone();
+    tokio::task::spawn_blocking(move || gather(&plan, raw_groups, raw_distinct, events))
+        .await
+        .map_err(|e| Error::Internal(format!("tile gathering failed: {e}")))
+}
+
+/// One row of a query result: (entity, tile, batch, row).
+type RowRef<'a> = (&'a str, i64, usize, usize);
+
+fn sorted_rows<'a>(batches: &'a [RecordBatch], key: &str) -> Vec<RowRef<'a>> {
+    let mut rows = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
+    for (bi, b) in batches.iter().enumerate() {
+        let keys = b
+            .column_by_name(key)
+            .expect("key column")
+            .as_string::<i32>();
+        let tiles = b
+            .column_by_name("tile")
+            .expect("tile column")
+            .as_primitive::<Int64Type>();
+        for r in 0..b.num_rows() {
+            rows.push((keys.value(r), tiles.value(r), bi, r));
+        }
+    }
+    rows.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+    rows
+}
+
+fn gather(
+    plan: &TilePlan,
+    raw_groups: Vec<(i64, Vec<RecordBatch>)>,
+    raw_distinct: Vec<(usize, Vec<RecordBatch>)>,
+    events: u64,
+) -> TileSet {
+    let key = plan.join_key.as_str();
+    let group_rows: Vec<(i64, &Vec<RecordBatch>, Vec<RowRef<'_>>)> = raw_groups
+        .iter()
+        .map(|(r, b)| (*r, b, sorted_rows(b, key)))
+        .collect();
+    let mut entities: Vec<&str> = group_rows
+        .iter()
+        .flat_map(|(_, _, rows)| rows.iter().map(|r| r.0))
+        .collect();
+    entities.sort_unstable();
+    entities.dedup();
+    let index: HashMap<&str, usize> = entities.iter().enumerate().map(|(i, e)| (*e, i)).collect();
+    let mut set = TileSet {
+        entities: entities.iter().map(|e| e.to_string()).collect(),
+        first_ms: vec![i64::MAX; entities.len()],
+        events,
+        ..Default::default()
+    };
+    let offsets_of = |rows: &[RowRef<'_>]| {
+        let mut offsets = vec![0usize; entities.len() + 1];
+        for r in rows {
+            offsets[index[r.0] + 1] += 1;
+        }
+        for i in 0..entities.len() {
+            offsets[i + 1] += offsets[i];
+        }
+        offsets
+    };
+    for (resolution, batches, rows) in &group_rows {
+        let mut g = GroupTiles {
+            resolution: *resolution,
+            offsets: offsets_of(rows),
+            tile: rows.iter().map(|r| r.1).collect(),
+            slots: HashMap::new(),
+        };
+        let first = |b: &RecordBatch| {
+            b.column_by_name("first_ms")
+                .expect("first_ms")
+                .as_primitive::<Int64Type>()
+                .clone()
+        };
+        let firsts: Vec<_> = batches.iter().map(first).collect();
+        for r in rows {
+            let u = index[r.0];
+            set.first_ms[u] = set.first_ms[u].min(firsts[r.2].value(r.3));
+        }
+        for (i, slot) in plan.slots.iter().enumerate() {
+            if slot.resolution != *resolution || slot.kind == SlotKind::Distinct {
+                continue;
+            }
+            g.slots.insert(i, slot_columns(i, slot.kind, batches, rows));
+        }
+        set.groups.push(g);
+    }
+    for (i, batches) in &raw_distinct {
+        let rows = sorted_rows(batches, key);
+        let keys = rows
+            .iter()
+            .map(|r| {
+                let col = batches[r.2].column_by_name("v").expect("v column");
+                match col.data_type() {
+                    DataType::Utf8 => DistinctKey::Text(col.as_string::<i32>().value(r.3).into()),
+                    _ => {
+                        let x = col.as_primitive::<Float64Type>().value(r.3);
+                        DistinctKey::Num(if x == 0.0 { 0 } else { x.to_bits() })
+                    }
+                }
+            })
+            .collect();
+        set.distinct.insert(
+            *i,
+            SlotColumns::Distinct {
+                offsets: offsets_of(&rows),
+                tile: rows.iter().map(|r| r.1).collect(),
+                keys,
+            },
+        );
+    }
+    set
+}
+
+fn slot_columns(
+    i: usize,
+    kind: SlotKind,
+    batches: &[RecordBatch],
+    rows: &[RowRef<'_>],
+) -> SlotColumns {
+    let f64_col = |name: String| -> Vec<arrow::array::Float64Array> {
+        batches
+            .iter()
+            .map(|b| {
+                let c = b.column_by_name(&name).expect("slot column");
+                arrow::compute::cast(c, &DataType::Float64)
+                    .expect("numeric")
+                    .as_primitive::<Float64Type>()
+                    .clone()
+            })
+            .collect()
+    };
+    let i64_col = |name: String| -> Vec<arrow::array::Int64Array> {
+        batches
+            .iter()
+            .map(|b| {
+                b.column_by_name(&name)
+                    .expect("slot column")
+                    .as_primitive::<Int64Type>()
+                    .clone()
+            })
+            .collect()
+    };
+    let opt_f = |cols: &[arrow::array::Float64Array], r: &RowRef<'_>| {
+        let c = &cols[r.2];
+        if c.is_null(r.3) {
+            None
+        } else {
+            Some(c.value(r.3))
+        }
+    };
+    let opt_i = |cols: &[arrow::array::Int64Array], r: &RowRef<'_>| {
+        let c = &cols[r.2];
+        if c.is_null(r.3) {
+            None
+        } else {
+            Some(c.value(r.3))
+        }
+    };
+    match kind {
+        SlotKind::Count => {
+            let n = i64_col(format!("s{i}_n"));
+            SlotColumns::Values {
+                v: vec![0.0; rows.len()],
+                n: rows.iter().map(|r| opt_i(&n, r).unwrap_or(0)).collect(),
+            }
+        }
+        SlotKind::Sum | SlotKind::Min | SlotKind::Max => {
+            let (v, n) = (f64_col(format!("s{i}_v")), i64_col(format!("s{i}_n")));
+            SlotColumns::Values {
+                v: rows.iter().map(|r| opt_f(&v, r).unwrap_or(0.0)).collect(),
+                n: rows.iter().map(|r| opt_i(&n, r).unwrap_or(0)).collect(),
+            }
+        }
+        SlotKind::Last => {
+            let (t, v) = (i64_col(format!("s{i}_t")), f64_col(format!("s{i}_v")));
+            SlotColumns::Last {
+                t: rows
+                    .iter()
+                    .map(|r| opt_i(&t, r).unwrap_or(i64::MIN))
+                    .collect(),
+                v: rows.iter().map(|r| opt_f(&v, r).unwrap_or(0.0)).collect(),
+            }
+        }
+        SlotKind::First => {
+            let t = i64_col(format!("s{i}_t"));
+            SlotColumns::First {
+                t: rows
+                    .iter()
+                    .map(|r| opt_i(&t, r).unwrap_or(i64::MAX))
+                    .collect(),
+            }
+        }
+        SlotKind::Distinct => unreachable!("distinct slots have their own table"),
+    }
+}

@@ -1,0 +1,290 @@
+//! `duet training-set`: point-in-time correct rows for entity files.
+
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, Float64Builder, Int64Builder};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::record_batch::RecordBatch;
+use duet_spec::event::events_from_batch;
+use duet_spec::reference::Reference;
+use duet_spec::{Feature, Spec, Value, ValueType, View};
+use object_store::ObjectStoreExt;
+use serde::Serialize;
+
+use crate::entities::{EntityRows, read_entities};
+use crate::log::read_event_log;
+use crate::store::resolve;
+use crate::{Error, Result};
+
+/// Which engine computes the rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The batch layer's DataFusion plans.
+    DataFusion,
+    /// The reference evaluator (slow, obviously correct).
+    Reference,
+}
+
+/// What `duet training-set` was asked to do.
+#[derive(Debug, Clone)]
+pub struct TrainingRequest {
+    /// The entity file.
+    pub entities: String,
+    /// Where to write the rows (`.parquet` or `.csv`).
+    pub out: String,
+    /// Features to compute, as `feature` or `view:feature`; `None` for all.
+    pub features: Option<Vec<String>>,
+    /// The engine.
+    pub engine: Engine,
+    /// The offline event log.
+    pub events: String,
+    /// The snapshot store (batch features are read from it when present).
+    pub store: Option<String>,
+}
+
+/// What a training-set run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingSummary {
+    /// Rows written.
+    pub rows: usize,
+    /// Feature columns written.
+    pub features: Vec<String>,
+    /// Valid events read (duplicates included).
+    pub valid_events: u64,
+    /// Invalid events skipped.
+    pub invalid_events: u64,
+}
+
+/// Resolves requested feature names (`feature` or `view:feature`) against the spec, in the
+/// order requested; `None` selects every feature in spec order.
+pub fn select_features<'s>(
+    spec: &'s Spec,
+    names: Option<&[String]>,
+) -> Result<Vec<(&'s View, &'s Feature)>> {
+    let Some(names) = names else {
+        return Ok(spec.features().collect());
+    };
+    names
+        .iter()
+        .map(|n| {
+            let (view, feature) = match n.split_once(':') {
+                Some((v, f)) => (Some(v), f),
+                None => (None, n.as_str()),
+            };
+            spec.feature(feature)
+                .filter(|(v, _)| view.is_none_or(|name| v.name == name))
+                .ok_or_else(|| {
+                    let known: Vec<String> = spec
+                        .features()
+                        .map(|(v, f)| format!("{}:{}", v.name, f.name))
+                        .collect();
+                    Error::BadInput(format!(
+                        "--features: unknown feature `{n}` (known: {})",
+                        known.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Builds one Arrow column per feature from row-major values.
+pub fn feature_columns(
+    features: &[(&View, &Feature)],
+    rows: &[Vec<Value>],
+) -> Vec<(Field, ArrayRef)> {
+    features
+        .iter()
+        .enumerate()
+        .map(|(j, (_, f))| match f.value_type {
+            ValueType::Int => {
+                let mut b = Int64Builder::with_capacity(rows.len());
+                for r in rows {
+                    match r[j] {
+                        Value::Null => b.append_null(),
+                        v => b.append_value(v.as_f64().expect("not null") as i64),
+                    }
+                }
+                (
+                    Field::new(&f.name, DataType::Int64, true),
+                    Arc::new(b.finish()) as ArrayRef,
+                )
+            }
+            ValueType::Float => {
+                let mut b = Float64Builder::with_capacity(rows.len());
+                for r in rows {
+                    b.append_option(r[j].as_f64());
+                }
+                (
+                    Field::new(&f.name, DataType::Float64, true),
+                    Arc::new(b.finish()) as ArrayRef,
+                )
+            }
+        })
+        .collect()
+}
+
+/// The input columns followed by the feature columns.
+pub fn with_features(
+    entities: &EntityRows,
+    columns: Vec<(Field, ArrayRef)>,
+) -> Result<RecordBatch> {
+    let mut fields: Vec<Field> = entities
+        .batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let mut arrays: Vec<ArrayRef> = entities.batch.columns().to_vec();
+    for (f, a) in columns {
+        if fields.iter().any(|x| x.name() == f.name()) {
+            return Err(Error::BadInput(format!(
+                "entities `{}`: the input already has a column named `{}`; rename it",
+                "file",
+                f.name()
+            )));
+        }
+        fields.push(f);
+        arrays.push(a);
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)
+        .map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// Computes training rows with the reference evaluator.
+pub async fn reference_training_set(spec: &Spec, req: &TrainingRequest) -> Result<TrainingSummary> {
+    let features = select_features(spec, req.features.as_deref())?;
+    let join_key = features
+        .first()
+        .map_or("user_id", |(v, _)| v.join_key.name());
+    let entities = read_entities(&req.entities, join_key).await?;
+    let log = read_event_log(&req.events).await?;
+    let events = log.batches.iter().flat_map(events_from_batch).collect();
+    let rows: Vec<Vec<Value>> = tokio::task::block_in_place(|| {
+        let reference = Reference::new(spec, events);
+        entities
+            .keys
+            .iter()
+            .zip(&entities.ts)
+            .map(|(k, t)| reference.point_in_time(&features, k, *t))
+            .collect()
+    });
+    let batch = with_features(&entities, feature_columns(&features, &rows))?;
+    write_table(&req.out, &batch).await?;
+    Ok(TrainingSummary {
+        rows: batch.num_rows(),
+        features: features.iter().map(|(_, f)| f.name.clone()).collect(),
+        valid_events: log.valid,
+        invalid_events: log.invalid.total(),
+    })
+}
+
+/// Computes training rows with DataFusion: streaming features exactly as of each row's time,
+/// batch features from the snapshot at the view's cadence boundary at or before it (read from
+/// the store when published with the same definition, computed from tiles otherwise).
+pub async fn datafusion_training_set(
+    spec: &Spec,
+    req: &TrainingRequest,
+) -> Result<TrainingSummary> {
+    let features = select_features(spec, req.features.as_deref())?;
+    let join_key = features
+        .first()
+        .map_or("user_id", |(v, _)| v.join_key.name());
+    let entities = read_entities(&req.entities, join_key).await?;
+    let log = read_event_log(&req.events).await?;
+    let (valid_events, invalid_events) = (log.valid, log.invalid.total());
+    let ctx = crate::tiles::session();
+    let before = entities
+        .ts
+        .iter()
+        .copied()
+        .max()
+        .map_or(i64::MIN, |t| t.saturating_add(1));
+    let ev = crate::tiles::deduplicated_events(&ctx, log.batches, before)
+        .await?
+        .cache()
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let streaming: Vec<(&View, &Feature)> = features
+        .iter()
+        .copied()
+        .filter(|(v, _)| v.layer == duet_spec::Layer::Streaming)
+        .collect();
+    let streaming_cols =
+        crate::asof::streaming_as_of(&ctx, ev.clone(), &entities.keys, &entities.ts, &streaming)
+            .await?;
+    let mut by_name: std::collections::HashMap<String, ArrayRef> = streaming
+        .iter()
+        .zip(streaming_cols)
+        .map(|((_, f), c)| (f.name.clone(), c))
+        .collect();
+    let store = req.store.as_deref().map(resolve).transpose()?;
+    for view in spec.views_of(duet_spec::Layer::Batch) {
+        let wanted: Vec<&Feature> = features
+            .iter()
+            .filter(|(v, _)| v.name == view.name)
+            .map(|(_, f)| *f)
+            .collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        let values =
+            crate::pit::batch_values(view, &wanted, &entities, ev.clone(), store.as_ref()).await?;
+        for (f, col) in wanted.iter().zip(values) {
+            by_name.insert(f.name.clone(), col);
+        }
+    }
+    let columns = features
+        .iter()
+        .map(|(_, f)| {
+            let ty = match f.value_type {
+                ValueType::Int => DataType::Int64,
+                ValueType::Float => DataType::Float64,
+            };
+            (Field::new(&f.name, ty, true), by_name[&f.name].clone())
+        })
+        .collect();
+    let batch = with_features(&entities, columns)?;
+    write_table(&req.out, &batch).await?;
+    Ok(TrainingSummary {
+        rows: batch.num_rows(),
+        features: features.iter().map(|(_, f)| f.name.clone()).collect(),
+        valid_events,
+        invalid_events,
+    })
+}
+
+/// Writes a table as Parquet, or CSV when `url` ends in `.csv`.
+pub async fn write_table(url: &str, batch: &RecordBatch) -> Result<()> {
+    let loc = resolve(url)?;
+    let mut buf = Vec::new();
+    if url.ends_with(".csv") {
+        let mut w = arrow::csv::WriterBuilder::new()
+            .with_header(true)
+            .build(&mut buf);
+        w.write(batch).map_err(|e| Error::Internal(e.to_string()))?;
+    } else {
+        let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), None)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        w.write(batch).map_err(|e| Error::Internal(e.to_string()))?;
+        w.close().map_err(|e| Error::Internal(e.to_string()))?;
+    }
+    if let Some(parent) = local_parent(url) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::Storage(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    loc.store
+        .put(&loc.prefix, buf.into())
+        .await
+        .map_err(|e| Error::Storage(format!("cannot write {url}: {e}")))?;
+    Ok(())
+}
+
+fn local_parent(url: &str) -> Option<&std::path::Path> {
+    if url.contains("://") && !url.starts_with("file://") {
+        return None;
+    }
+    std::path::Path::new(url.strip_prefix("file://").unwrap_or(url))
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+}

@@ -1,0 +1,278 @@
+//! Command-line surface (CONTRACT.md). Each command parses its flags and calls a library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use duet_batch::run::{BatchJob, run_batch};
+use duet_batch::training::{
+    Engine, TrainingRequest, datafusion_training_set, reference_training_set,
+};
+use duet_spec::generate::{GenerateOptions, generate, write_jsonl, write_parquet};
+
+use crate::BadInput;
+use crate::config::{Config, required};
+
+/// duet: one feature spec, computed in batch and in streaming, served merged.
+#[derive(Debug, Parser)]
+#[command(name = "duet", version, about)]
+pub struct Cli {
+    /// Config file (TOML); flags and DUET_* variables override it.
+    #[arg(long, global = true, env = "DUET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Feature spec; defaults to the reference catalog shipped with duet.
+    #[arg(long, global = true, env = "DUET_SPEC")]
+    pub spec: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "DUET_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with feature specs.
+    #[command(subcommand)]
+    Spec(SpecCommand),
+    /// Write deterministic synthetic events (.parquet or .jsonl).
+    Generate(GenerateArgs),
+    /// Build point-in-time correct training rows for an entity file.
+    TrainingSet(TrainingArgs),
+    /// Compute and publish batch snapshots.
+    #[command(subcommand)]
+    Batch(BatchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BatchCommand {
+    /// Publish one snapshot of every batch view as of an instant.
+    Run(BatchRunArgs),
+    /// Publish one snapshot per cadence boundary (UTC midnight) in [from, to].
+    Backfill(BackfillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BatchLocations {
+    /// The offline event log: a file, directory or glob; local, file://, s3:// or memory://.
+    #[arg(long, env = "DUET_EVENTS")]
+    pub events: Option<String>,
+    /// The snapshot store: local, file://, s3:// or memory://.
+    #[arg(long, env = "DUET_STORE")]
+    pub store: Option<String>,
+    /// Snapshots kept per view; older ones are deleted after a successful run.
+    #[arg(long, env = "DUET_RETAIN", default_value_t = 400)]
+    pub retain: usize,
+    /// Never draw progress bars (structured logs only).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BatchRunArgs {
+    /// The instant the snapshot is as of: RFC 3339 or a date (its UTC midnight).
+    #[arg(long)]
+    pub as_of: String,
+    #[command(flatten)]
+    pub loc: BatchLocations,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    /// First date (RFC 3339 or a date).
+    #[arg(long)]
+    pub from: String,
+    /// Last date, inclusive.
+    #[arg(long)]
+    pub to: String,
+    #[command(flatten)]
+    pub loc: BatchLocations,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpecCommand {
+    /// Validate a spec and print its views and features.
+    Check,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Number of users.
+    #[arg(long, default_value_t = 1000)]
+    pub users: u64,
+    /// Days of history.
+    #[arg(long, default_value_t = 30)]
+    pub days: u64,
+    /// End of the event times: RFC 3339, a date, or `now`.
+    #[arg(long, default_value = "2026-11-01T00:00:00Z")]
+    pub end: String,
+    /// Seed; the same seed gives the same events.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of distinct valid events (default: 4 per user per day).
+    #[arg(long)]
+    pub events: Option<u64>,
+    /// Output file: .parquet or .jsonl.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainingArgs {
+    /// Entity rows: Parquet or CSV with the join key and `ts`.
+    #[arg(long)]
+    pub entities: String,
+    /// Output: .parquet (or .csv).
+    #[arg(long)]
+    pub out: String,
+    /// Comma-separated features (`feature` or `view:feature`); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub features: Option<Vec<String>>,
+    /// Engine computing the rows.
+    #[arg(long, value_enum, default_value = "datafusion")]
+    pub engine: EngineArg,
+    /// The offline event log.
+    #[arg(long, env = "DUET_EVENTS")]
+    pub events: Option<String>,
+    /// The snapshot store.
+    #[arg(long, env = "DUET_STORE")]
+    pub store: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EngineArg {
+    Datafusion,
+    Reference,
+}
+
+/// Sets up `tracing`: text on a terminal, JSON lines when asked; `RUST_LOG` filters.
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_spec(cli_spec: &Option<String>, config: &Config) -> anyhow::Result<duet_spec::Spec> {
+    let path = cli_spec.clone().or_else(|| config.spec.clone());
+    Ok(duet_spec::load_spec(
+        path.as_deref().map(std::path::Path::new),
+    )?)
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Spec(SpecCommand::Check) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            print!("{}", duet_spec::describe(&spec));
+            Ok(())
+        }
+        Command::Generate(args) => run_generate(args).await,
+        Command::Batch(cmd) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            let (loc, as_of) = match cmd {
+                BatchCommand::Run(a) => {
+                    let t = instant(&a.as_of, "--as-of")?;
+                    (a.loc, vec![t])
+                }
+                BatchCommand::Backfill(a) => {
+                    let from = instant(&a.from, "--from")?;
+                    let to = instant(&a.to, "--to")?;
+                    (a.loc, duet_batch::run::backfill_instants(&spec, from, to)?)
+                }
+            };
+            let job = BatchJob {
+                events: required(&loc.events, &config.events, "events")?,
+                store: required(&loc.store, &config.store, "store")?,
+                as_of,
+                retain: loc.retain,
+                progress: !loc.no_progress,
+            };
+            let report = run_batch(&spec, &job).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::TrainingSet(args) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            let req = TrainingRequest {
+                entities: args.entities,
+                out: args.out,
+                features: args.features,
+                engine: match args.engine {
+                    EngineArg::Datafusion => Engine::DataFusion,
+                    EngineArg::Reference => Engine::Reference,
+                },
+                events: required(&args.events, &config.events, "events")?,
+                store: args.store.or(config.store),
+            };
+            let summary = match req.engine {
+                Engine::Reference => reference_training_set(&spec, &req).await?,
+                Engine::DataFusion => datafusion_training_set(&spec, &req).await?,
+            };
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+    }
+}
+
+fn instant(text: &str, flag: &str) -> anyhow::Result<i64> {
+    duet_spec::timestamp::parse_instant(text).ok_or_else(|| {
+        BadInput(format!(
+            "{flag} `{text}`: not a date (2026-11-20) or RFC 3339 time (2026-11-20T00:00:00Z)"
+        ))
+        .into()
+    })
+}
+
+async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let end_ms = if args.end == "now" {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_millis() as i64
+    } else {
+        duet_spec::timestamp::parse_instant(&args.end).ok_or_else(|| {
+            BadInput(format!(
+                "--end `{}`: not RFC 3339, a date, or `now`",
+                args.end
+            ))
+        })?
+    };
+    let ext = args.out.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !matches!(ext, "parquet" | "jsonl") {
+        return Err(BadInput(format!(
+            "--out {}: the file name must end in .parquet or .jsonl",
+            args.out.display()
+        ))
+        .into());
+    }
+    let mut opts = GenerateOptions::new(args.users, args.days, end_ms, args.seed);
+    opts.events = args.events;
+    let out = args.out.clone();
+    let count = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+        let records = generate(&opts);
+        if let Some(dir) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let file = std::fs::File::create(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, file);
+        if out.extension().is_some_and(|e| e == "parquet") {
+            write_parquet(&records, opts.seed, w)?;
+        } else {
+            write_jsonl(&records, opts.seed, w)?;
+        }
+        Ok(records.len())
+    })
+    .await??;
+    eprintln!("wrote {count} records to {}", args.out.display());
+    Ok(())
+}

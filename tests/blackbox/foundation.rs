@@ -1,0 +1,145 @@
+//! The foundation's surface: `duet spec check`, `duet generate`, and the reference engine.
+
+use crate::common::*;
+
+#[test]
+fn spec_check_accepts_the_catalog() {
+    let (stdout, _) = expect_status(&run(&["spec", "check"]), 0);
+    assert!(
+        stdout.contains("view user_realtime (streaming layer"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("spend_pct_rank_30d"), "{stdout}");
+    let shipped =
+        s(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shared-spec/catalog.toml"));
+    let (again, _) = expect_status(&run(&["spec", "check", "--spec", &shipped]), 0);
+    assert_eq!(stdout, again);
+}
+
+#[test]
+fn spec_check_refuses_a_bad_spec_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = duet_catalog().replace(
+        "window = \"90d\"\nresolution = \"1d\"",
+        "window = \"90d\"\nresolution = \"7d\"",
+    );
+    std::fs::write(&path, text).unwrap();
+    let (_, stderr) = expect_status(&run(&["spec", "check", "--spec", &s(&path)]), 2);
+    let first = stderr.lines().next().unwrap();
+    assert!(
+        first.starts_with(&format!("duet: {}:", path.display())),
+        "{stderr}"
+    );
+    assert!(
+        first.contains("window 90d is not a multiple of its resolution 7d"),
+        "{stderr}"
+    );
+
+    let (_, stderr) = expect_status(
+        &run(&["spec", "check", "--spec", "/nonexistent/spec.toml"]),
+        2,
+    );
+    assert!(stderr.contains("/nonexistent/spec.toml"), "{stderr}");
+}
+
+fn duet_catalog() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shared-spec/catalog.toml"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn generate_is_deterministic_in_both_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.jsonl");
+    let b = dir.path().join("b.jsonl");
+    for p in [&a, &b] {
+        expect_status(
+            &run(&[
+                "generate",
+                "--users",
+                "50",
+                "--days",
+                "5",
+                "--seed",
+                "9",
+                "--out",
+                &s(p),
+            ]),
+            0,
+        );
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    let pq = dir.path().join("c.parquet");
+    expect_status(
+        &run(&[
+            "generate",
+            "--users",
+            "50",
+            "--days",
+            "5",
+            "--seed",
+            "9",
+            "--out",
+            &s(&pq),
+        ]),
+        0,
+    );
+    assert!(std::fs::metadata(&pq).unwrap().len() > 1000);
+    let (_, stderr) = expect_status(
+        &run(&["generate", "--users", "5", "--days", "1", "--out", "x.csv"]),
+        2,
+    );
+    assert!(stderr.contains("--out x.csv"), "{stderr}");
+}
+
+#[test]
+fn reference_training_set_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rows.parquet");
+    let (stdout, _) = expect_status(
+        &run(&[
+            "training-set",
+            "--engine",
+            "reference",
+            "--entities",
+            &s(&golden("entities.csv")),
+            "--events",
+            &s(&golden("events.parquet")),
+            "--features",
+            "user_realtime:txn_count_1h,spend_pct_rank_30d",
+            "--out",
+            &s(&out),
+        ]),
+        0,
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["rows"], 2000);
+    assert_eq!(
+        summary["features"],
+        serde_json::json!(["txn_count_1h", "spend_pct_rank_30d"])
+    );
+
+    let (_, stderr) = expect_status(
+        &run(&[
+            "training-set",
+            "--engine",
+            "reference",
+            "--entities",
+            &s(&golden("entities.csv")),
+            "--events",
+            &s(&golden("events.parquet")),
+            "--features",
+            "txn_count_2h",
+            "--out",
+            &s(&out),
+        ]),
+        2,
+    );
+    assert!(
+        stderr.contains("unknown feature `txn_count_2h`"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,4 @@
+//! Black-box tests: they drive the real `duet` binary and its HTTP API, as users and scripts do.
+
+mod common;
+mod foundation;
