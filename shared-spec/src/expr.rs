@@ -472,10 +472,13 @@ impl Parser<'_> {
                 Ok(e)
             }
             Some(c) if c.is_ascii_digit() || c == b'.' => {
-                while self
-                    .peek()
-                    .is_some_and(|c| c.is_ascii_digit() || c == b'.' || c == b'e' || c == b'E')
-                {
+                while let Some(c) = self.peek() {
+                    let exponent_sign = (c == b'+' || c == b'-')
+                        && matches!(self.text.as_bytes().get(self.pos - 1), Some(b'e' | b'E'));
+                    if !(c.is_ascii_digit() || c == b'.' || c == b'e' || c == b'E' || exponent_sign)
+                    {
+                        break;
+                    }
                     self.pos += 1;
                 }
                 let lit = &self.text[start..self.pos];

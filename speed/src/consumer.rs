@@ -1,0 +1,496 @@
+//! `duet speed run`: the Kafka loop around the [`Processor`].
+//!
+//! `select!` over the message stream, a flush tick and the shutdown token. A flush writes the
+//! batch's states (compare-and-set, one key each), sends its dead letters, and only then
+//! commits the batch's offsets to Kafka — together with each partition's watermark in the
+//! commit metadata, so a restarted or newly assigned process resumes with the same lateness
+//! decisions. A crash between the state writes and the commit replays the batch, which the
+//! states' event-id deduplication makes harmless.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Message as _, Timestamp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::Archive;
+use crate::metrics::SpeedMetrics;
+use crate::plan::SpeedPlan;
+use crate::processor::{BatchOutcome, Message, Processor, stats_key};
+use crate::store::StateStore;
+use crate::{Error, Result};
+
+/// Settings of one speed-layer process.
+#[derive(Debug, Clone)]
+pub struct SpeedConfig {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The event topic.
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// Key prefix of the state in the store.
+    pub prefix: String,
+    /// Topic receiving invalid records (`None`: not sent anywhere but counted and logged).
+    pub dead_letter_topic: Option<String>,
+    /// Stop after being caught up this long.
+    pub exit_when_idle: Option<Duration>,
+    /// Largest batch.
+    pub max_batch: usize,
+    /// Longest time a message waits before its batch is flushed.
+    pub flush_interval: Duration,
+    /// Offline log to archive consumed events to.
+    pub archive: Option<String>,
+    /// Extra librdkafka settings (`key=value`).
+    pub kafka_options: Vec<(String, String)>,
+}
+
+enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+struct GroupContext {
+    tx: mpsc::UnboundedSender<RebalanceEvent>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let parts =
+            |tpl: &TopicPartitionList| tpl.elements().iter().map(|e| e.partition()).collect();
+        let event = match rebalance {
+            Rebalance::Assign(tpl) => RebalanceEvent::Assigned(parts(tpl)),
+            Rebalance::Revoke(tpl) => RebalanceEvent::Revoked(parts(tpl)),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        let _ = self.tx.send(event);
+    }
+}
+
+const WM_PREFIX: &str = "duet-wm=";
+
+fn kafka(e: rdkafka::error::KafkaError) -> Error {
+    Error::Kafka(e.to_string())
+}
+
+/// Runs the speed layer until `shutdown` is cancelled or, with `exit_when_idle`, until it has
+/// been caught up long enough. Flushes and commits before returning.
+pub async fn run<S: StateStore + Clone>(
+    plan: Arc<SpeedPlan>,
+    store: S,
+    config: SpeedConfig,
+    metrics: Arc<SpeedMetrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let claimed = store
+        .claim(&format!("{}spec", config.prefix), &plan.spec_fingerprint)
+        .await?;
+    if claimed != plan.spec_fingerprint {
+        return Err(Error::BadInput(format!(
+            "the state under prefix `{}` was built by a different spec (fingerprint {claimed}, this spec {}): \
+             use another --prefix for the new spec, or delete the old state",
+            config.prefix, plan.spec_fingerprint
+        )));
+    }
+    let (tx, mut rebalances) = mpsc::unbounded_channel();
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.brokers)
+        .set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.max.messages.kbytes", "262144");
+    for (k, v) in &config.kafka_options {
+        cc.set(k, v);
+    }
+    let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
+        cc.create_with_context(GroupContext { tx })
+            .map_err(|e| Error::BadInput(format!("--brokers `{}`: {e}", config.brokers)))?,
+    );
+    check_topic(&consumer, &config).await?;
+    let producer: Option<FutureProducer> = match &config.dead_letter_topic {
+        Some(_) => Some(
+            ClientConfig::new()
+                .set("bootstrap.servers", &config.brokers)
+                .set("message.timeout.ms", "30000")
+                .create()
+                .map_err(kafka)?,
+        ),
+        None => None,
+    };
+    consumer.subscribe(&[&config.topic]).map_err(kafka)?;
+    tracing::info!(topic = %config.topic, group = %config.group, brokers = %config.brokers, "speed layer started");
+
+    let mut processor = Processor::new(plan.clone(), store.clone(), &config.prefix, &config.topic);
+    let mut archive = match &config.archive {
+        Some(url) => {
+            processor.keep_accepted(true);
+            Some(Archive::open(url)?)
+        }
+        None => None,
+    };
+    let mut buffer: Vec<Message> = Vec::with_capacity(config.max_batch);
+    let mut oldest: Option<Instant> = None;
+    let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
+    let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut assigned: BTreeMap<i32, ()> = BTreeMap::new();
+    let mut caught_up_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            received = consumer.recv() => {
+                match received {
+                    Ok(m) => {
+                        buffer.push(Message {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            payload: m.payload().map(<[u8]>::to_vec),
+                            timestamp_ms: match m.timestamp() {
+                                Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => Some(t),
+                                Timestamp::NotAvailable => None,
+                            },
+                        });
+                        oldest.get_or_insert_with(Instant::now);
+                        caught_up_since = None;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                }
+            }
+            _ = tick.tick() => {}
+            _ = lag_tick.tick() => {
+                let caught_up = update_lag(&consumer, &config.topic, &assigned, &metrics).await;
+                if caught_up && buffer.is_empty() {
+                    caught_up_since.get_or_insert_with(Instant::now);
+                } else {
+                    caught_up_since = None;
+                }
+                if let (Some(idle), Some(since)) = (config.exit_when_idle, caught_up_since)
+                    && since.elapsed() >= idle
+                {
+                    tracing::info!(idle_secs = idle.as_secs_f64(), "caught up and idle; stopping");
+                    break;
+                }
+            }
+        }
+        for (p, committed) in handle_rebalances(
+            &mut rebalances,
+            &consumer,
+            &config.topic,
+            &mut processor,
+            &mut buffer,
+            &mut assigned,
+        )
+        .await?
+        {
+            if let Some(a) = &archive {
+                a.recover(p, committed).await?;
+            }
+        }
+        let due = oldest.is_some_and(|t| t.elapsed() >= config.flush_interval);
+        if buffer.len() >= config.max_batch || (due && !buffer.is_empty()) {
+            flush(
+                &mut processor,
+                &consumer,
+                producer.as_ref(),
+                &config,
+                &metrics,
+                &mut buffer,
+                archive.as_mut(),
+            )
+            .await?;
+            oldest = None;
+        }
+    }
+    handle_rebalances(
+        &mut rebalances,
+        &consumer,
+        &config.topic,
+        &mut processor,
+        &mut buffer,
+        &mut assigned,
+    )
+    .await?;
+    if !buffer.is_empty() {
+        flush(
+            &mut processor,
+            &consumer,
+            producer.as_ref(),
+            &config,
+            &metrics,
+            &mut buffer,
+            archive.as_mut(),
+        )
+        .await?;
+    }
+    tracing::info!("speed layer stopped after a final flush and commit");
+    Ok(())
+}
+
+async fn check_topic(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    config: &SpeedConfig,
+) -> Result<()> {
+    let c = consumer.clone();
+    let topic = config.topic.clone();
+    let md = tokio::task::spawn_blocking(move || {
+        c.fetch_metadata(Some(&topic), Duration::from_secs(15))
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e| Error::Kafka(format!("cannot reach brokers {}: {e}", config.brokers)))?;
+    let ok = md
+        .topics()
+        .iter()
+        .any(|t| t.name() == config.topic && t.error().is_none() && !t.partitions().is_empty());
+    if !ok {
+        return Err(Error::BadInput(format!(
+            "--topic `{}` does not exist on {}: create it first (for example `tansu topic create {} --partitions 3`)",
+            config.topic, config.brokers, config.topic
+        )));
+    }
+    Ok(())
+}
+
+async fn handle_rebalances(
+    rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topic: &str,
+    processor: &mut Processor<impl StateStore>,
+    buffer: &mut Vec<Message>,
+    assigned: &mut BTreeMap<i32, ()>,
+) -> Result<Vec<(i32, Option<i64>)>> {
+    let mut newly = Vec::new();
+    while let Ok(event) = rebalances.try_recv() {
+        match event {
+            RebalanceEvent::Revoked(parts) => {
+                tracing::info!(?parts, "partitions revoked");
+                buffer.retain(|m| !parts.contains(&m.partition));
+                for p in parts {
+                    processor.revoke(p);
+                    assigned.remove(&p);
+                }
+            }
+            RebalanceEvent::Assigned(parts) => {
+                let mut tpl = TopicPartitionList::new();
+                for p in &parts {
+                    tpl.add_partition(topic, *p);
+                }
+                let c = consumer.clone();
+                let committed = tokio::task::spawn_blocking(move || {
+                    c.committed_offsets(tpl, Duration::from_secs(15))
+                })
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(kafka)?;
+                for e in committed.elements() {
+                    let wm = e
+                        .metadata()
+                        .strip_prefix(WM_PREFIX)
+                        .and_then(|v| v.parse::<i64>().ok());
+                    tracing::info!(partition = e.partition(), offset = ?e.offset(), watermark = ?wm, "partition assigned");
+                    processor.assign(e.partition(), wm);
+                    assigned.insert(e.partition(), ());
+                    let committed = match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    };
+                    newly.push((e.partition(), committed));
+                }
+            }
+        }
+    }
+    Ok(newly)
+}
+
+async fn update_lag(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topic: &str,
+    assigned: &BTreeMap<i32, ()>,
+    metrics: &SpeedMetrics,
+) -> bool {
+    if assigned.is_empty() {
+        return false;
+    }
+    let c = consumer.clone();
+    let topic = topic.to_string();
+    let parts: Vec<i32> = assigned.keys().copied().collect();
+    let lags = tokio::task::spawn_blocking(move || -> Option<Vec<(i32, i64)>> {
+        let position = c.position().ok()?;
+        let mut out = Vec::new();
+        for p in parts {
+            let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok()?;
+            let pos = match position.find_partition(&topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => {
+                    let committed = c.committed(Duration::from_secs(5)).ok()?;
+                    match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o,
+                        _ => 0,
+                    }
+                }
+            };
+            out.push((p, (high - pos).max(0)));
+        }
+        Some(out)
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(lags) = lags else { return false };
+    let mut m = metrics.lag.lock().expect("not poisoned");
+    m.clear();
+    let mut caught_up = true;
+    for (p, lag) in lags {
+        m.insert(p, lag);
+        caught_up &= lag == 0;
+    }
+    caught_up
+}
+
+async fn flush<S: StateStore>(
+    processor: &mut Processor<S>,
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    producer: Option<&FutureProducer>,
+    config: &SpeedConfig,
+    metrics: &SpeedMetrics,
+    buffer: &mut Vec<Message>,
+    archive: Option<&mut Archive>,
+) -> Result<()> {
+    let started = Instant::now();
+    let messages = std::mem::take(buffer);
+    let stamps: Vec<i64> = messages.iter().filter_map(|m| m.timestamp_ms).collect();
+    let now = crate::now_ms();
+    let outcome = processor.process(messages, now).await?;
+    let visible = crate::now_ms();
+    for t in stamps {
+        metrics
+            .freshness_seconds
+            .observe((visible - t) as f64 / 1000.0);
+    }
+    send_dead_letters(producer, config, &outcome).await?;
+    if let Some(archive) = archive {
+        archive.write(&outcome).await?;
+    }
+    commit(consumer, &config.topic, &outcome).await?;
+    processor.committed(&outcome);
+    record(processor, config, metrics, &outcome).await;
+    metrics
+        .flush_seconds
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+async fn send_dead_letters(
+    producer: Option<&FutureProducer>,
+    config: &SpeedConfig,
+    outcome: &BatchOutcome,
+) -> Result<()> {
+    if outcome.dead_letters.is_empty() {
+        return Ok(());
+    }
+    for d in &outcome.dead_letters {
+        tracing::warn!(source = %d.source, offset = d.position, reason = %d.reason, "invalid record");
+    }
+    let (Some(producer), Some(topic)) = (producer, &config.dead_letter_topic) else {
+        return Ok(());
+    };
+    let sends = outcome.dead_letters.iter().map(|d| {
+        let key = format!("{}@{}", d.source, d.position);
+        let payload = d.to_json_line();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(&key).payload(&payload),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| {
+                    Error::Kafka(format!("cannot send a dead letter to `{topic}`: {e}"))
+                })
+        }
+    });
+    futures::future::try_join_all(sends).await?;
+    Ok(())
+}
+
+async fn commit(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topic: &str,
+    outcome: &BatchOutcome,
+) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, (next, wm)) in &outcome.commit {
+        let mut e = tpl.add_partition(topic, *p);
+        e.set_offset(Offset::Offset(*next)).map_err(kafka)?;
+        if *wm != i64::MIN {
+            e.set_metadata(format!("{WM_PREFIX}{wm}"));
+        }
+    }
+    let c = consumer.clone();
+    tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(kafka)
+}
+
+async fn record<S: StateStore>(
+    processor: &Processor<S>,
+    config: &SpeedConfig,
+    metrics: &SpeedMetrics,
+    o: &BatchOutcome,
+) {
+    metrics.events.add(o.applied);
+    metrics.duplicates.add(o.duplicates);
+    metrics.late.add(o.late);
+    metrics.conflicts.add(o.conflicts);
+    metrics.flushes.add(1);
+    {
+        let mut inv = metrics.invalid.lock().expect("not poisoned");
+        for (k, v) in &o.invalid.0 {
+            *inv.entry(k.clone()).or_default() += v;
+        }
+    }
+    {
+        let mut wm = metrics.watermark.lock().expect("not poisoned");
+        for (p, w) in processor.watermarks() {
+            wm.insert(*p, *w);
+        }
+    }
+    let mut counts: Vec<(String, i64)> = vec![
+        ("applied".into(), o.applied as i64),
+        ("duplicates".into(), o.duplicates as i64),
+        ("late".into(), o.late as i64),
+    ];
+    counts.extend(
+        o.invalid
+            .0
+            .iter()
+            .map(|(k, v)| (format!("invalid_{k}"), *v as i64)),
+    );
+    counts.retain(|(_, v)| *v != 0);
+    if let Err(e) = processor
+        .store()
+        .add_counters(&stats_key(&config.prefix), &counts)
+        .await
+    {
+        tracing::warn!(error = %e, "could not update the speed layer's counters");
+    }
+}

@@ -1,0 +1,207 @@
+//! Prometheus metrics with constant names and no per-entity labels, rendered as text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A monotonically increasing count.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The current count.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A distribution over fixed buckets (upper bounds in seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    total: AtomicU64,
+}
+
+/// Buckets for latencies from a tenth of a millisecond to ten seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+    2.0, 5.0, 10.0,
+];
+
+impl Histogram {
+    /// A histogram over `bounds`.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation in seconds.
+    pub fn observe(&self, seconds: f64) {
+        let seconds = seconds.max(0.0);
+        if let Some(i) = self.bounds.iter().position(|b| seconds <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The smallest bucket bound below which at least fraction `q` of observations fall.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.total.load(Ordering::Relaxed);
+        if total == 0 {
+            return None;
+        }
+        let mut seen = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            seen += self.counts[i].load(Ordering::Relaxed);
+            if seen as f64 >= q * total as f64 {
+                return Some(*b);
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.counts[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let total = self.total.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+/// The speed layer's metrics.
+pub struct SpeedMetrics {
+    /// Events that now count.
+    pub events: Counter,
+    /// Duplicates dropped.
+    pub duplicates: Counter,
+    /// Late events dropped.
+    pub late: Counter,
+    /// Invalid records by reason.
+    pub invalid: Mutex<BTreeMap<String, u64>>,
+    /// Batches flushed.
+    pub flushes: Counter,
+    /// Compare-and-set conflicts.
+    pub conflicts: Counter,
+    /// Flush latency.
+    pub flush_seconds: Histogram,
+    /// From a message's producer timestamp to its effect being visible in the store.
+    pub freshness_seconds: Histogram,
+    /// Consumer lag per partition.
+    pub lag: Mutex<BTreeMap<i32, i64>>,
+    /// Watermark per partition (epoch ms).
+    pub watermark: Mutex<BTreeMap<i32, i64>>,
+}
+
+impl Default for SpeedMetrics {
+    fn default() -> Self {
+        SpeedMetrics {
+            events: Counter::default(),
+            duplicates: Counter::default(),
+            late: Counter::default(),
+            invalid: Mutex::default(),
+            flushes: Counter::default(),
+            conflicts: Counter::default(),
+            flush_seconds: Histogram::new(LATENCY_BUCKETS),
+            freshness_seconds: Histogram::new(LATENCY_BUCKETS),
+            lag: Mutex::default(),
+            watermark: Mutex::default(),
+        }
+    }
+}
+
+impl SpeedMetrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        counter(
+            &mut out,
+            "duet_speed_events_total",
+            "Events applied to state.",
+            self.events.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_duplicates_total",
+            "Events dropped as duplicates.",
+            self.duplicates.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_late_total",
+            "Events dropped for arriving after the allowed lateness.",
+            self.late.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_flushes_total",
+            "Batches written and committed.",
+            self.flushes.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_cas_conflicts_total",
+            "State writes retried after another writer.",
+            self.conflicts.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP duet_speed_invalid_total Invalid records by reason.\n# TYPE duet_speed_invalid_total counter"
+        );
+        for (reason, n) in self.invalid.lock().expect("not poisoned").iter() {
+            let _ = writeln!(out, "duet_speed_invalid_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP duet_speed_lag Messages behind the end of each partition.\n# TYPE duet_speed_lag gauge"
+        );
+        for (p, lag) in self.lag.lock().expect("not poisoned").iter() {
+            let _ = writeln!(out, "duet_speed_lag{{partition=\"{p}\"}} {lag}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP duet_speed_watermark_ms Event-time watermark per partition.\n# TYPE duet_speed_watermark_ms gauge"
+        );
+        for (p, wm) in self.watermark.lock().expect("not poisoned").iter() {
+            let _ = writeln!(out, "duet_speed_watermark_ms{{partition=\"{p}\"}} {wm}");
+        }
+        self.flush_seconds.render(
+            &mut out,
+            "duet_speed_flush_seconds",
+            "Time to write a batch's state and commit its offsets.",
+        );
+        self.freshness_seconds.render(
+            &mut out,
+            "duet_speed_freshness_seconds",
+            "From a message's producer timestamp to its effect being visible.",
+        );
+        out
+    }
+}

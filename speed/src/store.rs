@@ -1,0 +1,423 @@
+//! Where entity state lives: Redis in production, memory in unit tests and the embedded demo.
+//! Every write is a compare-and-set on one key, so the design holds on Redis Cluster (no
+//! transaction spans two keys) and two writers can never overwrite each other's updates.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+
+use crate::{Error, Result};
+
+/// A stored value and its version (versions start at 1 and grow by one per write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    /// The version written.
+    pub version: u64,
+    /// The state bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// One conditional write.
+#[derive(Debug, Clone)]
+pub struct CasWrite {
+    /// The key.
+    pub key: String,
+    /// The version the key must still hold (`None`: the key must be absent).
+    pub expected: Option<u64>,
+    /// The new bytes, or `None` to delete the key.
+    pub value: Option<Vec<u8>>,
+    /// Expiry of the new value, in milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// The narrow interface the speed layer and the server need from a state store.
+pub trait StateStore: Send + Sync + 'static {
+    /// The current values of `keys`, in order (`None` where absent).
+    fn get_many(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<Option<Versioned>>>> + Send;
+    /// Applies each write whose key still holds its expected version; returns, per write,
+    /// whether it was applied.
+    fn put_many(&self, writes: &[CasWrite]) -> impl Future<Output = Result<Vec<bool>>> + Send;
+    /// Every key starting with `prefix`.
+    fn keys(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Adds to named counters of a hash (best effort, for operators and the checker).
+    fn add_counters(
+        &self,
+        hash: &str,
+        counts: &[(String, i64)],
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Reads a hash of counters.
+    fn counters(&self, hash: &str) -> impl Future<Output = Result<HashMap<String, i64>>> + Send;
+    /// Sets `key` to `value` unless it holds something else; returns what it holds after.
+    fn claim(&self, key: &str, value: &str) -> impl Future<Output = Result<String>> + Send;
+}
+
+/// A process-local store with the same semantics (including expiry).
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<MemoryInner>>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    values: HashMap<String, (Versioned, Instant)>,
+    hashes: HashMap<String, HashMap<String, i64>>,
+    strings: HashMap<String, String>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Overwrites a key's bytes without a version check (for fault-injection tests).
+    pub fn corrupt(&self, key: &str, bytes: Vec<u8>) {
+        let mut g = self.inner.lock().expect("not poisoned");
+        if let Some((v, _)) = g.values.get_mut(key) {
+            v.bytes = bytes;
+        }
+    }
+}
+
+impl StateStore for MemoryStore {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        let now = Instant::now();
+        Ok(keys
+            .iter()
+            .map(|k| match g.values.get(k) {
+                Some((v, exp)) if *exp > now => Some(v.clone()),
+                Some(_) => {
+                    g.values.remove(k);
+                    None
+                }
+                None => None,
+            })
+            .collect())
+    }
+
+    async fn put_many(&self, writes: &[CasWrite]) -> Result<Vec<bool>> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        let now = Instant::now();
+        Ok(writes
+            .iter()
+            .map(|w| {
+                let current = g
+                    .values
+                    .get(&w.key)
+                    .filter(|(_, exp)| *exp > now)
+                    .map(|(v, _)| v.version);
+                if current != w.expected {
+                    return false;
+                }
+                match &w.value {
+                    Some(bytes) => {
+                        let v = Versioned {
+                            version: current.unwrap_or(0) + 1,
+                            bytes: bytes.clone(),
+                        };
+                        g.values
+                            .insert(w.key.clone(), (v, now + Duration::from_millis(w.ttl_ms)));
+                    }
+                    None => {
+                        g.values.remove(&w.key);
+                    }
+                }
+                true
+            })
+            .collect())
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let g = self.inner.lock().expect("not poisoned");
+        let now = Instant::now();
+        let mut keys: Vec<String> = g
+            .values
+            .iter()
+            .filter(|(k, (_, exp))| k.starts_with(prefix) && *exp > now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn add_counters(&self, hash: &str, counts: &[(String, i64)]) -> Result<()> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        let h = g.hashes.entry(hash.to_string()).or_default();
+        for (k, v) in counts {
+            *h.entry(k.clone()).or_default() += v;
+        }
+        Ok(())
+    }
+
+    async fn counters(&self, hash: &str) -> Result<HashMap<String, i64>> {
+        Ok(self
+            .inner
+            .lock()
+            .expect("not poisoned")
+            .hashes
+            .get(hash)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn claim(&self, key: &str, value: &str) -> Result<String> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        Ok(g.strings
+            .entry(key.to_string())
+            .or_insert_with(|| value.to_string())
+            .clone())
+    }
+}
+
+/// Compare-and-set on one key: the value is an 8-byte big-endian version followed by the state.
+const CAS_SCRIPT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+local ver = ''
+if cur then ver = string.sub(cur, 1, 8) end
+if ver ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+"#;
+
+/// Redis, through an auto-reconnecting connection with bounded timeouts.
+#[derive(Clone)]
+pub struct RedisStore {
+    con: ConnectionManager,
+    script: Arc<redis::Script>,
+    url: String,
+}
+
+fn redis_err(url: &str, e: redis::RedisError) -> Error {
+    Error::Redis(format!("{url}: {e}"))
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`), failing within `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<RedisStore> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::BadInput(format!("--redis `{url}`: {e}")))?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2);
+        let con = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|_| Error::Redis(format!("{url}: no answer within {timeout:?}")))?
+            .map_err(|e| redis_err(url, e))?;
+        let script = Arc::new(redis::Script::new(CAS_SCRIPT));
+        let mut c = con.clone();
+        script
+            .prepare_invoke()
+            .load_async(&mut c)
+            .await
+            .map_err(|e| redis_err(url, e))?;
+        Ok(RedisStore {
+            con,
+            script,
+            url: url.to_string(),
+        })
+    }
+
+    /// The URL connected to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+fn split_version(raw: Vec<u8>) -> Option<Versioned> {
+    if raw.len() < 8 {
+        return None;
+    }
+    let version = u64::from_be_bytes(raw[..8].try_into().expect("eight bytes"));
+    Some(Versioned {
+        version,
+        bytes: raw[8..].to_vec(),
+    })
+}
+
+impl StateStore for RedisStore {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>> {
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.get(k);
+        }
+        let mut con = self.con.clone();
+        let raw: Vec<Option<Vec<u8>>> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))?;
+        Ok(raw.into_iter().map(|v| v.and_then(split_version)).collect())
+    }
+
+    async fn put_many(&self, writes: &[CasWrite]) -> Result<Vec<bool>> {
+        if writes.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut pipe = redis::pipe();
+        for w in writes {
+            let expected = w
+                .expected
+                .map(|v| v.to_be_bytes().to_vec())
+                .unwrap_or_default();
+            let value = match &w.value {
+                Some(bytes) => {
+                    let mut v = (w.expected.unwrap_or(0) + 1).to_be_bytes().to_vec();
+                    v.extend_from_slice(bytes);
+                    v
+                }
+                None => Vec::new(),
+            };
+            pipe.invoke_script(
+                self.script
+                    .key(&w.key)
+                    .arg(expected)
+                    .arg(value)
+                    .arg(w.ttl_ms.max(1)),
+            );
+        }
+        let mut con = self.con.clone();
+        let applied: Vec<i64> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))?;
+        Ok(applied.into_iter().map(|a| a == 1).collect())
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut con = self.con.clone();
+        let pattern = format!("{}*", escape_glob(prefix));
+        let mut keys = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| redis_err(&self.url, e))?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    async fn add_counters(&self, hash: &str, counts: &[(String, i64)]) -> Result<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (k, v) in counts {
+            pipe.hincr(hash, k, *v).ignore();
+        }
+        let mut con = self.con.clone();
+        pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
+    }
+
+    async fn counters(&self, hash: &str) -> Result<HashMap<String, i64>> {
+        let mut con = self.con.clone();
+        redis::cmd("HGETALL")
+            .arg(hash)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
+    }
+
+    async fn claim(&self, key: &str, value: &str) -> Result<String> {
+        let mut con = self.con.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("NX")
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))?;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
+    }
+}
+
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Either store, chosen at run time (Redis when a URL is given, memory for the embedded demo).
+#[derive(Clone)]
+pub enum AnyStore {
+    /// Redis.
+    Redis(RedisStore),
+    /// Process memory.
+    Memory(MemoryStore),
+}
+
+impl AnyStore {
+    /// Connects to Redis at `url`, or uses a fresh in-memory store when `url` is `memory://`.
+    pub async fn open(url: &str, timeout: Duration) -> Result<AnyStore> {
+        if url.starts_with("memory://") {
+            return Ok(AnyStore::Memory(MemoryStore::new()));
+        }
+        Ok(AnyStore::Redis(RedisStore::connect(url, timeout).await?))
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            AnyStore::Redis($s) => $e,
+            AnyStore::Memory($s) => $e,
+        }
+    };
+}
+
+impl StateStore for AnyStore {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>> {
+        both!(self, s => s.get_many(keys).await)
+    }
+    async fn put_many(&self, writes: &[CasWrite]) -> Result<Vec<bool>> {
+        both!(self, s => s.put_many(writes).await)
+    }
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
+        both!(self, s => s.keys(prefix).await)
+    }
+    async fn add_counters(&self, hash: &str, counts: &[(String, i64)]) -> Result<()> {
+        both!(self, s => s.add_counters(hash, counts).await)
+    }
+    async fn counters(&self, hash: &str) -> Result<HashMap<String, i64>> {
+        both!(self, s => s.counters(hash).await)
+    }
+    async fn claim(&self, key: &str, value: &str) -> Result<String> {
+        both!(self, s => s.claim(key, value).await)
+    }
+}

@@ -1,0 +1,215 @@
+//! The speed layer's state, fed random disordered and duplicated streams in random batches
+//! with commits in between, evaluates every streaming feature exactly as the reference does.
+
+use std::sync::Arc;
+
+use duet_spec::event::Event;
+use duet_spec::reference::Reference;
+use duet_spec::{Layer, Value, parse_spec};
+use duet_speed::plan::SpeedPlan;
+use duet_speed::processor::{Message, Processor, state_key};
+use duet_speed::state::EntityState;
+use duet_speed::store::{MemoryStore, StateStore};
+use proptest::prelude::*;
+
+const MIN: i64 = 60_000;
+/// A minute-aligned instant, so event times fall exactly on tile edges.
+const T0: i64 = 1_780_000_020_000;
+
+/// A random streaming spec: windows, sessions and latest values over random filters.
+fn arb_spec() -> impl Strategy<Value = String> {
+    let feature = (
+        0usize..9,
+        1i64..13,
+        prop::sample::select(vec![1i64, 5]),
+        prop::sample::select(vec![5i64, 30]),
+        0usize..4,
+    );
+    prop::collection::vec(feature, 1..7).prop_map(|features| {
+        let mut text = String::from(
+            "[[entity]]\nname = \"user\"\njoin_key = \"user_id\"\n\n[[view]]\nname = \"rt\"\nentity = \"user\"\nlayer = \"streaming\"\nallowed_lateness = \"10m\"\n",
+        );
+        let filters = ["", "where = { event_type = [\"purchase\"] }\n", "where = { event_type = [\"view\", \"login\"] }\n", "where = { event_type = [\"refund\", \"purchase\"] }\n"];
+        for (i, (kind, k, r, gap, filt)) in features.into_iter().enumerate() {
+            let window = format!("window = \"{}m\"\nresolution = \"{r}m\"\n", k * r);
+            let session = format!("session_gap = \"{gap}m\"\n");
+            let body = match kind {
+                0 => format!("aggregation = \"count\"\n{}{window}", filters[filt]),
+                1 => format!("aggregation = \"sum\"\nvalue = \"amount\"\n{}{window}", filters[2 - filt.min(1) * 1]),
+                2 => format!("aggregation = \"mean\"\nvalue = \"min(amount, 50)\"\n{}{window}", filters[1]),
+                3 => format!("aggregation = \"max\"\nvalue = \"amount\"\n{}{window}", filters[3]),
+                4 => format!("aggregation = \"count_distinct\"\nvalue = \"event_type\"\n{}{window}", filters[filt]),
+                5 => format!("aggregation = \"count\"\n{}{session}", filters[filt]),
+                6 => format!("aggregation = \"duration\"\n{session}"),
+                7 => format!("aggregation = \"last\"\nvalue = \"amount\"\n{}ttl = \"{}m\"\n", filters[3], k * 10),
+                _ => format!(
+                    "aggregation = \"ratio\"\nnumerator = {{ aggregation = \"count\", where = {{ event_type = [\"refund\"] }} }}\ndenominator = {{ aggregation = \"sum\", value = \"amount\", where = {{ event_type = [\"purchase\"] }} }}\n{window}"
+                ),
+            };
+            text.push_str(&format!("\n[[view.feature]]\nname = \"f{i}\"\n{body}"));
+        }
+        text
+    })
+}
+
+/// Random events over 4 users and 2 hours, duplicated at random, in an order disordered by
+/// less than the allowed lateness.
+fn arb_stream() -> impl Strategy<Value = Vec<Event>> {
+    let event = (
+        0u8..4,
+        0usize..4,
+        0i64..(2 * 60 * MIN),
+        0u32..10_000,
+        0i64..(9 * MIN),
+        0u8..20,
+    );
+    prop::collection::vec(event, 1..160).prop_map(|raw| {
+        let types = ["login", "view", "purchase", "refund"];
+        let mut keyed = Vec::new();
+        for (i, (user, ty, offset, cents, jitter, dup)) in raw.into_iter().enumerate() {
+            // Times on a 30-second grid, clustered, put events exactly on tile edges, window
+            // bounds and session gaps.
+            let ts = T0 + (offset / (7 * MIN) * (7 * MIN) + offset % (3 * MIN)) / 30_000 * 30_000;
+            let e = Event {
+                event_id: format!("e{i:04}"),
+                user_id: format!("u{user}"),
+                event_type: types[ty].to_string(),
+                amount: (ty >= 2).then_some(cents as f64 / 100.0),
+                ts,
+            };
+            keyed.push((ts + jitter, e.clone()));
+            if dup == 0 {
+                keyed.push((ts + jitter + 1, e));
+            }
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.event_id.cmp(&b.1.event_id)));
+        keyed.into_iter().map(|(_, e)| e).collect()
+    })
+}
+
+fn to_json(e: &Event) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "event_id": e.event_id, "user_id": e.user_id, "event_type": e.event_type,
+        "amount": e.amount, "ts": e.ts,
+    }))
+    .unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn state_equals_reference(spec_text in arb_spec(), stream in arb_stream(), cuts in prop::collection::vec(1usize..40, 1..20), probes in prop::collection::vec((0i64..360, -1i64..2), 1..10)) {
+        let spec = parse_spec("random.toml", &spec_text).unwrap();
+        let plan = Arc::new(SpeedPlan::compile(&spec));
+        let store = MemoryStore::new();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut processor = Processor::new(plan.clone(), store.clone(), "t:", "events");
+        let messages: Vec<Message> = stream.iter().enumerate().map(|(i, e)| Message {
+            partition: 0, offset: i as i64, payload: Some(to_json(e)), timestamp_ms: None,
+        }).collect();
+        let mut rest = &messages[..];
+        let mut cut = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*cut.next().unwrap()).min(rest.len());
+            let outcome = rt.block_on(processor.process(rest[..n].to_vec(), T0 + 24 * 60 * MIN)).unwrap();
+            prop_assert_eq!(outcome.late, 0);
+            processor.committed(&outcome);
+            rest = &rest[n..];
+        }
+        let reference = Reference::new(&spec, stream.clone());
+        let end = stream.iter().map(|e| e.ts).max().unwrap();
+        for user in ["u0", "u1", "u2", "u3"] {
+            let stored = rt.block_on(store.get_many(&[state_key("t:", user)])).unwrap().pop().unwrap();
+            let state = match stored {
+                Some(v) => EntityState::decode(&plan, user, &v.bytes).unwrap(),
+                None => EntityState::new(&plan, i64::MIN),
+            };
+            for (steps, nudge) in &probes {
+                let t = (end - 150 * MIN) / 30_000 * 30_000 + steps * 30_000 + nudge;
+                if t < state.boundary {
+                    continue;
+                }
+                let got = state.evaluate(&plan, t);
+                prop_assert!(got.exact);
+                for (f, v) in plan.features.iter().zip(&got.values) {
+                    let expected = reference.value(&f.feature, user, t);
+                    if std::env::var("DEBUG_PROP").is_ok() { eprintln!("{} {user} {t} {expected:?} {v:?}", f.feature.name); }
+                    let agree = match (expected, *v) {
+                        (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                        (a, b) => a == b,
+                    };
+                    prop_assert!(agree, "{} for {user} at {t}: reference {expected:?}, speed {v:?}\n{spec_text}", f.feature.name);
+                }
+            }
+        }
+        prop_assert!(spec.views_of(Layer::Streaming).count() == 1);
+    }
+}
+
+#[test]
+fn catalog_update_plan() {
+    let spec = duet_spec::load_spec(None).unwrap();
+    insta::assert_snapshot!(SpeedPlan::compile(&spec).to_string());
+}
+
+/// Events on the exact edges of windows, tiles, the session gap and the TTL, folded at every
+/// possible boundary, evaluated at every edge instant: the state agrees with the reference.
+#[test]
+fn edges_match_reference_at_every_boundary() {
+    let spec = duet_spec::load_spec(None).unwrap();
+    let plan = SpeedPlan::compile(&spec);
+    let ev = |id: &str, ty: &str, amount: Option<f64>, ts: i64| Event {
+        event_id: id.into(),
+        user_id: "u".into(),
+        event_type: ty.into(),
+        amount,
+        ts,
+    };
+    let events = vec![
+        ev("a", "purchase", Some(10.0), T0),
+        ev("b", "view", None, T0 + 30 * MIN),
+        ev("c", "purchase", Some(20.0), T0 + 60 * MIN),
+        ev("d", "purchase", Some(5.0), T0 + 60 * MIN),
+        ev("e", "login", None, T0 + 90 * MIN + 1),
+        ev("f", "purchase", Some(7.5), T0 + 150 * MIN),
+        ev("g", "view", None, T0 + 179 * MIN + 59_999),
+    ];
+    let reference = Reference::new(&spec, events.clone());
+    let mut probes: Vec<i64> = Vec::new();
+    for e in &events {
+        for d in [0, 10 * MIN, 30 * MIN, 60 * MIN, 120 * MIN] {
+            for nudge in [-1, 0, 1] {
+                probes.push(e.ts + d + nudge);
+            }
+        }
+    }
+    let mut checked = 0;
+    for b in (0..=300).map(|m| T0 - 10 * MIN + m * MIN) {
+        let mut state = EntityState::new(&plan, i64::MIN);
+        for e in &events {
+            state.apply(e);
+        }
+        state.advance(&plan, b);
+        let state = EntityState::decode(&plan, "u", &state.encode(&plan)).unwrap();
+        for &t in probes.iter().filter(|t| **t >= b) {
+            let got = state.evaluate(&plan, t);
+            for (f, v) in plan.features.iter().zip(&got.values) {
+                let expected = reference.value(&f.feature, "u", t);
+                let agree = match (expected, *v) {
+                    (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                    (a, b) => a == b,
+                };
+                assert!(
+                    agree,
+                    "{} at T0{:+}ms with boundary T0{:+}ms: reference {expected:?}, speed {v:?}",
+                    f.feature.name,
+                    t - T0,
+                    b - T0
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 10_000, "{checked}");
+}
