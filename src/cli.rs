@@ -42,6 +42,103 @@ pub enum Command {
     /// Compute and publish batch snapshots.
     #[command(subcommand)]
     Batch(BatchCommand),
+    /// The speed layer.
+    #[command(subcommand)]
+    Speed(SpeedCommand),
+    /// Serve merged features over HTTP.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpeedCommand {
+    /// Consume events from Kafka and keep streaming features in Redis.
+    Run(SpeedRunArgs),
+    /// Write every entity's streaming features as of an instant.
+    Dump(SpeedDumpArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpeedRunArgs {
+    /// Kafka bootstrap servers (host:port[,host:port]).
+    #[arg(long, env = "DUET_BROKERS")]
+    pub brokers: Option<String>,
+    /// The event topic.
+    #[arg(long, env = "DUET_TOPIC")]
+    pub topic: Option<String>,
+    /// The consumer group.
+    #[arg(long, env = "DUET_GROUP")]
+    pub group: Option<String>,
+    /// Redis URL (redis://host:port/db).
+    #[arg(long, env = "DUET_REDIS")]
+    pub redis: Option<String>,
+    /// Key prefix of the state.
+    #[arg(long, env = "DUET_PREFIX")]
+    pub prefix: Option<String>,
+    /// Stop once caught up for this many seconds.
+    #[arg(long)]
+    pub exit_when_idle: Option<f64>,
+    /// Topic for invalid records (default: `<topic>.dead-letters`; `none` to only count them).
+    #[arg(long, env = "DUET_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// Archive consumed events to this offline log (Parquet by UTC date and hour).
+    #[arg(long, env = "DUET_ARCHIVE")]
+    pub archive: Option<String>,
+    /// Admin address for /metrics and /healthz.
+    #[arg(long, env = "DUET_ADMIN")]
+    pub admin: Option<String>,
+    /// Largest batch of messages per flush.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_batch: usize,
+    /// Longest wait before a partial batch is flushed, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub flush_ms: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct SpeedDumpArgs {
+    /// Redis URL.
+    #[arg(long, env = "DUET_REDIS")]
+    pub redis: Option<String>,
+    /// Key prefix of the state.
+    #[arg(long, env = "DUET_PREFIX")]
+    pub prefix: Option<String>,
+    /// Evaluate as of this instant (RFC 3339), default now.
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// Output: .parquet or .csv.
+    #[arg(long)]
+    pub out: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The snapshot store.
+    #[arg(long, env = "DUET_STORE")]
+    pub store: Option<String>,
+    /// Redis URL of the speed layer's state.
+    #[arg(long, env = "DUET_REDIS")]
+    pub redis: Option<String>,
+    /// Listen address.
+    #[arg(long, env = "DUET_LISTEN")]
+    pub listen: Option<String>,
+    /// Key prefix of the speed layer's state.
+    #[arg(long, env = "DUET_PREFIX")]
+    pub prefix: Option<String>,
+    /// Most entities per request.
+    #[arg(long, env = "DUET_MAX_ENTITIES", default_value_t = 1000)]
+    pub max_entities: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Require `Authorization: Bearer <token>`.
+    #[arg(long, env = "DUET_AUTH_TOKEN")]
+    pub auth_token: Option<String>,
+    /// Longest wait for Redis per request, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub redis_timeout_ms: u64,
+    /// Fraction of entities whose served vectors are logged for `duet check` (0 disables).
+    #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01)]
+    pub log_sample: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +272,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => run_generate(args).await,
+        Command::Speed(SpeedCommand::Run(args)) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            crate::speed::run(spec, args, &config).await
+        }
+        Command::Speed(SpeedCommand::Dump(args)) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            crate::speed::dump(spec, args, &config).await
+        }
+        Command::Serve(args) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            crate::serve::run(spec, args, &config).await
+        }
         Command::Batch(cmd) => {
             let spec = load_spec(&cli.spec, &config)?;
             let (loc, as_of) = match cmd {
@@ -222,7 +331,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn instant(text: &str, flag: &str) -> anyhow::Result<i64> {
+pub fn instant(text: &str, flag: &str) -> anyhow::Result<i64> {
     duet_spec::timestamp::parse_instant(text).ok_or_else(|| {
         BadInput(format!(
             "{flag} `{text}`: not a date (2026-11-20) or RFC 3339 time (2026-11-20T00:00:00Z)"

@@ -25,6 +25,16 @@ pub struct Config {
     pub group: Option<String>,
     /// The server's listen address.
     pub listen: Option<String>,
+    /// Key prefix of the speed layer's state in Redis.
+    pub prefix: Option<String>,
+    /// The speed layer's admin address (metrics, health).
+    pub admin: Option<String>,
+    /// Bearer token the server requires, if any.
+    pub auth_token: Option<String>,
+    /// The speed layer's dead-letter topic.
+    pub dead_letter_topic: Option<String>,
+    /// Where the speed layer archives consumed events.
+    pub archive: Option<String>,
 }
 
 impl Config {

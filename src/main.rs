@@ -3,6 +3,9 @@
 
 mod cli;
 mod config;
+mod serve;
+mod shutdown;
+mod speed;
 
 use std::process::ExitCode;
 

@@ -32,7 +32,11 @@ pub struct LoadedSnapshot {
 
 impl LoadedSnapshot {
     /// Builds the in-memory form of a snapshot's rows for `view`'s features.
-    pub fn build(view: &View, manifest: Manifest, batches: &[RecordBatch]) -> Result<LoadedSnapshot> {
+    pub fn build(
+        view: &View,
+        manifest: Manifest,
+        batches: &[RecordBatch],
+    ) -> Result<LoadedSnapshot> {
         let schema = match batches.first() {
             Some(b) => b.schema(),
             None => {
@@ -44,7 +48,8 @@ impl LoadedSnapshot {
                 });
             }
         };
-        let batch = arrow::compute::concat_batches(&schema, batches).map_err(|e| Error::Internal(e.to_string()))?;
+        let batch = arrow::compute::concat_batches(&schema, batches)
+            .map_err(|e| Error::Internal(e.to_string()))?;
         let keys = batch.column(0).as_string::<i32>();
         let mut rows = HashMap::with_capacity(batch.num_rows());
         let mut bytes = 0;
@@ -58,7 +63,9 @@ impl LoadedSnapshot {
             .iter()
             .map(|f| match (batch.column_by_name(&f.name), f.value_type) {
                 (Some(c), ValueType::Int) => Column::Int(c.as_primitive::<Int64Type>().clone()),
-                (Some(c), ValueType::Float) => Column::Float(c.as_primitive::<Float64Type>().clone()),
+                (Some(c), ValueType::Float) => {
+                    Column::Float(c.as_primitive::<Float64Type>().clone())
+                }
                 (None, _) => Column::Missing,
             })
             .collect::<Vec<_>>();
@@ -128,7 +135,10 @@ impl ViewSnapshots {
     /// Loads the newest published snapshot if it is newer than the one held; returns true when
     /// it swapped. Requests in flight keep the snapshot they started with.
     pub async fn refresh(&self, store: &Location) -> Result<bool> {
-        let Some(manifest) = latest_manifest(store, &self.view.name).await.map_err(Error::Batch)? else {
+        let Some(manifest) = latest_manifest(store, &self.view.name)
+            .await
+            .map_err(Error::Batch)?
+        else {
             return Ok(false);
         };
         if let Some(cur) = self.current.load_full()
@@ -144,7 +154,9 @@ impl ViewSnapshots {
     }
 
     async fn load(&self, store: &Location, manifest: Manifest) -> Result<LoadedSnapshot> {
-        let batches = read_snapshot(store, &manifest).await.map_err(Error::Batch)?;
+        let batches = read_snapshot(store, &manifest)
+            .await
+            .map_err(Error::Batch)?;
         let view = self.view.clone();
         tokio::task::spawn_blocking(move || LoadedSnapshot::build(&view, manifest, &batches))
             .await
@@ -159,10 +171,19 @@ impl ViewSnapshots {
         {
             return Ok(Some(cur));
         }
-        if let Some(p) = self.past.lock().expect("not poisoned").iter().find(|p| p.manifest.as_of_ms == s) {
+        if let Some(p) = self
+            .past
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|p| p.manifest.as_of_ms == s)
+        {
             return Ok(Some(p.clone()));
         }
-        let Some(manifest) = manifest_at(store, &self.view.name, s).await.map_err(Error::Batch)? else {
+        let Some(manifest) = manifest_at(store, &self.view.name, s)
+            .await
+            .map_err(Error::Batch)?
+        else {
             return Ok(None);
         };
         let loaded = Arc::new(self.load(store, manifest).await?);

@@ -79,7 +79,7 @@ pub enum ValueType {
 }
 
 /// A feature value.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Value {
     /// No value.

@@ -134,6 +134,9 @@ pub async fn run<S: StateStore + Clone>(
         ),
         None => None,
     };
+    if let Some(dlq) = &config.dead_letter_topic {
+        ensure_topic(&config.brokers, dlq).await?;
+    }
     consumer.subscribe(&[&config.topic]).map_err(kafka)?;
     tracing::info!(topic = %config.topic, group = %config.group, brokers = %config.brokers, "speed layer started");
 
@@ -268,6 +271,35 @@ async fn check_topic(
     Ok(())
 }
 
+/// Creates `topic` (one partition) unless it exists.
+async fn ensure_topic(brokers: &str, topic: &str) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(kafka)?;
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(15))),
+        )
+        .await
+        .map_err(kafka)?;
+    for r in results {
+        match r {
+            Ok(_) => tracing::info!(topic, "created the dead-letter topic"),
+            Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => {
+                return Err(Error::Kafka(format!(
+                    "cannot create the dead-letter topic `{t}`: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn handle_rebalances(
     rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
     consumer: &Arc<StreamConsumer<GroupContext>>,
@@ -376,8 +408,20 @@ async fn flush<S: StateStore>(
     let started = Instant::now();
     let messages = std::mem::take(buffer);
     let stamps: Vec<i64> = messages.iter().filter_map(|m| m.timestamp_ms).collect();
-    let now = crate::now_ms();
-    let outcome = processor.process(messages, now).await?;
+    let mut backoff = Duration::from_millis(100);
+    let outcome = loop {
+        // Reprocessing after a failure is safe: states deduplicate events by id.
+        match processor.process(messages.clone(), crate::now_ms()).await {
+            Ok(o) => break o,
+            Err(Error::Redis(e)) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "state store failed; retrying the batch");
+                processor.forget_cache();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let visible = crate::now_ms();
     for t in stamps {
         metrics
@@ -388,7 +432,15 @@ async fn flush<S: StateStore>(
     if let Some(archive) = archive {
         archive.write(&outcome).await?;
     }
-    commit(consumer, &config.topic, &outcome).await?;
+    let mut backoff = Duration::from_millis(100);
+    while let Err(e) = commit(consumer, &config.topic, &outcome).await {
+        if backoff > Duration::from_secs(30) {
+            return Err(e);
+        }
+        tracing::warn!(error = %e, retry_in = ?backoff, "offset commit failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
+    }
     processor.committed(&outcome);
     record(processor, config, metrics, &outcome).await;
     metrics

@@ -5,9 +5,11 @@
 //! invalid events. The [`state`] module defines an entity's state and its exact evaluation as
 //! of any instant; [`processor`] applies batches of messages; [`consumer`] drives it from Kafka.
 
+pub mod admin;
 pub mod archive;
 pub mod codec;
 pub mod consumer;
+pub mod dump;
 pub mod metrics;
 pub mod plan;
 pub mod processor;

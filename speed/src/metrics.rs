@@ -72,7 +72,8 @@ impl Histogram {
         Some(f64::INFINITY)
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
+    /// Appends the Prometheus text exposition of the histogram.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cumulative = 0;
         for (i, b) in self.bounds.iter().enumerate() {

@@ -129,6 +129,11 @@ impl<S: StateStore> Processor<S> {
         self.cache.clear();
     }
 
+    /// Drops cached states (after a failed write their versions may be stale).
+    pub fn forget_cache(&mut self) {
+        self.cache.clear();
+    }
+
     /// Gives a partition up.
     pub fn revoke(&mut self, partition: i32) {
         self.watermarks.remove(&partition);
@@ -157,7 +162,18 @@ impl<S: StateStore> Processor<S> {
     }
 
     /// Processes messages (in offset order within each partition).
+    /// On failure the watermarks are as before, so processing the same messages again makes
+    /// the same lateness decisions.
     pub async fn process(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
+        let saved = self.watermarks.clone();
+        let result = self.process_inner(messages, now_ms).await;
+        if result.is_err() {
+            self.watermarks = saved;
+        }
+        result
+    }
+
+    async fn process_inner(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
         let mut out = BatchOutcome::default();
         let mut by_entity: BTreeMap<String, Vec<Event>> = BTreeMap::new();
         for m in &messages {

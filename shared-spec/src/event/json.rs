@@ -11,7 +11,7 @@ use super::{AMOUNT_TYPES, DeadLetter, EventBatchBuilder, InvalidCounts, InvalidR
 use crate::timestamp::parse_rfc3339_ms;
 
 /// The largest record accepted; longer lines are invalid (`too_large`).
-pub const MAX_LINE_BYTES: usize = 1 << 20;
+pub const MAX_LINE_BYTES: usize = 256 * 1024;
 
 /// Epoch milliseconds beyond this magnitude (year 10000) are not event times.
 const MAX_EPOCH_MS: i64 = 253_402_300_800_000;

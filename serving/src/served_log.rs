@@ -1,0 +1,192 @@
+//! The served-feature log: a sample of what the server answered, for the consistency checker.
+//!
+//! Entities are sampled by a hash of their key, so a sampled entity is always logged. Records
+//! go through a bounded channel (dropped and counted when full, never waited on), and a
+//! background task writes them to the store as JSON-lines files, keeping at most a fixed
+//! number of files.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use duet_batch::store::Location;
+use duet_spec::Value;
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One logged answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServedRecord {
+    /// When it was answered (epoch ms).
+    pub served_at_ms: i64,
+    /// The instant the features were evaluated as of (epoch ms).
+    pub as_of_ms: i64,
+    /// The entity.
+    pub entity: String,
+    /// Feature name → value served.
+    pub values: BTreeMap<String, Value>,
+}
+
+/// Settings of the log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Fraction of entities logged (0..=1).
+    pub sample: f64,
+    /// Largest number of files kept; the oldest are deleted.
+    pub max_files: usize,
+    /// How often buffered records are written.
+    pub flush_every: Duration,
+    /// Records buffered at most (beyond, new ones are dropped and counted).
+    pub capacity: usize,
+}
+
+/// The sending side, held by request handlers.
+#[derive(Clone)]
+pub struct ServedLog {
+    tx: mpsc::Sender<ServedRecord>,
+    threshold: u64,
+    /// Records dropped because the buffer was full.
+    pub dropped: Arc<AtomicU64>,
+}
+
+/// Where served logs live in the store.
+pub const LOG_DIR: &str = "served_log";
+
+/// True when `entity` is in a sample of fraction `sample`.
+pub fn sampled(entity: &str, sample: f64) -> bool {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    entity.hash(&mut h);
+    (h.finish() % 1_000_000) < (sample.clamp(0.0, 1.0) * 1_000_000.0) as u64
+}
+
+impl ServedLog {
+    /// Starts the writer task; it stops (after a last write) when `shutdown` is cancelled.
+    pub fn start(
+        store: Location,
+        config: LogConfig,
+        shutdown: CancellationToken,
+    ) -> (ServedLog, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let log = ServedLog {
+            tx,
+            threshold: (config.sample.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        let task = tokio::spawn(writer(store, config, rx, shutdown));
+        (log, task)
+    }
+
+    /// True when this entity is logged.
+    pub fn wants(&self, entity: &str) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        entity.hash(&mut h);
+        (h.finish() % 1_000_000) < self.threshold
+    }
+
+    /// Queues a record without waiting.
+    pub fn record(&self, r: ServedRecord) {
+        if self.tx.try_send(r).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn writer(
+    store: Location,
+    config: LogConfig,
+    mut rx: mpsc::Receiver<ServedRecord>,
+    shutdown: CancellationToken,
+) {
+    let mut buf: Vec<ServedRecord> = Vec::new();
+    let mut tick = tokio::time::interval(config.flush_every);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some(r) => buf.push(r),
+                None => break,
+            },
+            _ = tick.tick() => {
+                flush(&store, &config, &mut buf, &mut seq).await;
+            }
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    while let Ok(r) = rx.try_recv() {
+        buf.push(r);
+    }
+    flush(&store, &config, &mut buf, &mut seq).await;
+}
+
+async fn flush(store: &Location, config: &LogConfig, buf: &mut Vec<ServedRecord>, seq: &mut u64) {
+    if buf.is_empty() {
+        return;
+    }
+    let first = buf[0].served_at_ms;
+    let mut text = String::new();
+    for r in buf.drain(..) {
+        text.push_str(&serde_json::to_string(&r).expect("serializable"));
+        text.push('\n');
+    }
+    *seq += 1;
+    let name = format!(
+        "{LOG_DIR}/{first:015}-{}-{seq:06}.jsonl",
+        std::process::id()
+    );
+    if let Err(e) = store.store.put(&store.child(&name), text.into()).await {
+        tracing::warn!(error = %e, "could not write the served-feature log");
+        return;
+    }
+    let prefix = store.child(LOG_DIR);
+    let mut files: Vec<_> = match store
+        .store
+        .list(Some(&prefix))
+        .try_collect::<Vec<_>>()
+        .await
+    {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    if files.len() > config.max_files {
+        files.sort_by(|a, b| a.location.cmp(&b.location));
+        let excess = files.len() - config.max_files;
+        for f in &files[..excess] {
+            let _ = store.store.delete(&f.location).await;
+        }
+    }
+}
+
+/// Reads every served record in the store.
+pub async fn read_all(store: &Location) -> duet_batch::Result<Vec<ServedRecord>> {
+    let prefix = store.child(LOG_DIR);
+    let files: Vec<_> = store
+        .store
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .map_err(|e| duet_batch::Error::Storage(format!("cannot list {}: {e}", store.url)))?;
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = store
+            .store
+            .get(&f.location)
+            .await
+            .and_then(|r| Ok(r))
+            .map_err(|e| duet_batch::Error::Storage(e.to_string()))?
+            .bytes()
+            .await
+            .map_err(|e| duet_batch::Error::Storage(e.to_string()))?;
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(r) = serde_json::from_slice(line) {
+                out.push(r);
+            }
+        }
+    }
+    out.sort_by_key(|r: &ServedRecord| r.served_at_ms);
+    Ok(out)
+}

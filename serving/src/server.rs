@@ -1,0 +1,686 @@
+//! The HTTP server: routes, the merge of batch snapshots with streaming state, readiness,
+//! metrics, and the snapshot watcher.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use duet_batch::store::Location;
+use duet_spec::duration::floor_to;
+use duet_spec::timestamp::{format_ms, parse_rfc3339_ms};
+use duet_spec::{Layer, Spec, Value};
+use duet_speed::metrics::{Counter, Histogram, LATENCY_BUCKETS};
+use duet_speed::plan::SpeedPlan;
+use duet_speed::processor::state_key;
+use duet_speed::state::EntityState;
+use duet_speed::store::{AnyStore, StateStore};
+use serde_json::Value as J;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{
+    ApiError, FeastColumn, FeastRequest, FeastResponse, Metadata, Resolved, openapi, resolve,
+};
+use crate::served_log::{ServedLog, ServedRecord};
+use crate::snapshots::ViewSnapshots;
+use crate::{Error, Result};
+
+/// Settings of `duet serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Key prefix of the speed layer's state.
+    pub prefix: String,
+    /// Most entities in one request.
+    pub max_entities: usize,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Bearer token required on feature endpoints, if set.
+    pub auth_token: Option<String>,
+    /// Longest wait for Redis before streaming features fail.
+    pub redis_timeout: Duration,
+    /// How often to look for a newer snapshot.
+    pub snapshot_poll: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            prefix: "duet:".into(),
+            max_entities: 1000,
+            max_body_bytes: 1 << 20,
+            auth_token: None,
+            redis_timeout: Duration::from_millis(200),
+            snapshot_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ServeMetrics {
+    requests: Counter,
+    errors_4xx: Counter,
+    entities: Counter,
+    redis_errors: Counter,
+    swaps: Counter,
+    not_exact: AtomicU64,
+    latency: Option<Histogram>,
+}
+
+/// Everything a request needs.
+pub struct App {
+    spec: Spec,
+    plan: SpeedPlan,
+    views: Vec<Option<Arc<ViewSnapshots>>>,
+    store: Location,
+    state: AnyStore,
+    config: ServeConfig,
+    log: Option<ServedLog>,
+    metrics: ServeMetrics,
+    started: Instant,
+}
+
+impl App {
+    /// Builds the server's state: loads the newest snapshot of every batch view (absent ones
+    /// make the server not ready until published).
+    pub async fn new(
+        spec: Spec,
+        store: Location,
+        state: AnyStore,
+        config: ServeConfig,
+        log: Option<ServedLog>,
+    ) -> Result<Arc<App>> {
+        let plan = SpeedPlan::compile(&spec);
+        let views: Vec<Option<Arc<ViewSnapshots>>> = spec
+            .views
+            .iter()
+            .map(|v| (v.layer == Layer::Batch).then(|| Arc::new(ViewSnapshots::new(v.clone()))))
+            .collect();
+        for v in views.iter().flatten() {
+            if let Err(e) = v.refresh(&store).await {
+                tracing::warn!(view = %v.view.name, error = %e, "no snapshot loaded yet");
+            }
+        }
+        Ok(Arc::new(App {
+            spec,
+            plan,
+            views,
+            store,
+            state,
+            config,
+            log,
+            metrics: ServeMetrics {
+                latency: Some(Histogram::new(LATENCY_BUCKETS)),
+                ..Default::default()
+            },
+            started: Instant::now(),
+        }))
+    }
+
+    /// Looks for newer snapshots every `snapshot_poll` until `shutdown`.
+    pub async fn watch_snapshots(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.snapshot_poll);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    for v in self.views.iter().flatten() {
+                        match v.refresh(&self.store).await {
+                            Ok(true) => self.metrics.swaps.add(1),
+                            Ok(false) => {}
+                            Err(e) => tracing::warn!(view = %v.view.name, error = %e, "could not check for a newer snapshot"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The router.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/get-online-features", post(online_features))
+            .route("/v1/features/{user_id}", get(entity_features))
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .route("/openapi.json", get(|| async { axum::Json(openapi()) }))
+            .fallback(|| async {
+                ApiError {
+                    status: StatusCode::NOT_FOUND,
+                    message: "no such endpoint (see /openapi.json)".into(),
+                }
+            })
+            .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .with_state(self.clone())
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(token) = &self.config.auth_token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given == Some(token.as_str()) {
+            Ok(())
+        } else {
+            Err(ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "missing or wrong bearer token: send `Authorization: Bearer <token>`"
+                    .into(),
+            })
+        }
+    }
+
+    /// Evaluates resolved features for `entities` as of `t` (`explicit`: `t` was requested).
+    async fn vectors(
+        &self,
+        features: &[Resolved],
+        entities: &[String],
+        t: i64,
+        explicit: bool,
+    ) -> Vec<FeastColumn> {
+        let n = entities.len();
+        let mut columns: Vec<FeastColumn> = features
+            .iter()
+            .map(|_| FeastColumn {
+                values: Vec::with_capacity(n),
+                statuses: Vec::with_capacity(n),
+                event_timestamps: Vec::with_capacity(n),
+            })
+            .collect();
+        let now_text = format_ms(t);
+        if features.iter().any(|f| f.layer == Layer::Streaming) {
+            let keys: Vec<String> = entities
+                .iter()
+                .map(|e| state_key(&self.config.prefix, e))
+                .collect();
+            let fetched =
+                tokio::time::timeout(self.config.redis_timeout, self.state.get_many(&keys)).await;
+            let states: Option<Vec<Option<EntityState>>> = match fetched {
+                Ok(Ok(values)) => Some(
+                    values
+                        .into_iter()
+                        .zip(entities)
+                        .map(|(v, e)| {
+                            v.and_then(|v| EntityState::decode(&self.plan, e, &v.bytes).ok())
+                        })
+                        .collect(),
+                ),
+                Ok(Err(e)) => {
+                    self.metrics.redis_errors.add(1);
+                    tracing::warn!(error = %e, "streaming state unavailable");
+                    None
+                }
+                Err(_) => {
+                    self.metrics.redis_errors.add(1);
+                    tracing::warn!(timeout = ?self.config.redis_timeout, "streaming state timed out");
+                    None
+                }
+            };
+            let evaluated: Option<Vec<Vec<Value>>> = states.map(|states| {
+                states
+                    .iter()
+                    .map(|s| match s {
+                        Some(s) => {
+                            let ev = s.evaluate(&self.plan, t);
+                            if !ev.exact {
+                                self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
+                            }
+                            ev.values
+                        }
+                        None => self
+                            .plan
+                            .features
+                            .iter()
+                            .map(|f| f.feature.default)
+                            .collect(),
+                    })
+                    .collect()
+            });
+            for (f, col) in features.iter().zip(columns.iter_mut()) {
+                let Some(si) = f.speed_index else { continue };
+                for i in 0..n {
+                    match &evaluated {
+                        Some(rows) => push(col, rows[i][si], "PRESENT", &now_text),
+                        None => {
+                            col.values.push(J::Null);
+                            col.statuses.push("INVALID");
+                            col.event_timestamps.push(now_text.clone());
+                        }
+                    }
+                }
+            }
+        }
+        let mut by_view: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (j, f) in features.iter().enumerate() {
+            if f.layer == Layer::Batch {
+                by_view.entry(f.view).or_default().push(j);
+            }
+        }
+        for (vi, cols) in by_view {
+            let view = self.views[vi].as_ref().expect("batch views are loaded");
+            let snapshot = if explicit {
+                view.at(&self.store, floor_to(t, view.view.cadence.as_ms()))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read the snapshot for as_of");
+                        None
+                    })
+            } else {
+                view.current()
+            };
+            let stale = snapshot.as_ref().is_some_and(|s| {
+                view.view
+                    .ttl
+                    .is_some_and(|ttl| t - s.manifest.as_of_ms > ttl.as_ms())
+            });
+            for j in cols {
+                let f = &features[j];
+                let default = view.view.features[f.index].default;
+                for e in entities {
+                    match &snapshot {
+                        Some(s) => {
+                            let ts = &s.manifest.as_of;
+                            match s.value(e, f.index) {
+                                Some(v) => push(
+                                    &mut columns[j],
+                                    v,
+                                    if stale { "OUTSIDE_MAX_AGE" } else { "PRESENT" },
+                                    ts,
+                                ),
+                                None => {
+                                    columns[j].values.push(json_value(default));
+                                    columns[j].statuses.push("NOT_FOUND");
+                                    columns[j].event_timestamps.push(ts.clone());
+                                }
+                            }
+                        }
+                        None => {
+                            columns[j].values.push(json_value(default));
+                            columns[j].statuses.push("NOT_FOUND");
+                            columns[j].event_timestamps.push(EPOCH.into());
+                        }
+                    }
+                }
+            }
+        }
+        columns
+    }
+
+    fn log(&self, features: &[Resolved], entities: &[String], columns: &[FeastColumn], t: i64) {
+        let Some(log) = &self.log else { return };
+        let served_at = duet_speed::now_ms();
+        for (i, e) in entities.iter().enumerate() {
+            if !log.wants(e) {
+                continue;
+            }
+            let values = features
+                .iter()
+                .zip(columns)
+                .filter(|(_, c)| c.statuses[i] != "INVALID")
+                .map(|(f, c)| {
+                    let name = self.spec.views[f.view].features[f.index].name.clone();
+                    let v = match &c.values[i] {
+                        J::Null => Value::Null,
+                        J::Number(x) if x.is_i64() => Value::Int(x.as_i64().expect("i64")),
+                        J::Number(x) => Value::Float(x.as_f64().unwrap_or(f64::NAN)),
+                        _ => Value::Null,
+                    };
+                    (name, v)
+                })
+                .collect();
+            log.record(ServedRecord {
+                served_at_ms: served_at,
+                as_of_ms: t,
+                entity: e.clone(),
+                values,
+            });
+        }
+    }
+}
+
+const EPOCH: &str = "1970-01-01T00:00:00Z";
+
+fn json_value(v: Value) -> J {
+    match v {
+        Value::Null => J::Null,
+        Value::Int(i) => J::from(i),
+        Value::Float(x) => serde_json::Number::from_f64(x).map_or(J::Null, J::Number),
+    }
+}
+
+fn push(col: &mut FeastColumn, v: Value, present: &'static str, ts: &str) {
+    let j = json_value(v);
+    col.statuses
+        .push(if j.is_null() { "NULL_VALUE" } else { present });
+    col.values.push(j);
+    col.event_timestamps.push(ts.to_string());
+}
+
+fn entity_values(req: &FeastRequest, spec: &Spec, max: usize) -> Result<Vec<String>, ApiError> {
+    let keys: Vec<&str> = spec.entities.iter().map(|e| e.join_key.name()).collect();
+    if req.entities.len() != 1 {
+        return Err(ApiError::bad(format!(
+            "`entities` must hold exactly one join key ({}), with a list of values",
+            keys.join(", ")
+        )));
+    }
+    let (key, values) = req.entities.iter().next().expect("one entry");
+    if !keys.contains(&key.as_str()) {
+        return Err(ApiError::bad(format!(
+            "unknown join key `{key}` in `entities`: use {}",
+            keys.join(", ")
+        )));
+    }
+    let J::Array(values) = values else {
+        return Err(ApiError::bad(format!(
+            "`entities.{key}` must be a list, such as [\"u1\", \"u2\"]"
+        )));
+    };
+    if values.is_empty() {
+        return Err(ApiError::bad(format!("`entities.{key}` is empty")));
+    }
+    if values.len() > max {
+        return Err(ApiError::bad(format!(
+            "too many entities: {} in one request, at most {max}",
+            values.len()
+        )));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            J::String(s) => Ok(s.clone()),
+            J::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+            other => Err(ApiError::bad(format!(
+                "`entities.{key}[{i}]` is {}, expected a string or an integer",
+                type_name(other)
+            ))),
+        })
+        .collect()
+}
+
+fn type_name(v: &J) -> &'static str {
+    match v {
+        J::Null => "null",
+        J::Bool(_) => "a boolean",
+        J::Number(_) => "a non-integer number",
+        J::String(_) => "a string",
+        J::Array(_) => "a list",
+        J::Object(_) => "an object",
+    }
+}
+
+fn as_of(text: Option<&str>) -> Result<(i64, bool), ApiError> {
+    match text {
+        None => Ok((duet_speed::now_ms(), false)),
+        Some(s) => parse_rfc3339_ms(s).map(|t| (t, true)).ok_or_else(|| {
+            ApiError::bad(format!(
+                "`as_of` value `{s}` is not RFC 3339, such as 2026-11-20T13:45:12Z"
+            ))
+        }),
+    }
+}
+
+async fn online_features(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let started = Instant::now();
+    app.metrics.requests.add(1);
+    let result = async {
+        app.authorize(&headers)?;
+        let body = body.map_err(|e| ApiError {
+            status: e.status(),
+            message: if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                format!(
+                    "request body larger than {} bytes",
+                    app.config.max_body_bytes
+                )
+            } else {
+                format!("cannot read the request body: {e}")
+            },
+        })?;
+        let req: FeastRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))?;
+        let features = resolve(&app.spec, &app.plan, &req)?;
+        let entities = entity_values(&req, &app.spec, app.config.max_entities)?;
+        let (t, explicit) = as_of(req.as_of.as_deref())?;
+        let key_name = req.entities.keys().next().expect("validated").clone();
+        let columns = app.vectors(&features, &entities, t, explicit).await;
+        app.log(&features, &entities, &columns, t);
+        app.metrics.entities.add(entities.len() as u64);
+        let mut names = vec![key_name];
+        names.extend(features.iter().map(|f| f.column.clone()));
+        let mut results = Vec::with_capacity(columns.len() + 1);
+        results.push(FeastColumn {
+            statuses: vec!["PRESENT"; entities.len()],
+            event_timestamps: vec![EPOCH.to_string(); entities.len()],
+            values: entities.into_iter().map(J::String).collect(),
+        });
+        results.extend(columns);
+        Ok::<_, ApiError>(axum::Json(FeastResponse {
+            metadata: Metadata {
+                feature_names: names,
+            },
+            results,
+        }))
+    }
+    .await;
+    finish(&app, started, result)
+}
+
+fn finish(app: &App, started: Instant, result: Result<impl IntoResponse, ApiError>) -> Response {
+    if let Some(h) = &app.metrics.latency {
+        h.observe(started.elapsed().as_secs_f64());
+    }
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => {
+            app.metrics.errors_4xx.add(1);
+            e.into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AsOfQuery {
+    as_of: Option<String>,
+}
+
+async fn entity_features(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(user_id): Path<String>,
+    query: Result<Query<AsOfQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let started = Instant::now();
+    app.metrics.requests.add(1);
+    let result = async {
+        app.authorize(&headers)?;
+        let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
+        let (t, explicit) = as_of(q.as_of.as_deref())?;
+        let features: Vec<Resolved> = app
+            .spec
+            .features()
+            .map(|(v, f)| {
+                crate::api::resolve_one(
+                    &app.spec,
+                    &app.plan,
+                    &format!("{}:{}", v.name, f.name),
+                    false,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let entities = vec![user_id.clone()];
+        let columns = app.vectors(&features, &entities, t, explicit).await;
+        app.log(&features, &entities, &columns, t);
+        let mut out = serde_json::Map::new();
+        let key = app
+            .spec
+            .entities
+            .first()
+            .map_or("user_id", |e| e.join_key.name());
+        out.insert(key.to_string(), J::String(user_id));
+        for (f, c) in features.iter().zip(columns) {
+            out.insert(
+                f.column.clone(),
+                c.values.into_iter().next().unwrap_or(J::Null),
+            );
+        }
+        Ok::<_, ApiError>(axum::Json(J::Object(out)))
+    }
+    .await;
+    finish(&app, started, result)
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    let missing: Vec<&str> = app
+        .views
+        .iter()
+        .flatten()
+        .filter(|v| v.current().is_none())
+        .map(|v| v.view.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!("no snapshot loaded yet for {}", missing.join(", ")),
+        }
+        .into_response();
+    }
+    let probe = tokio::time::timeout(
+        app.config.redis_timeout,
+        app.state
+            .get_many(&[format!("{}readyz", app.config.prefix)]),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => "ready".into_response(),
+        _ => ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the speed layer's Redis does not answer".into(),
+        }
+        .into_response(),
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    use std::fmt::Write;
+    let m = &app.metrics;
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter(
+        "duet_serve_requests_total",
+        "Feature requests.",
+        m.requests.get(),
+    );
+    counter(
+        "duet_serve_request_errors_total",
+        "Requests answered with a 4xx.",
+        m.errors_4xx.get(),
+    );
+    counter(
+        "duet_serve_entities_total",
+        "Entities served.",
+        m.entities.get(),
+    );
+    counter(
+        "duet_serve_redis_errors_total",
+        "Requests whose streaming state failed or timed out.",
+        m.redis_errors.get(),
+    );
+    counter(
+        "duet_serve_snapshot_swaps_total",
+        "Newer snapshots swapped in.",
+        m.swaps.get(),
+    );
+    counter(
+        "duet_serve_inexact_total",
+        "Streaming values evaluated before an entity's state boundary.",
+        m.not_exact.load(Ordering::Relaxed),
+    );
+    if let Some(log) = &app.log {
+        counter(
+            "duet_serve_log_dropped_total",
+            "Served-log records dropped because the buffer was full.",
+            log.dropped.load(Ordering::Relaxed),
+        );
+    }
+    let now = duet_speed::now_ms();
+    let _ = writeln!(
+        out,
+        "# HELP duet_serve_snapshot_age_seconds Age of the loaded snapshot.\n# TYPE duet_serve_snapshot_age_seconds gauge"
+    );
+    for v in app.views.iter().flatten() {
+        if let Some(s) = v.current() {
+            let _ = writeln!(
+                out,
+                "duet_serve_snapshot_age_seconds{{view=\"{}\"}} {}",
+                v.view.name,
+                (now - s.manifest.as_of_ms) as f64 / 1000.0
+            );
+            let _ = writeln!(
+                out,
+                "duet_serve_snapshot_entities{{view=\"{}\"}} {}",
+                v.view.name,
+                s.len()
+            );
+            let _ = writeln!(
+                out,
+                "duet_serve_snapshot_bytes{{view=\"{}\"}} {}",
+                v.view.name, s.bytes
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP duet_serve_uptime_seconds Time since start.\n# TYPE duet_serve_uptime_seconds gauge\nduet_serve_uptime_seconds {}",
+        app.started.elapsed().as_secs()
+    );
+    if let Some(h) = &m.latency {
+        h.render(
+            &mut out,
+            "duet_serve_request_seconds",
+            "Time to answer a feature request.",
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Binds `listen` and serves until `shutdown`; `on_bound` learns the bound address.
+pub async fn serve(
+    app: Arc<App>,
+    listen: &str,
+    shutdown: CancellationToken,
+    on_bound: impl FnOnce(SocketAddr),
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::BadInput(format!("--listen {listen}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    on_bound(addr);
+    tracing::info!(%addr, "serving features");
+    tokio::spawn(app.clone().watch_snapshots(shutdown.clone()));
+    axum::serve(listener, app.router())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Internal(format!("server failed: {e}")))
+}

@@ -1,0 +1,320 @@
+//! The speed layer against a real Kafka-protocol broker (tansu) and a real Redis: exactly once
+//! across kill -9 and restarts, shared partitions, and bad input that never stalls it.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, Int64Type};
+use duet_spec::event::parse_json_event;
+use duet_spec::generate::{GenerateOptions, generate, write_jsonl};
+use duet_spec::reference::Reference;
+use duet_spec::{Layer, Value};
+
+use crate::common::*;
+use crate::kafka::*;
+
+const HOUR: i64 = 3_600_000;
+
+/// Generated JSON lines (with duplicates and invalid records) and the valid events among them.
+pub fn generated(
+    users: u64,
+    events: u64,
+    end_ms: i64,
+    seed: u64,
+) -> (Vec<Vec<u8>>, Vec<duet_spec::event::Event>) {
+    let mut opts = GenerateOptions::new(users, 1, end_ms, seed);
+    opts.events = Some(events);
+    let mut buf = Vec::new();
+    write_jsonl(&generate(&opts), seed, &mut buf).unwrap();
+    let lines: Vec<Vec<u8>> = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let valid = lines
+        .iter()
+        .filter_map(|l| parse_json_event(l).ok())
+        .map(|e| duet_spec::event::Event {
+            event_id: e.event_id.into_owned(),
+            user_id: e.user_id.into_owned(),
+            event_type: e.event_type.into_owned(),
+            amount: e.amount,
+            ts: e.ts,
+        })
+        .collect();
+    (lines, valid)
+}
+
+/// Records keyed by their user (or unkeyed when the line has none).
+pub fn keyed(lines: &[Vec<u8>]) -> Vec<(Option<String>, Vec<u8>)> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                parse_json_event(l).ok().map(|e| e.user_id.into_owned()),
+                l.clone(),
+            )
+        })
+        .collect()
+}
+
+pub fn speed_run(topic: &str, group: &str, prefix: &str, extra: &[&str]) -> Child {
+    let mut c = duet();
+    c.args([
+        "speed",
+        "run",
+        "--brokers",
+        &brokers(),
+        "--topic",
+        topic,
+        "--group",
+        group,
+        "--redis",
+        &redis_url(),
+        "--prefix",
+        prefix,
+    ])
+    .args(extra)
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    c.spawn().expect("duet speed run starts")
+}
+
+pub fn wait_ok(mut child: Child, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            assert!(status.success(), "speed run failed ({status}):\n{err}");
+            return;
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "speed run did not finish within {limit:?}:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Dumps streaming state as of `t` and compares every feature of every user with the reference.
+pub fn assert_state_matches(prefix: &str, valid: Vec<duet_spec::event::Event>, t: i64, dir: &Path) {
+    let spec = duet_spec::load_spec(None).unwrap();
+    let out = dir.join(format!("{}.parquet", prefix.trim_end_matches(':')));
+    let as_of = duet_spec::timestamp::format_ms(t);
+    let (stdout, _) = expect_status(
+        &run(&[
+            "speed",
+            "dump",
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            prefix,
+            "--as-of",
+            &as_of,
+            "--out",
+            &s(&out),
+        ]),
+        0,
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["inexact"], 0, "{summary}");
+    assert_eq!(summary["corrupt"], serde_json::json!([]), "{summary}");
+    let batch = read_parquet(&out);
+    let users: Vec<String> = valid
+        .iter()
+        .map(|e| e.user_id.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let reference = Reference::new(&spec, valid);
+    let keys = batch.column(0).as_string::<i32>();
+    let rows: std::collections::HashMap<&str, usize> =
+        (0..batch.num_rows()).map(|i| (keys.value(i), i)).collect();
+    let mut compared = 0;
+    for (view, f) in spec.features().filter(|(v, _)| v.layer == Layer::Streaming) {
+        let _ = view;
+        let col = batch.column_by_name(&f.name).unwrap();
+        for u in &users {
+            let expected = reference.value(f, u, t);
+            let got = match rows.get(u.as_str()) {
+                None => f.default,
+                Some(&i) if col.is_null(i) => Value::Null,
+                Some(&i) => match expected {
+                    Value::Int(_) => Value::Int(col.as_primitive::<Int64Type>().value(i)),
+                    _ => Value::Float(col.as_primitive::<Float64Type>().value(i)),
+                },
+            };
+            let ok = match (expected, got) {
+                (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+                (Value::Int(a), Value::Float(b)) => a as f64 == b,
+                (a, b) => a == b,
+            };
+            assert!(
+                ok,
+                "{} of {u} as of {as_of}: reference {expected:?}, speed layer {got:?}",
+                f.name
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 100, "{compared}");
+}
+
+pub fn read_parquet(path: &Path) -> arrow::record_batch::RecordBatch {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<_> = reader.map(Result::unwrap).collect();
+    arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_once_across_kill_9_restarts() {
+    let topic = unique("speed-kill");
+    let prefix = format!("{}:", unique("kill"));
+    create_topic(&topic, 3).await;
+    let end = now_ms() - HOUR;
+    let (lines, valid) = generated(300, 40_000, end, 11);
+    produce(&topic, &keyed(&lines)).await;
+    let group = unique("g");
+    // Kill the process at arbitrary instants: mid-batch, mid-write, mid-commit.
+    for (i, pause) in [700u64, 1300, 450, 1900, 900].iter().enumerate() {
+        let mut child = speed_run(&topic, &group, &prefix, &[]);
+        std::thread::sleep(Duration::from_millis(*pause + 400 * i as u64));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    wait_ok(
+        speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+        Duration::from_secs(180),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let t = valid.iter().map(|e| e.ts).max().unwrap() + 1;
+    assert_state_matches(&prefix, valid.clone(), t, dir.path());
+    assert_state_matches(&prefix, valid, t + 25 * 60_000, dir.path());
+    clean_redis(&prefix);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_processes_share_the_partitions() {
+    let topic = unique("speed-share");
+    let prefix = format!("{}:", unique("share"));
+    create_topic(&topic, 4).await;
+    let (lines, valid) = generated(120, 8_000, now_ms() - 2 * HOUR, 5);
+    let group = unique("g");
+    let a = speed_run(&topic, &group, &prefix, &["--exit-when-idle", "4"]);
+    let b = speed_run(&topic, &group, &prefix, &["--exit-when-idle", "4"]);
+    std::thread::sleep(Duration::from_secs(2));
+    produce(&topic, &keyed(&lines)).await;
+    wait_ok(a, Duration::from_secs(180));
+    wait_ok(b, Duration::from_secs(180));
+    let dir = tempfile::tempdir().unwrap();
+    let t = valid.iter().map(|e| e.ts).max().unwrap() + 1;
+    assert_state_matches(&prefix, valid, t, dir.path());
+    clean_redis(&prefix);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_dead_lettered_and_never_stalls() {
+    let topic = unique("speed-bad");
+    let prefix = format!("{}:", unique("bad"));
+    create_topic(&topic, 2).await;
+    let (lines, valid) = generated(40, 1_500, now_ms() - HOUR, 3);
+    let mut records = keyed(&lines);
+    let garbage: Vec<(Option<String>, Vec<u8>)> = vec![
+        (Some("u1".into()), vec![0xff, 0xfe, 0x00, 0x12]),
+        (
+            Some("u1".into()),
+            b"{\"event_id\": 5, \"user_id\": \"u1\", \"event_type\": \"view\", \"ts\": 1}".to_vec(),
+        ),
+        (None, b"not json at all".to_vec()),
+        (
+            Some("u2".into()),
+            format!(
+                "{{\"event_id\": \"big\", \"pad\": \"{}\"}}",
+                "x".repeat(300 * 1024)
+            )
+            .into_bytes(),
+        ),
+        (None, Vec::new()),
+    ];
+    let mid = records.len() / 2;
+    records.splice(mid..mid, garbage);
+    produce(&topic, &records).await;
+    let group = unique("g");
+    let dlq = format!("{topic}.dead-letters");
+    wait_ok(
+        speed_run(
+            &topic,
+            &group,
+            &prefix,
+            &["--exit-when-idle", "2", "--dead-letter-topic", &dlq],
+        ),
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let t = valid.iter().map(|e| e.ts).max().unwrap() + 1;
+    assert_state_matches(&prefix, valid, t, dir.path());
+    // Every invalid record reached the dead-letter topic with its reason.
+    let invalid_in_input = lines
+        .iter()
+        .filter(|l| parse_json_event(l).is_err())
+        .count()
+        + 5;
+    let reasons = consume_all(&dlq, invalid_in_input).await;
+    assert!(
+        reasons.len() >= invalid_in_input,
+        "{} dead letters for {invalid_in_input} invalid records",
+        reasons.len()
+    );
+    for r in ["invalid_json", "wrong_type_event_id", "too_large"] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no dead letter with reason {r}: {reasons:?}"
+        );
+    }
+    clean_redis(&prefix);
+}
+
+async fn consume_all(topic: &str, at_least: usize) -> Vec<String> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let c: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("dlq-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reasons.len() < at_least && Instant::now() < deadline {
+        if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(5), c.recv()).await {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            reasons.push(v["reason"].as_str().unwrap().to_string());
+        }
+    }
+    reasons
+}
