@@ -136,6 +136,9 @@ pub struct ServeArgs {
     /// Longest wait for Redis per request, in milliseconds.
     #[arg(long, default_value_t = 200)]
     pub redis_timeout_ms: u64,
+    /// How often to look for a newer snapshot, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub snapshot_poll_ms: u64,
     /// Fraction of entities whose served vectors are logged for `duet check` (0 disables).
     #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01)]
     pub log_sample: f64,

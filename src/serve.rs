@@ -19,10 +19,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         .unwrap_or_else(|| "127.0.0.1:8080".into());
     let store = duet_batch::store::resolve(&store_url)?;
     let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
-    let state = match AnyStore::open(&redis, timeout.max(Duration::from_secs(2))).await {
-        Ok(s) => s,
-        Err(e) => anyhow::bail!(crate::BadInput(format!("--redis {redis}: {e}"))),
-    };
+    let state = AnyStore::open_lazily(&redis, timeout.max(Duration::from_secs(2)))?;
     let shutdown = shutdown_token();
     let (log, log_task) = if args.log_sample > 0.0 {
         let (log, task) = ServedLog::start(
@@ -48,7 +45,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         max_body_bytes: args.max_body_bytes,
         auth_token: args.auth_token.or(config.auth_token.clone()),
         redis_timeout: timeout,
-        ..ServeConfig::default()
+        snapshot_poll: Duration::from_millis(args.snapshot_poll_ms.max(100)),
     };
     let app = App::new(spec, store, state, serve_config, log).await?;
     serve(app, &listen, shutdown, |addr| {

@@ -192,7 +192,7 @@ return 1
 /// Redis, through an auto-reconnecting connection with bounded timeouts.
 #[derive(Clone)]
 pub struct RedisStore {
-    con: ConnectionManager,
+    con: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     script: Arc<redis::Script>,
     url: String,
 }
@@ -204,28 +204,79 @@ fn redis_err(url: &str, e: redis::RedisError) -> Error {
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`), failing within `timeout`.
     pub async fn connect(url: &str, timeout: Duration) -> Result<RedisStore> {
+        let (client, config) = Self::client(url, timeout)?;
+        let con = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
+            .await
+            .map_err(|_| Error::Redis(format!("{url}: no answer within {timeout:?}")))?
+            .map_err(|e| redis_err(url, e))?;
+        let store = RedisStore {
+            con: Arc::new(tokio::sync::OnceCell::new_with(Some(con))),
+            script: Arc::new(redis::Script::new(CAS_SCRIPT)),
+            url: url.to_string(),
+        };
+        store.load_script().await?;
+        Ok(store)
+    }
+
+    /// A store that connects in the background and keeps retrying; until it is connected every
+    /// call fails at once (the server starts and serves batch features while Redis is down).
+    pub fn connect_lazily(url: &str, timeout: Duration) -> Result<RedisStore> {
+        let (client, config) = Self::client(url, timeout)?;
+        let store = RedisStore {
+            con: Arc::new(tokio::sync::OnceCell::new()),
+            script: Arc::new(redis::Script::new(CAS_SCRIPT)),
+            url: url.to_string(),
+        };
+        let cell = store.con.clone();
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                    Ok(con) => {
+                        let _ = cell.set(con);
+                        tracing::info!(%url, "connected to Redis");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "Redis unreachable; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    fn client(
+        url: &str,
+        timeout: Duration,
+    ) -> Result<(redis::Client, redis::aio::ConnectionManagerConfig)> {
         let client = redis::Client::open(url)
             .map_err(|e| Error::BadInput(format!("--redis `{url}`: {e}")))?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2);
-        let con = tokio::time::timeout(timeout, ConnectionManager::new_with_config(client, config))
-            .await
-            .map_err(|_| Error::Redis(format!("{url}: no answer within {timeout:?}")))?
-            .map_err(|e| redis_err(url, e))?;
-        let script = Arc::new(redis::Script::new(CAS_SCRIPT));
-        let mut c = con.clone();
-        script
+            .set_number_of_retries(1);
+        Ok((client, config))
+    }
+
+    async fn load_script(&self) -> Result<()> {
+        let mut c = self.connection()?;
+        self.script
             .prepare_invoke()
             .load_async(&mut c)
             .await
-            .map_err(|e| redis_err(url, e))?;
-        Ok(RedisStore {
-            con,
-            script,
-            url: url.to_string(),
-        })
+            .map_err(|e| redis_err(&self.url, e))?;
+        Ok(())
+    }
+
+    fn connection(&self) -> Result<ConnectionManager> {
+        self.con
+            .get()
+            .cloned()
+            .ok_or_else(|| Error::Redis(format!("{}: not connected", self.url)))
     }
 
     /// The URL connected to.
@@ -254,7 +305,7 @@ impl StateStore for RedisStore {
         for k in keys {
             pipe.get(k);
         }
-        let mut con = self.con.clone();
+        let mut con = self.connection()?;
         let raw: Vec<Option<Vec<u8>>> = pipe
             .query_async(&mut con)
             .await
@@ -288,16 +339,23 @@ impl StateStore for RedisStore {
                     .arg(w.ttl_ms.max(1)),
             );
         }
-        let mut con = self.con.clone();
-        let applied: Vec<i64> = pipe
-            .query_async(&mut con)
-            .await
-            .map_err(|e| redis_err(&self.url, e))?;
+        let mut con = self.connection()?;
+        let applied: Vec<i64> = match pipe.query_async(&mut con).await {
+            Ok(a) => a,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted and forgot the script: load it and try once more.
+                self.load_script().await?;
+                pipe.query_async(&mut con)
+                    .await
+                    .map_err(|e| redis_err(&self.url, e))?
+            }
+            Err(e) => return Err(redis_err(&self.url, e)),
+        };
         Ok(applied.into_iter().map(|a| a == 1).collect())
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut con = self.con.clone();
+        let mut con = self.connection()?;
         let pattern = format!("{}*", escape_glob(prefix));
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
@@ -330,14 +388,14 @@ impl StateStore for RedisStore {
         for (k, v) in counts {
             pipe.hincr(hash, k, *v).ignore();
         }
-        let mut con = self.con.clone();
+        let mut con = self.connection()?;
         pipe.query_async::<()>(&mut con)
             .await
             .map_err(|e| redis_err(&self.url, e))
     }
 
     async fn counters(&self, hash: &str) -> Result<HashMap<String, i64>> {
-        let mut con = self.con.clone();
+        let mut con = self.connection()?;
         redis::cmd("HGETALL")
             .arg(hash)
             .query_async(&mut con)
@@ -346,7 +404,7 @@ impl StateStore for RedisStore {
     }
 
     async fn claim(&self, key: &str, value: &str) -> Result<String> {
-        let mut con = self.con.clone();
+        let mut con = self.connection()?;
         let _: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(value)
@@ -389,6 +447,15 @@ impl AnyStore {
             return Ok(AnyStore::Memory(MemoryStore::new()));
         }
         Ok(AnyStore::Redis(RedisStore::connect(url, timeout).await?))
+    }
+
+    /// Like [`AnyStore::open`], but Redis is connected in the background (see
+    /// [`RedisStore::connect_lazily`]).
+    pub fn open_lazily(url: &str, timeout: Duration) -> Result<AnyStore> {
+        if url.starts_with("memory://") {
+            return Ok(AnyStore::Memory(MemoryStore::new()));
+        }
+        Ok(AnyStore::Redis(RedisStore::connect_lazily(url, timeout)?))
     }
 }
 

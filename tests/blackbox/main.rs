@@ -2,5 +2,7 @@
 
 mod common;
 mod foundation;
+mod http;
 mod kafka;
+mod serving;
 mod speed;

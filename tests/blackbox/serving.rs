@@ -1,0 +1,561 @@
+//! `duet serve` as Feast clients and operators see it: the golden answer through `as_of`, the
+//! Feast wire format, errors, auth, Redis outages, snapshot swaps under load, fuzzed bodies.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{Float64Type, Int64Type, TimestampMicrosecondType};
+
+use crate::common::*;
+use crate::http::Server;
+use crate::kafka::*;
+use crate::speed::{read_parquet, wait_ok};
+
+/// The catalog with a lateness long enough that the speed layer keeps every golden event
+/// exact, so any past `as_of` can be asked of it. The features' definitions are unchanged.
+fn long_memory_spec(dir: &Path) -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("shared-spec/catalog.toml"),
+    )
+    .unwrap()
+    .replace("allowed_lateness = \"10m\"", "allowed_lateness = \"400d\"");
+    let path = dir.join("catalog-long-memory.toml");
+    std::fs::write(&path, text).unwrap();
+    s(&path)
+}
+
+/// The golden JSON lines, in file order.
+fn golden_lines() -> Vec<Vec<u8>> {
+    let out = std::process::Command::new("gzip")
+        .args(["-dc", &s(&golden("events.jsonl.gz"))])
+        .output()
+        .expect("gzip is installed");
+    out.stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+fn backfill(store: &str, from: &str, to: &str) {
+    expect_status(
+        &run(&[
+            "batch",
+            "backfill",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--events",
+            &s(&golden("events.parquet")),
+            "--store",
+            store,
+            "--no-progress",
+        ]),
+        0,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn golden_answer_through_http_as_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = long_memory_spec(dir.path());
+    let store = s(&dir.path().join("store"));
+    let expected = read_parquet(&golden("expected.parquet"));
+    backfill(&store, "2026-06-20", "2026-10-01");
+
+    let topic = unique("golden");
+    let prefix = format!("{}:", unique("golden"));
+    create_topic(&topic, 3).await;
+    produce(&topic, &crate::speed::keyed(&golden_lines())).await;
+    let child = {
+        let mut c = duet();
+        c.args([
+            "--spec",
+            &spec,
+            "speed",
+            "run",
+            "--brokers",
+            &brokers(),
+            "--topic",
+            &topic,
+            "--group",
+            &unique("g"),
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            &prefix,
+            "--exit-when-idle",
+            "2",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    wait_ok(child, Duration::from_secs(300));
+
+    let server = Server::start(
+        &["--spec", &spec],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            &prefix,
+            "--log-sample",
+            "0",
+        ],
+    );
+    let names: Vec<String> = expected
+        .schema()
+        .fields()
+        .iter()
+        .skip(3)
+        .map(|f| f.name().clone())
+        .collect();
+    let refs: Vec<String> = names
+        .iter()
+        .map(|n| {
+            let view = if [
+                "txn_count_1h",
+                "txn_sum_1h",
+                "event_count_10m",
+                "session_event_count",
+                "session_duration_s",
+                "last_purchase_amount",
+            ]
+            .contains(&n.as_str())
+            {
+                "user_realtime"
+            } else {
+                "user_batch"
+            };
+            format!("{view}:{n}")
+        })
+        .collect();
+    let users = expected
+        .column_by_name("user_id")
+        .unwrap()
+        .as_string::<i32>();
+    let ts = expected
+        .column_by_name("ts")
+        .unwrap()
+        .as_primitive::<TimestampMicrosecondType>();
+    let mut checked = 0;
+    for row in 0..expected.num_rows() {
+        let as_of = duet_spec::timestamp::format_ms(ts.value(row) / 1000);
+        let (status, body) = server.features(&serde_json::json!({
+            "features": refs, "entities": {"user_id": [users.value(row)]}, "as_of": as_of,
+        }));
+        assert_eq!(status, 200, "{body}");
+        for (j, name) in names.iter().enumerate() {
+            let got = &body["results"][j + 1]["values"][0];
+            let col = expected.column_by_name(name).unwrap();
+            let ok = if col.is_null(row)
+                || (col.data_type() == &arrow::datatypes::DataType::Float64
+                    && col.as_primitive::<Float64Type>().value(row).is_nan())
+            {
+                got.is_null()
+            } else if col.data_type() == &arrow::datatypes::DataType::Int64 {
+                got.as_i64() == Some(col.as_primitive::<Int64Type>().value(row))
+            } else {
+                let e = col.as_primitive::<Float64Type>().value(row);
+                got.as_f64()
+                    .is_some_and(|g| (g - e).abs() <= 1e-9 * e.abs().max(1e-300))
+            };
+            assert!(
+                ok,
+                "row {row} {name} as of {as_of}: expected {:?}, served {got}",
+                arrow::util::display::array_value_to_string(col, row)
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 2000 * 14);
+    clean_redis(&prefix);
+}
+
+fn one_snapshot_store(dir: &Path) -> String {
+    let store = s(&dir.join("store"));
+    expect_status(
+        &run(&[
+            "batch",
+            "run",
+            "--as-of",
+            "2026-09-01",
+            "--events",
+            &s(&golden("events.parquet")),
+            "--store",
+            &store,
+            "--no-progress",
+        ]),
+        0,
+    );
+    store
+}
+
+#[test]
+fn feast_client_format_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let prefix = format!("{}:", unique("fmt"));
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            &prefix,
+            "--max-entities",
+            "3",
+            "--max-body-bytes",
+            "2000",
+        ],
+    );
+    // Exactly what Feast's RemoteOnlineStore sends (sdk/python/feast/infra/online_stores/remote.py).
+    let (status, body) = server.features(&serde_json::json!({
+        "entities": {"user_id": ["u0000071", "nobody"]},
+        "full_feature_names": false,
+        "include_feature_view_version_metadata": false,
+        "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h", "user_batch:avg_txn_amount_30d_v2"],
+    }));
+    assert_eq!(status, 200, "{body}");
+    // Decoded as Feast's _build_online_response_from_json does.
+    let names: Vec<&str> = body["metadata"]["feature_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "user_id",
+            "txn_count_90d",
+            "txn_count_1h",
+            "avg_txn_amount_30d_v2"
+        ]
+    );
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4);
+    for r in results {
+        assert_eq!(r["values"].as_array().unwrap().len(), 2);
+        for st in r["statuses"].as_array().unwrap() {
+            assert!(
+                ["PRESENT", "NOT_FOUND", "NULL_VALUE", "OUTSIDE_MAX_AGE"]
+                    .contains(&st.as_str().unwrap()),
+                "{st}"
+            );
+        }
+        for t in r["event_timestamps"].as_array().unwrap() {
+            assert!(
+                duet_spec::timestamp::parse_rfc3339_ms(t.as_str().unwrap()).is_some(),
+                "{t}"
+            );
+        }
+    }
+    assert_eq!(
+        results[0]["values"],
+        serde_json::json!(["u0000071", "nobody"])
+    );
+    // The snapshot is months old: present, but outside its max age.
+    assert_eq!(results[1]["statuses"][0], "OUTSIDE_MAX_AGE");
+    assert_eq!(results[1]["statuses"][1], "NOT_FOUND");
+    assert_eq!(results[1]["values"][1], 0);
+    assert_eq!(results[3]["values"][1], serde_json::Value::Null);
+    // Full feature names.
+    let (_, body) = server.features(&serde_json::json!({"entities": {"user_id": ["u1"]}, "full_feature_names": true, "features": ["user_batch:txn_count_90d"]}));
+    assert_eq!(
+        body["metadata"]["feature_names"][1],
+        "user_batch__txn_count_90d"
+    );
+    // Feature services are views.
+    let (status, body) = server.features(
+        &serde_json::json!({"entities": {"user_id": [1001]}, "feature_service": "user_realtime"}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["metadata"]["feature_names"].as_array().unwrap().len(),
+        7
+    );
+
+    let cases: Vec<(serde_json::Value, u16, &str)> = vec![
+        (
+            serde_json::json!({"entities": {"user_id": ["u"]}, "features": ["user_batch:nope"]}),
+            404,
+            "unknown feature `user_batch:nope`",
+        ),
+        (
+            serde_json::json!({"entities": {"user_id": ["a", "b", "c", "d"]}, "features": ["user_batch:txn_count_90d"]}),
+            400,
+            "too many entities",
+        ),
+        (
+            serde_json::json!({"entities": {"user_id": [true]}, "features": ["user_batch:txn_count_90d"]}),
+            400,
+            "`entities.user_id[0]` is a boolean",
+        ),
+        (
+            serde_json::json!({"entities": {"account": ["x"]}, "features": ["user_batch:txn_count_90d"]}),
+            400,
+            "unknown join key `account`",
+        ),
+        (
+            serde_json::json!({"entities": {"user_id": ["x"]}, "features": []}),
+            400,
+            "`features` must list",
+        ),
+        (
+            serde_json::json!({"entities": {"user_id": ["x"]}, "features": ["user_batch:txn_count_90d"], "as_of": "yesterday"}),
+            400,
+            "`as_of` value `yesterday`",
+        ),
+        (
+            serde_json::json!({"entities": "u1", "features": ["user_batch:txn_count_90d"]}),
+            400,
+            "bad JSON body",
+        ),
+    ];
+    for (req, code, msg) in cases {
+        let (status, body) = server.features(&req);
+        assert_eq!(status, code, "{req} -> {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(msg),
+            "{req} -> {body}"
+        );
+    }
+    let (status, text) = server.request("POST", "/get-online-features", Some(b"{not json"), &[]);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+    let big = vec![b' '; 5000];
+    let (status, text) = server.request("POST", "/get-online-features", Some(&big), &[]);
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("larger than 2000 bytes"), "{text}");
+
+    let (status, text) = server.request("GET", "/v1/features/u0000071", None, &[]);
+    assert_eq!(status, 200, "{text}");
+    let flat: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(flat["user_id"], "u0000071");
+    assert_eq!(flat.as_object().unwrap().len(), 15);
+    assert_eq!(server.request("GET", "/healthz", None, &[]).0, 200);
+    assert_eq!(server.request("GET", "/readyz", None, &[]).0, 200);
+    let (status, openapi) = server.request("GET", "/openapi.json", None, &[]);
+    assert_eq!(status, 200);
+    assert!(openapi.contains("\"/get-online-features\""));
+    let (status, metrics) = server.request("GET", "/metrics", None, &[]);
+    assert_eq!(status, 200);
+    assert!(metrics.contains("duet_serve_requests_total"), "{metrics}");
+    assert!(
+        metrics.contains("duet_serve_snapshot_age_seconds{view=\"user_batch\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bearer_token_guards_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--auth-token",
+            "s3cret",
+        ],
+    );
+    let body =
+        br#"{"entities": {"user_id": ["u0000071"]}, "features": ["user_batch:txn_count_90d"]}"#;
+    let (status, text) = server.request("POST", "/get-online-features", Some(body), &[]);
+    assert_eq!(status, 401, "{text}");
+    assert!(!text.contains("txn_count_90d"), "{text}");
+    let (status, _) = server.request(
+        "POST",
+        "/get-online-features",
+        Some(body),
+        &[("authorization", "Bearer wrong")],
+    );
+    assert_eq!(status, 401);
+    let (status, text) = server.request(
+        "POST",
+        "/get-online-features",
+        Some(body),
+        &[("authorization", "Bearer s3cret")],
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        server.request("GET", "/v1/features/u0000071", None, &[]).0,
+        401
+    );
+}
+
+#[test]
+fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            "redis://127.0.0.1:1/0",
+            "--redis-timeout-ms",
+            "100",
+        ],
+    );
+    let started = Instant::now();
+    let (status, body) = server.features(&serde_json::json!({
+        "entities": {"user_id": ["u0000071"]},
+        "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
+    }));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][1]["statuses"][0], "OUTSIDE_MAX_AGE");
+    assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
+    assert_eq!(body["results"][2]["statuses"][0], "INVALID");
+    assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
+}
+
+#[test]
+fn snapshot_swap_under_load_drops_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--snapshot-poll-ms",
+            "100",
+        ],
+    );
+    let addr = server.addr.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, stop) = (addr.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let body = br#"{"entities": {"user_id": ["u0000071", "u0000145"]}, "features": ["user_batch:txn_count_90d", "user_batch:spend_pct_rank_30d"]}"#;
+                let mut stamps = std::collections::BTreeSet::new();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (status, text) = crate::http::request(&addr, "POST", "/get-online-features", Some(body), &[]);
+                    assert_eq!(status, 200, "{text}");
+                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    stamps.insert(v["results"][1]["event_timestamps"][0].as_str().unwrap().to_string());
+                    n += 1;
+                }
+                (n, stamps)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    expect_status(
+        &run(&[
+            "batch",
+            "run",
+            "--as-of",
+            "2026-09-15",
+            "--events",
+            &s(&golden("events.parquet")),
+            "--store",
+            &store,
+            "--no-progress",
+        ]),
+        0,
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut total = 0;
+    for w in workers {
+        let (n, stamps) = w.join().expect("no failed request");
+        total += n;
+        seen.extend(stamps);
+    }
+    assert!(total > 50, "{total}");
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["2026-09-01T00:00:00.000Z", "2026-09-15T00:00:00.000Z"]
+    );
+}
+
+#[test]
+fn fuzzed_bodies_never_get_a_5xx() {
+    use proptest::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(&[], &["--store", &store, "--redis", &redis_url()]);
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |x| x.is_finite())
+            .prop_map(serde_json::Value::from),
+        prop::sample::select(vec![
+            "user_batch:txn_count_90d",
+            "user_realtime:txn_count_1h",
+            "u0000071",
+            "user_id",
+            "",
+            "2026-09-01T00:00:00Z",
+            "\u{0}\u{ffff}"
+        ])
+        .prop_map(serde_json::Value::from),
+    ];
+    let value = leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(serde_json::Value::from),
+            prop::collection::btree_map(
+                prop::sample::select(vec![
+                    "features",
+                    "entities",
+                    "user_id",
+                    "as_of",
+                    "feature_service",
+                    "full_feature_names",
+                    "x"
+                ])
+                .prop_map(String::from),
+                inner,
+                0..5
+            )
+            .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 300,
+        ..Default::default()
+    });
+    runner
+        .run(
+            &(value, prop::collection::vec(any::<u8>(), 0..64)),
+            |(v, junk)| {
+                let (status, text) = server.request(
+                    "POST",
+                    "/get-online-features",
+                    Some(v.to_string().as_bytes()),
+                    &[],
+                );
+                prop_assert!(status < 500 && status >= 200, "{v} -> {status} {text}");
+                let (status, _) = server.request("POST", "/get-online-features", Some(&junk), &[]);
+                prop_assert!(status < 500 && status >= 200);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
