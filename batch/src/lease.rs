@@ -96,7 +96,7 @@ impl Lease {
                 Err(e) => return Err(storage(&path, e)),
             }
             match Self::holder(loc, &path).await? {
-                Some(h) if h.expires_ms > now && !(h.host == host && !process_alive(h.pid)) => {
+                Some(h) if h.expires_ms > now && (h.host != host || process_alive(h.pid)) => {
                     return Err(Error::Storage(format!(
                         "another batch job holds the lease on {} (run {}, pid {} on {}, taken {}); \
                          wait for it to finish, or delete {} if that job is gone",

@@ -49,7 +49,7 @@ pub struct LogConfig {
 #[derive(Clone)]
 pub struct ServedLog {
     tx: mpsc::Sender<ServedRecord>,
-    threshold: u64,
+    sample: f64,
     /// Records dropped because the buffer was full.
     pub dropped: Arc<AtomicU64>,
 }
@@ -74,7 +74,7 @@ impl ServedLog {
         let (tx, rx) = mpsc::channel(config.capacity.max(1));
         let log = ServedLog {
             tx,
-            threshold: (config.sample.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            sample: config.sample,
             dropped: Arc::new(AtomicU64::new(0)),
         };
         let task = tokio::spawn(writer(store, config, rx, shutdown));
@@ -83,9 +83,7 @@ impl ServedLog {
 
     /// True when this entity is logged.
     pub fn wants(&self, entity: &str) -> bool {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        entity.hash(&mut h);
-        (h.finish() % 1_000_000) < self.threshold
+        sampled(entity, self.sample)
     }
 
     /// Queues a record without waiting.
@@ -176,7 +174,6 @@ pub async fn read_all(store: &Location) -> duet_batch::Result<Vec<ServedRecord>>
             .store
             .get(&f.location)
             .await
-            .and_then(|r| Ok(r))
             .map_err(|e| duet_batch::Error::Storage(e.to_string()))?
             .bytes()
             .await

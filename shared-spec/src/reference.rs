@@ -235,7 +235,8 @@ fn measure(m: &Measure, events: Vec<&Event>) -> Option<f64> {
 /// The key under which `count_distinct` compares values.
 pub fn distinct_key(v: Scalar<'_>) -> String {
     match v {
-        Scalar::Number(x) if x == 0.0 => "n0".to_string(),
+        // 0.0 and -0.0 are the same value.
+        Scalar::Number(0.0) => "n0".to_string(),
         Scalar::Number(x) => format!("n{x}"),
         Scalar::Text(s) => format!("t{s}"),
         Scalar::Timestamp(t) => format!("ts{t}"),

@@ -103,7 +103,7 @@ impl<'a> Reader<'a> {
         }
     }
     /// A count bounded by what remains (so corrupt lengths cannot allocate wildly).
-    pub fn len(&mut self) -> Result<usize, Corrupt> {
+    pub fn count(&mut self) -> Result<usize, Corrupt> {
         let n = self.u()? as usize;
         if n > self.buf.len() - self.pos {
             return Err(Corrupt(self.pos));

@@ -195,7 +195,7 @@ impl Partial {
                 })
             }
             Agg::CountDistinct => {
-                let n = r.len()?;
+                let n = r.count()?;
                 for _ in 0..n {
                     p.distinct.push(r.s()?);
                 }
@@ -547,7 +547,7 @@ impl EntityState {
         }
         let boundary = r.i()?;
         let mut state = EntityState::new(plan, boundary);
-        let n = r.len()?;
+        let n = r.count()?;
         let mut prev = boundary;
         for _ in 0..n {
             let ts = prev.wrapping_add(r.i()?);
@@ -564,7 +564,7 @@ impl EntityState {
             });
         }
         for g in 0..plan.resolutions.len() {
-            let n = r.len()?;
+            let n = r.count()?;
             for _ in 0..n {
                 let idx = r.i()?;
                 let partials = plan.tile_slots[g]

@@ -147,14 +147,13 @@ pub fn normalize_batch(
     fn opt(a: &StringArray, i: usize) -> Option<&str> {
         if a.is_null(i) { None } else { Some(a.value(i)) }
     }
-    for i in 0..batch.num_rows() {
+    for (i, &t) in ts.iter().enumerate() {
         let (id, user, ty) = (opt(&event_id, i), opt(&user_id, i), opt(&event_type, i));
         let amt = if amount.is_null(i) {
             None
         } else {
             Some(amount.value(i))
         };
-        let t = ts[i];
         let checked = match t {
             Err(reason) => Err(reason),
             Ok(t) => validate(id, user, ty, Ok(amt), t),

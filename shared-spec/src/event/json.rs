@@ -289,7 +289,7 @@ impl JsonLinesDecoder {
 
     /// Flushes the last partial batch and returns every batch not yet taken.
     pub fn finish(&mut self) -> Vec<RecordBatch> {
-        if self.builder.len() > 0 {
+        if !self.builder.is_empty() {
             self.batches.push(self.builder.finish());
         }
         self.take_batches()
