@@ -47,6 +47,66 @@ pub enum Command {
     Speed(SpeedCommand),
     /// Serve merged features over HTTP.
     Serve(ServeArgs),
+    /// Prove the layers agree: the consistency report.
+    Check(CheckArgs),
+    /// The whole system end to end on embedded defaults, with no setup.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Compare the speed layer's state as of this instant (RFC 3339; default now).
+    #[arg(long)]
+    pub as_of: Option<String>,
+    /// The offline event log.
+    #[arg(long, env = "DUET_EVENTS")]
+    pub events: Option<String>,
+    /// The snapshot store (holds the served log and earlier reports too).
+    #[arg(long, env = "DUET_STORE")]
+    pub store: Option<String>,
+    /// Redis URL of the speed layer's state.
+    #[arg(long, env = "DUET_REDIS")]
+    pub redis: Option<String>,
+    /// Key prefix of the speed layer's state.
+    #[arg(long, env = "DUET_PREFIX")]
+    pub prefix: Option<String>,
+    /// Directory for report.html and report.json.
+    #[arg(long)]
+    pub report: PathBuf,
+    /// Kafka bootstrap servers, to tell events that never reached Kafka from late ones.
+    #[arg(long, env = "DUET_BROKERS")]
+    pub brokers: Option<String>,
+    /// The event topic (with --brokers).
+    #[arg(long, env = "DUET_TOPIC")]
+    pub topic: Option<String>,
+    /// Largest mismatch rate a feature may have and still pass.
+    #[arg(long, default_value_t = 0.0)]
+    pub max_mismatch_rate: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Working directory for the demo's event log and snapshot store.
+    #[arg(long, default_value = "duet-demo")]
+    pub dir: PathBuf,
+    /// Users in the generated history.
+    #[arg(long, default_value_t = 2000)]
+    pub users: u64,
+    /// Days of history.
+    #[arg(long, default_value_t = 35)]
+    pub days: u64,
+    /// Address the demo serves on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// A real Kafka instead of the in-process broker.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// A real Redis instead of in-memory state.
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Stop after printing the summary instead of serving on.
+    #[arg(long)]
+    pub no_serve: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,6 +347,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = load_spec(&cli.spec, &config)?;
             crate::serve::run(spec, args, &config).await
         }
+        Command::Check(args) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            run_check(spec, args, &config).await
+        }
+        Command::Demo(args) => {
+            let spec = load_spec(&cli.spec, &config)?;
+            crate::demo::run(spec, args).await
+        }
         Command::Batch(cmd) => {
             let spec = load_spec(&cli.spec, &config)?;
             let (loc, as_of) = match cmd {
@@ -332,6 +400,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_check(spec: duet_spec::Spec, args: CheckArgs, config: &Config) -> anyhow::Result<()> {
+    let as_of = match &args.as_of {
+        Some(t) => instant(t, "--as-of")?,
+        None => duet_speed::now_ms(),
+    };
+    let kafka = match (args.brokers.or(config.brokers.clone()), args.topic.or(config.topic.clone())) {
+        (Some(b), Some(t)) => Some((b, t)),
+        _ => None,
+    };
+    let req = duet_check::CheckRequest {
+        as_of,
+        events: required(&args.events, &config.events, "events")?,
+        store: required(&args.store, &config.store, "store")?,
+        redis: required(&args.redis, &config.redis, "redis")?,
+        prefix: args.prefix.or(config.prefix.clone()).unwrap_or_else(|| "duet:".into()),
+        report_dir: args.report.clone(),
+        kafka,
+        max_mismatch_rate: args.max_mismatch_rate,
+    };
+    let report = duet_check::run_check(&spec, &req).await?;
+    println!("{}", crate::demo::summary_json(&report));
+    if !report.ok {
+        let failing: Vec<String> = report
+            .state
+            .features
+            .iter()
+            .chain(&report.served.features)
+            .filter(|f| !f.ok)
+            .map(|f| format!("{}:{}", f.view, f.feature))
+            .collect();
+        anyhow::bail!(
+            "consistency check failed: {} out of tolerance ({}); see {}",
+            failing.len(),
+            failing.join(", "),
+            args.report.join("report.html").display()
+        );
+    }
+    Ok(())
 }
 
 pub fn instant(text: &str, flag: &str) -> anyhow::Result<i64> {

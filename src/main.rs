@@ -3,6 +3,7 @@
 
 mod cli;
 mod config;
+mod demo;
 mod serve;
 mod shutdown;
 mod speed;

@@ -30,6 +30,9 @@ pub struct ServedRecord {
     pub entity: String,
     /// Feature name → value served.
     pub values: BTreeMap<String, Value>,
+    /// Batch view → the as-of instant (epoch ms) of the snapshot the values came from.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, i64>,
 }
 
 /// Settings of the log.

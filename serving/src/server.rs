@@ -187,7 +187,8 @@ impl App {
         entities: &[String],
         t: i64,
         explicit: bool,
-    ) -> Vec<FeastColumn> {
+    ) -> (Vec<FeastColumn>, BTreeMap<String, i64>) {
+        let mut used: BTreeMap<String, i64> = BTreeMap::new();
         let n = entities.len();
         let mut columns: Vec<FeastColumn> = features
             .iter()
@@ -278,6 +279,9 @@ impl App {
             } else {
                 view.current()
             };
+            if let Some(s) = &snapshot {
+                used.insert(view.view.name.clone(), s.manifest.as_of_ms);
+            }
             let stale = snapshot.as_ref().is_some_and(|s| {
                 view.view
                     .ttl
@@ -313,10 +317,31 @@ impl App {
                 }
             }
         }
-        columns
+        (columns, used)
     }
 
-    fn log(&self, features: &[Resolved], entities: &[String], columns: &[FeastColumn], t: i64) {
+    /// One entity's merged vector as a flat JSON object (the join key, then every feature),
+    /// as `GET /v1/features/{user_id}` answers it.
+    pub async fn entity_vector(&self, entity: &str, t: i64, explicit: bool) -> J {
+        let features: Vec<Resolved> = self
+            .spec
+            .features()
+            .map(|(v, f)| crate::api::resolve_one(&self.spec, &self.plan, &format!("{}:{}", v.name, f.name), false))
+            .collect::<Result<_, _>>()
+            .expect("every spec feature resolves");
+        let entities = vec![entity.to_string()];
+        let (columns, snapshots) = self.vectors(&features, &entities, t, explicit).await;
+        self.log(&features, &entities, &columns, t, &snapshots);
+        let mut out = serde_json::Map::new();
+        let key = self.spec.entities.first().map_or("user_id", |e| e.join_key.name());
+        out.insert(key.to_string(), J::String(entity.to_string()));
+        for (f, c) in features.iter().zip(columns) {
+            out.insert(f.column.clone(), c.values.into_iter().next().unwrap_or(J::Null));
+        }
+        J::Object(out)
+    }
+
+    fn log(&self, features: &[Resolved], entities: &[String], columns: &[FeastColumn], t: i64, snapshots: &BTreeMap<String, i64>) {
         let Some(log) = &self.log else { return };
         let served_at = duet_speed::now_ms();
         for (i, e) in entities.iter().enumerate() {
@@ -343,6 +368,7 @@ impl App {
                 as_of_ms: t,
                 entity: e.clone(),
                 values,
+                snapshots: snapshots.clone(),
             });
         }
     }
@@ -457,8 +483,8 @@ async fn online_features(
         let entities = entity_values(&req, &app.spec, app.config.max_entities)?;
         let (t, explicit) = as_of(req.as_of.as_deref())?;
         let key_name = req.entities.keys().next().expect("validated").clone();
-        let columns = app.vectors(&features, &entities, t, explicit).await;
-        app.log(&features, &entities, &columns, t);
+        let (columns, snapshots) = app.vectors(&features, &entities, t, explicit).await;
+        app.log(&features, &entities, &columns, t, &snapshots);
         app.metrics.entities.add(entities.len() as u64);
         let mut names = vec![key_name];
         names.extend(features.iter().map(|f| f.column.clone()));
@@ -510,35 +536,7 @@ async fn entity_features(
         app.authorize(&headers)?;
         let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
         let (t, explicit) = as_of(q.as_of.as_deref())?;
-        let features: Vec<Resolved> = app
-            .spec
-            .features()
-            .map(|(v, f)| {
-                crate::api::resolve_one(
-                    &app.spec,
-                    &app.plan,
-                    &format!("{}:{}", v.name, f.name),
-                    false,
-                )
-            })
-            .collect::<Result<_, _>>()?;
-        let entities = vec![user_id.clone()];
-        let columns = app.vectors(&features, &entities, t, explicit).await;
-        app.log(&features, &entities, &columns, t);
-        let mut out = serde_json::Map::new();
-        let key = app
-            .spec
-            .entities
-            .first()
-            .map_or("user_id", |e| e.join_key.name());
-        out.insert(key.to_string(), J::String(user_id));
-        for (f, c) in features.iter().zip(columns) {
-            out.insert(
-                f.column.clone(),
-                c.values.into_iter().next().unwrap_or(J::Null),
-            );
-        }
-        Ok::<_, ApiError>(axum::Json(J::Object(out)))
+        Ok::<_, ApiError>(axum::Json(app.entity_vector(&user_id, t, explicit).await))
     }
     .await;
     finish(&app, started, result)

@@ -135,7 +135,17 @@ pub async fn run<S: StateStore + Clone>(
         None => None,
     };
     if let Some(dlq) = &config.dead_letter_topic {
-        ensure_topic(&config.brokers, dlq).await?;
+        let (c, topic) = (consumer.clone(), dlq.clone());
+        let exists = tokio::task::spawn_blocking(move || {
+            c.fetch_metadata(Some(&topic), Duration::from_secs(10)).is_ok_and(|md| {
+                md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+        if !exists {
+            ensure_topic(&config.brokers, dlq).await?;
+        }
     }
     consumer.subscribe(&[&config.topic]).map_err(kafka)?;
     tracing::info!(topic = %config.topic, group = %config.group, brokers = %config.brokers, "speed layer started");
@@ -458,8 +468,14 @@ async fn send_dead_letters(
         return Ok(());
     }
     for d in &outcome.dead_letters {
-        tracing::warn!(source = %d.source, offset = d.position, reason = %d.reason, "invalid record");
+        tracing::debug!(source = %d.source, offset = d.position, reason = %d.reason, "invalid record");
     }
+    tracing::warn!(
+        count = outcome.dead_letters.len(),
+        topic = config.dead_letter_topic.as_deref().unwrap_or("(none)"),
+        reasons = ?outcome.invalid.0,
+        "invalid records dead-lettered"
+    );
     let (Some(producer), Some(topic)) = (producer, &config.dead_letter_topic) else {
         return Ok(());
     };
