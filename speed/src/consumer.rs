@@ -82,6 +82,58 @@ impl ConsumerContext for GroupContext {
 
 const WM_PREFIX: &str = "duet-wm=";
 
+/// Watermarks saved beside the state, for brokers that do not return commit metadata (the
+/// Kafka protocol allows it; some implementations drop it). Per partition the last two
+/// `(next offset, watermark)` pairs are kept: the commit that follows a save may fail, and a
+/// restart then resumes from the previous one.
+struct Checkpoints {
+    key: String,
+}
+
+impl Checkpoints {
+    fn new(config: &SpeedConfig) -> Self {
+        Checkpoints {
+            key: format!("{}wm:{}:{}", config.prefix, config.group, config.topic),
+        }
+    }
+
+    async fn load<S: StateStore>(&self, store: &S) -> Result<std::collections::HashMap<String, String>> {
+        store.fields(&self.key).await
+    }
+
+    fn parse(v: Option<&String>) -> Option<(i64, i64)> {
+        let (o, w) = v?.split_once(':')?;
+        Some((o.parse().ok()?, w.parse().ok()?))
+    }
+
+    /// The watermark saved for `partition` at exactly the committed offset, or else at the
+    /// newest offset before it.
+    fn watermark_at(saved: &std::collections::HashMap<String, String>, partition: i32, committed: Option<i64>) -> Option<i64> {
+        let committed = committed?;
+        [saved.get(&format!("{partition}.last")), saved.get(&format!("{partition}.prev"))]
+            .into_iter()
+            .filter_map(Self::parse)
+            .filter(|(o, _)| *o <= committed)
+            .max_by_key(|(o, _)| *o)
+            .map(|(_, w)| w)
+    }
+
+    async fn save<S: StateStore>(&self, store: &S, outcome: &BatchOutcome) -> Result<()> {
+        let saved = store.fields(&self.key).await?;
+        let mut fields = Vec::new();
+        for (p, (next, wm)) in &outcome.commit {
+            if *wm == i64::MIN {
+                continue;
+            }
+            if let Some(last) = saved.get(&format!("{p}.last")) {
+                fields.push((format!("{p}.prev"), last.clone()));
+            }
+            fields.push((format!("{p}.last"), format!("{next}:{wm}")));
+        }
+        store.set_fields(&self.key, &fields).await
+    }
+}
+
 fn kafka(e: rdkafka::error::KafkaError) -> Error {
     Error::Kafka(e.to_string())
 }
@@ -158,6 +210,7 @@ pub async fn run<S: StateStore + Clone>(
         }
         None => None,
     };
+    let checkpoints = Checkpoints::new(&config);
     let mut buffer: Vec<Message> = Vec::with_capacity(config.max_batch);
     let mut oldest: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
@@ -209,6 +262,7 @@ pub async fn run<S: StateStore + Clone>(
             &mut processor,
             &mut buffer,
             &mut assigned,
+            &checkpoints,
         )
         .await?
         {
@@ -226,6 +280,7 @@ pub async fn run<S: StateStore + Clone>(
                 &metrics,
                 &mut buffer,
                 archive.as_mut(),
+                &checkpoints,
             )
             .await?;
             oldest = None;
@@ -238,6 +293,7 @@ pub async fn run<S: StateStore + Clone>(
         &mut processor,
         &mut buffer,
         &mut assigned,
+        &checkpoints,
     )
     .await?;
     if !buffer.is_empty() {
@@ -249,6 +305,7 @@ pub async fn run<S: StateStore + Clone>(
             &metrics,
             &mut buffer,
             archive.as_mut(),
+            &checkpoints,
         )
         .await?;
     }
@@ -317,6 +374,7 @@ async fn handle_rebalances(
     processor: &mut Processor<impl StateStore>,
     buffer: &mut Vec<Message>,
     assigned: &mut BTreeMap<i32, ()>,
+    checkpoints: &Checkpoints,
 ) -> Result<Vec<(i32, Option<i64>)>> {
     let mut newly = Vec::new();
     while let Ok(event) = rebalances.try_recv() {
@@ -341,19 +399,21 @@ async fn handle_rebalances(
                 .await
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .map_err(kafka)?;
+                let saved = checkpoints.load(processor.store()).await?;
                 for e in committed.elements() {
-                    let wm = e
-                        .metadata()
-                        .strip_prefix(WM_PREFIX)
-                        .and_then(|v| v.parse::<i64>().ok());
-                    tracing::info!(partition = e.partition(), offset = ?e.offset(), watermark = ?wm, "partition assigned");
-                    processor.assign(e.partition(), wm);
-                    assigned.insert(e.partition(), ());
-                    let committed = match e.offset() {
+                    let offset = match e.offset() {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     };
-                    newly.push((e.partition(), committed));
+                    let wm = e
+                        .metadata()
+                        .strip_prefix(WM_PREFIX)
+                        .and_then(|v| v.parse::<i64>().ok())
+                        .or_else(|| Checkpoints::watermark_at(&saved, e.partition(), offset));
+                    tracing::info!(partition = e.partition(), offset = ?e.offset(), watermark = ?wm, "partition assigned");
+                    processor.assign(e.partition(), wm);
+                    assigned.insert(e.partition(), ());
+                    newly.push((e.partition(), offset));
                 }
             }
         }
@@ -414,6 +474,7 @@ async fn flush<S: StateStore>(
     metrics: &SpeedMetrics,
     buffer: &mut Vec<Message>,
     archive: Option<&mut Archive>,
+    checkpoints: &Checkpoints,
 ) -> Result<()> {
     let started = Instant::now();
     let messages = std::mem::take(buffer);
@@ -442,6 +503,7 @@ async fn flush<S: StateStore>(
     if let Some(archive) = archive {
         archive.write(&outcome).await?;
     }
+    checkpoints.save(processor.store(), &outcome).await?;
     let mut backoff = Duration::from_millis(100);
     while let Err(e) = commit(consumer, &config.topic, &outcome).await {
         if backoff > Duration::from_secs(30) {

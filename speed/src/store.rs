@@ -54,6 +54,10 @@ pub trait StateStore: Send + Sync + 'static {
     fn counters(&self, hash: &str) -> impl Future<Output = Result<HashMap<String, i64>>> + Send;
     /// Sets `key` to `value` unless it holds something else; returns what it holds after.
     fn claim(&self, key: &str, value: &str) -> impl Future<Output = Result<String>> + Send;
+    /// Every field of a hash of text values.
+    fn fields(&self, hash: &str) -> impl Future<Output = Result<HashMap<String, String>>> + Send;
+    /// Sets fields of a hash of text values, all at once.
+    fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// A process-local store with the same semantics (including expiry).
@@ -66,6 +70,7 @@ pub struct MemoryStore {
 struct MemoryInner {
     values: HashMap<String, (Versioned, Instant)>,
     hashes: HashMap<String, HashMap<String, i64>>,
+    text_hashes: HashMap<String, HashMap<String, String>>,
     strings: HashMap<String, String>,
 }
 
@@ -172,6 +177,19 @@ impl StateStore for MemoryStore {
             .entry(key.to_string())
             .or_insert_with(|| value.to_string())
             .clone())
+    }
+
+    async fn fields(&self, hash: &str) -> Result<HashMap<String, String>> {
+        Ok(self.inner.lock().expect("not poisoned").text_hashes.get(hash).cloned().unwrap_or_default())
+    }
+
+    async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        let h = g.text_hashes.entry(hash.to_string()).or_default();
+        for (k, v) in fields {
+            h.insert(k.clone(), v.clone());
+        }
+        Ok(())
     }
 }
 
@@ -418,6 +436,34 @@ impl StateStore for RedisStore {
             .await
             .map_err(|e| redis_err(&self.url, e))
     }
+
+    async fn fields(&self, hash: &str) -> Result<HashMap<String, String>> {
+        self.hgetall(hash).await
+    }
+
+    async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
+        self.hset(hash, fields).await
+    }
+}
+
+impl RedisStore {
+    async fn hgetall(&self, hash: &str) -> Result<HashMap<String, String>> {
+        let mut con = self.connection()?;
+        redis::cmd("HGETALL").arg(hash).query_async(&mut con).await.map_err(|e| redis_err(&self.url, e))
+    }
+
+    async fn hset(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let mut con = self.connection()?;
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(hash);
+        for (k, v) in fields {
+            cmd.arg(k).arg(v);
+        }
+        cmd.query_async::<()>(&mut con).await.map_err(|e| redis_err(&self.url, e))
+    }
 }
 
 fn escape_glob(s: &str) -> String {
@@ -486,5 +532,11 @@ impl StateStore for AnyStore {
     }
     async fn claim(&self, key: &str, value: &str) -> Result<String> {
         both!(self, s => s.claim(key, value).await)
+    }
+    async fn fields(&self, hash: &str) -> Result<HashMap<String, String>> {
+        both!(self, s => s.fields(hash).await)
+    }
+    async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
+        both!(self, s => s.set_fields(hash, fields).await)
     }
 }
