@@ -89,11 +89,11 @@ impl Lease {
                         loc.store
                             .put(&path, body.into())
                             .await
-                            .map_err(|e| storage(&path, e))?;
+                            .map_err(|e| storage(loc, e))?;
                         return Ok(Lease::start(loc.clone(), path, info));
                     }
                 }
-                Err(e) => return Err(storage(&path, e)),
+                Err(e) => return Err(storage(loc, e)),
             }
             match Self::holder(loc, &path).await? {
                 Some(h) if h.expires_ms > now && (h.host != host || process_alive(h.pid)) => {
@@ -124,11 +124,11 @@ impl Lease {
     async fn holder(loc: &Location, path: &Path) -> Result<Option<LeaseInfo>> {
         match loc.store.get(path).await {
             Ok(r) => {
-                let bytes = r.bytes().await.map_err(|e| storage(path, e))?;
+                let bytes = r.bytes().await.map_err(|e| storage(loc, e))?;
                 Ok(serde_json::from_slice(&bytes).ok())
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(storage(path, e)),
+            Err(e) => Err(storage(loc, e)),
         }
     }
 
@@ -172,8 +172,8 @@ impl Drop for Lease {
     }
 }
 
-fn storage(path: &Path, e: object_store::Error) -> Error {
-    Error::Storage(format!("lease {path}: {e}"))
+fn storage(loc: &Location, e: object_store::Error) -> Error {
+    Error::Storage(format!("cannot take the batch lease on {}: {e}", loc.url))
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Black-box tests: they drive the real `duet` binary and its HTTP API, as users and scripts do.
 
+mod batch;
 mod check;
 mod common;
 mod foundation;
