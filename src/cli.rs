@@ -407,7 +407,10 @@ async fn run_check(spec: duet_spec::Spec, args: CheckArgs, config: &Config) -> a
         Some(t) => instant(t, "--as-of")?,
         None => duet_speed::now_ms(),
     };
-    let kafka = match (args.brokers.or(config.brokers.clone()), args.topic.or(config.topic.clone())) {
+    let kafka = match (
+        args.brokers.or(config.brokers.clone()),
+        args.topic.or(config.topic.clone()),
+    ) {
         (Some(b), Some(t)) => Some((b, t)),
         _ => None,
     };
@@ -416,7 +419,10 @@ async fn run_check(spec: duet_spec::Spec, args: CheckArgs, config: &Config) -> a
         events: required(&args.events, &config.events, "events")?,
         store: required(&args.store, &config.store, "store")?,
         redis: required(&args.redis, &config.redis, "redis")?,
-        prefix: args.prefix.or(config.prefix.clone()).unwrap_or_else(|| "duet:".into()),
+        prefix: args
+            .prefix
+            .or(config.prefix.clone())
+            .unwrap_or_else(|| "duet:".into()),
         report_dir: args.report.clone(),
         kafka,
         max_mismatch_rate: args.max_mismatch_rate,

@@ -41,11 +41,19 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir)?;
     let events_dir = dir.join("events");
     let store_dir = dir.join("store");
-    std::fs::create_dir_all(&events_dir).with_context(|| format!("cannot create {}", events_dir.display()))?;
+    std::fs::create_dir_all(&events_dir)
+        .with_context(|| format!("cannot create {}", events_dir.display()))?;
     let now = duet_speed::now_ms();
     let live_from = now - 2 * HOUR_MS;
 
-    step(1, started, &format!("generating {} days of history for {} users", args.days, args.users));
+    step(
+        1,
+        started,
+        &format!(
+            "generating {} days of history for {} users",
+            args.days, args.users
+        ),
+    );
     let history = GenerateOptions::new(args.users, args.days, live_from, 42);
     let records = generate(&history);
     let file = std::fs::File::create(events_dir.join("history.parquet"))?;
@@ -53,7 +61,11 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     // The live stream is archived by the speed layer; an earlier run's archive is stale.
     let _ = std::fs::remove_dir_all(events_dir.join("archive"));
 
-    step(2, started, "backfilling a week of daily batch snapshots with DataFusion");
+    step(
+        2,
+        started,
+        "backfilling a week of daily batch snapshots with DataFusion",
+    );
     let today = floor_to(now, DAY_MS);
     let job = duet_batch::run::BatchJob {
         events: events_dir.join("history.parquet").display().to_string(),
@@ -72,12 +84,17 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
         report.dead_letters.as_deref().unwrap_or("-")
     );
 
-    step(3, started, "streaming the last two hours of events through the speed layer");
+    step(
+        3,
+        started,
+        "streaming the last two hours of events through the speed layer",
+    );
     let mock;
     let brokers = match &args.brokers {
         Some(b) => b.clone(),
         None => {
-            mock = rdkafka::mocking::MockCluster::new(1).context("cannot start the in-process Kafka broker")?;
+            mock = rdkafka::mocking::MockCluster::new(1)
+                .context("cannot start the in-process Kafka broker")?;
             mock.create_topic("events", 3, 1)?;
             mock.create_topic("events.dead-letters", 1, 1)?;
             mock.bootstrap_servers()
@@ -85,7 +102,10 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     };
     let mut live = GenerateOptions::new(args.users, 1, now, 7);
     live.events = Some(args.users * 20);
-    let live_records: Vec<_> = generate(&live).into_iter().filter(|e| e.ts >= live_from).collect();
+    let live_records: Vec<_> = generate(&live)
+        .into_iter()
+        .filter(|e| e.ts >= live_from)
+        .collect();
     let mut lines = Vec::new();
     write_jsonl(&live_records, 7, &mut lines)?;
     let produced = produce(&brokers, "events", &lines).await?;
@@ -108,11 +128,24 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
         archive: Some(events_dir.join("archive").display().to_string()),
         kafka_options: vec![("session.timeout.ms".into(), "6000".into())],
     };
-    let speed = tokio::spawn(duet_speed::consumer::run(plan.clone(), state.clone(), speed_config, metrics.clone(), shutdown.clone()));
+    let speed = tokio::spawn(duet_speed::consumer::run(
+        plan.clone(),
+        state.clone(),
+        speed_config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let seen = metrics.events.get() + metrics.duplicates.get() + metrics.late.get()
-            + metrics.invalid.lock().expect("not poisoned").values().sum::<u64>();
+        let seen = metrics.events.get()
+            + metrics.duplicates.get()
+            + metrics.late.get()
+            + metrics
+                .invalid
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .sum::<u64>();
         if seen >= produced {
             break;
         }
@@ -122,20 +155,38 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
                 _ => anyhow::bail!("the speed layer stopped early"),
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "the speed layer consumed {seen} of {produced} events in 90 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the speed layer consumed {seen} of {produced} events in 90 s"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("      {produced} messages consumed: {} applied, {} duplicates, {} late", metrics.events.get(), metrics.duplicates.get(), metrics.late.get());
+    eprintln!(
+        "      {produced} messages consumed: {} applied, {} duplicates, {} late",
+        metrics.events.get(),
+        metrics.duplicates.get(),
+        metrics.late.get()
+    );
 
     step(4, started, "starting the feature server");
     let store = duet_batch::store::resolve(&store_dir.display().to_string())?;
     let (log, _log_task) = duet_serving::served_log::ServedLog::start(
         store.clone(),
-        duet_serving::served_log::LogConfig { sample: 1.0, max_files: 200, flush_every: Duration::from_millis(200), capacity: 10_000 },
+        duet_serving::served_log::LogConfig {
+            sample: 1.0,
+            max_files: 200,
+            flush_every: Duration::from_millis(200),
+            capacity: 10_000,
+        },
         shutdown.clone(),
     );
-    let serve_config = duet_serving::server::ServeConfig { prefix: "duet-demo:".into(), ..Default::default() };
-    let app = duet_serving::server::App::new(spec.clone(), store, state.clone(), serve_config, Some(log)).await?;
+    let serve_config = duet_serving::server::ServeConfig {
+        prefix: "duet-demo:".into(),
+        ..Default::default()
+    };
+    let app =
+        duet_serving::server::App::new(spec.clone(), store, state.clone(), serve_config, Some(log))
+            .await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (serve_app, listen, serve_shutdown) = (app.clone(), args.listen.clone(), shutdown.clone());
     let server = tokio::spawn(async move {
@@ -146,7 +197,11 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     });
     let addr = rx.await.context("the server did not start")?;
 
-    step(5, started, "merged feature vectors (batch snapshot + live state), as served");
+    step(
+        5,
+        started,
+        "merged feature vectors (batch snapshot + live state), as served",
+    );
     let mut active: Vec<u32> = live_records.iter().rev().map(|e| e.user).collect();
     active.dedup();
     active.truncate(3);
@@ -159,7 +214,11 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    step(6, started, "consistency check: speed state and served vectors against the offline log");
+    step(
+        6,
+        started,
+        "consistency check: speed state and served vectors against the offline log",
+    );
     let check = duet_check::CheckRequest {
         as_of: duet_speed::now_ms(),
         events: events_dir.display().to_string(),
@@ -172,14 +231,19 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     };
     let report = duet_check::run_check_with(&spec, &check, &state).await?;
     print_summary(&report, &dir.join("report").join("report.html"));
-    eprintln!("      demo ready in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "      demo ready in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
 
     if args.no_serve {
         shutdown.cancel();
     } else {
         println!("\nServing on http://{addr} (Ctrl-C to stop). Try:");
         println!("  curl http://{addr}/v1/features/{sample_user}");
-        println!("  curl -X POST http://{addr}/get-online-features -d '{{\"features\": [\"user_batch:txn_count_90d\", \"user_realtime:txn_count_1h\"], \"entities\": {{\"user_id\": [\"{sample_user}\"]}}}}'");
+        println!(
+            "  curl -X POST http://{addr}/get-online-features -d '{{\"features\": [\"user_batch:txn_count_90d\", \"user_realtime:txn_count_1h\"], \"entities\": {{\"user_id\": [\"{sample_user}\"]}}}}'"
+        );
     }
     let _ = server.await;
     let _ = speed.await;
@@ -189,7 +253,11 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
 fn print_summary(r: &duet_check::Report, html: &Path) {
     println!("\nConsistency: {}", if r.ok { "PASS" } else { "FAIL" });
     for (name, section) in [("speed state", &r.state), ("served", &r.served)] {
-        let worst = section.features.iter().map(|f| f.mismatch_rate).fold(0.0f64, f64::max);
+        let worst = section
+            .features
+            .iter()
+            .map(|f| f.mismatch_rate)
+            .fold(0.0f64, f64::max);
         println!(
             "  {name:<12} {} compared, {} features, {} mismatching values, worst mismatch rate {:.4}%",
             section.items,
@@ -209,7 +277,9 @@ async fn produce(brokers: &str, topic: &str, lines: &[u8]) -> anyhow::Result<u64
         .context("cannot create a Kafka producer")?;
     let mut pending = Vec::new();
     for line in lines.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let key = duet_spec::event::parse_json_event(line).ok().map(|e| e.user_id.into_owned());
+        let key = duet_spec::event::parse_json_event(line)
+            .ok()
+            .map(|e| e.user_id.into_owned());
         let mut record = FutureRecord::to(topic).payload(line);
         if let Some(k) = &key {
             record = record.key(k);
@@ -224,14 +294,32 @@ async fn produce(brokers: &str, topic: &str, lines: &[u8]) -> anyhow::Result<u64
         d.map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
     }
     producer.flush(Duration::from_secs(30))?;
-    eprintln!("      produced {n} messages to `{topic}` at {brokers} ({})", format_ms(duet_speed::now_ms()));
+    eprintln!(
+        "      produced {n} messages to `{topic}` at {brokers} ({})",
+        format_ms(duet_speed::now_ms())
+    );
     Ok(n)
 }
 
-async fn futures_lite(pending: Vec<rdkafka::producer::DeliveryFuture>) -> Vec<rdkafka::producer::future_producer::OwnedDeliveryResult> {
+async fn futures_lite(
+    pending: Vec<rdkafka::producer::DeliveryFuture>,
+) -> Vec<rdkafka::producer::future_producer::OwnedDeliveryResult> {
     let mut out = Vec::with_capacity(pending.len());
     for d in pending {
-        out.push(d.await.unwrap_or_else(|_| Err((rdkafka::error::KafkaError::Canceled, rdkafka::message::OwnedMessage::new(None, None, String::new(), rdkafka::Timestamp::NotAvailable, 0, 0, None)))));
+        out.push(d.await.unwrap_or_else(|_| {
+            Err((
+                rdkafka::error::KafkaError::Canceled,
+                rdkafka::message::OwnedMessage::new(
+                    None,
+                    None,
+                    String::new(),
+                    rdkafka::Timestamp::NotAvailable,
+                    0,
+                    0,
+                    None,
+                ),
+            ))
+        }));
     }
     out
 }

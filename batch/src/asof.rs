@@ -65,7 +65,11 @@ fn running(
 
 /// Adds session columns for every session feature: `g{gap}_sid` numbers sessions per entity,
 /// and `f{j}_sess` (plus `f{j}_sess_n`) holds the feature's running value in its session.
-fn with_sessions(ev: DataFrame, key: &str, features: &[(&View, &Feature)]) -> Result<DataFrame> {
+async fn with_sessions(
+    ev: DataFrame,
+    key: &str,
+    features: &[(&View, &Feature)],
+) -> Result<DataFrame> {
     let mut gaps: Vec<i64> = features
         .iter()
         .filter_map(|(_, f)| match f.extent {
@@ -111,7 +115,10 @@ fn with_sessions(ev: DataFrame, key: &str, features: &[(&View, &Feature)]) -> Re
             })
             .map_err(df_err)?;
     }
-    let mut windows = Vec::new();
+    // One window node per session grouping: DataFusion plans a window node per sort key.
+    let mut windows: std::collections::BTreeMap<i64, Vec<(Expr, String)>> =
+        std::collections::BTreeMap::new();
+    let mut copies: Vec<(String, String)> = Vec::new();
     let mut durations = Vec::new();
     for (j, (_, f)) in features.iter().enumerate() {
         let (Extent::Session { gap }, Aggregation::Measure(m)) = (f.extent, &f.aggregation) else {
@@ -154,18 +161,39 @@ fn with_sessions(ev: DataFrame, key: &str, features: &[(&View, &Feature)]) -> Re
             }
             Agg::CountDistinct => unreachable!("validated: not over sessions"),
         };
-        windows.push(value.alias(format!("f{j}_sess")));
+        let group = windows.entry(gap.as_ms()).or_default();
+        let name = if m.agg == Agg::Duration {
+            format!("f{j}_first")
+        } else {
+            format!("f{j}_sess")
+        };
+        // Identical window expressions are computed once (DataFusion keeps one of each); a
+        // second feature asking for one gets a copy of the first's column.
+        let mut add = |expr: Expr, name: String| match group.iter().find(|(e, _)| *e == expr) {
+            Some((_, first)) => copies.push((name, first.clone())),
+            None => group.push((expr, name)),
+        };
+        add(value, name);
         if let Some(n) = n {
-            windows.push(n.alias(format!("f{j}_sess_n")));
+            add(n, format!("f{j}_sess_n"));
         }
     }
-    let mut ev = ev.window(windows).map_err(df_err)?;
+    let mut ev = ev;
+    for (_, group) in windows {
+        ev = ev
+            .window(group.into_iter().map(|(e, name)| e.alias(name)).collect())
+            .map_err(df_err)?;
+    }
+    for (name, first) in copies {
+        ev = ev.with_column(&name, col(first)).map_err(df_err)?;
+    }
     // A window function must stand alone in its projection: the session's first time comes
     // out of the window, the duration is derived from it afterwards.
     for j in durations {
-        let first = format!("f{j}_sess");
-        let duration = cast(col(MS) - col(&first), DataType::Float64) / lit(1000.0);
-        ev = ev.with_column(&first, duration).map_err(df_err)?;
+        let duration = cast(col(MS) - col(format!("f{j}_first")), DataType::Float64) / lit(1000.0);
+        ev = ev
+            .with_column(&format!("f{j}_sess"), duration)
+            .map_err(df_err)?;
     }
     Ok(ev)
 }
@@ -209,8 +237,13 @@ fn measure_aggs(m: &Measure, within: Expr, alias: &str) -> Result<Vec<Expr>> {
     Ok(match m.agg {
         Agg::Count => vec![build(count(lit(1)), keep)?.alias(format!("{alias}_n"))],
         Agg::CountDistinct => {
+            // The filter goes inside: DataFusion 55 drops an aggregate FILTER on a DISTINCT
+            // count when it plans it in two phases.
             let v = value_expr(m.value.as_ref().expect("validated"))?;
-            vec![build(count_distinct(v), keep)?.alias(format!("{alias}_n"))]
+            let kept = when(keep, v)
+                .otherwise(lit(datafusion::scalar::ScalarValue::Null))
+                .map_err(df_err)?;
+            vec![count_distinct(kept).alias(format!("{alias}_n"))]
         }
         Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
             let v = value_expr(m.value.as_ref().expect("validated"))?;
@@ -385,7 +418,7 @@ pub async fn streaming_as_of(
     )
     .map_err(|e| Error::Internal(e.to_string()))?;
     let rows = ctx.read_batch(batch).map_err(df_err)?;
-    let ev = with_sessions(ev, key, features)?;
+    let ev = with_sessions(ev, key, features).await?;
     let result = rows_query(ev, rows, key, features)?
         .collect()
         .await

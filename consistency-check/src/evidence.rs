@@ -38,12 +38,25 @@ fn index(pairs: impl Iterator<Item = (String, i64, String)>) -> ByEntity {
 
 impl Evidence {
     /// Indexes the log and, when given `(brokers, topic)`, everything on the topic.
-    pub async fn gather(log: &EventLog, kafka: Option<&(String, String)>, late: i64) -> Result<Evidence> {
+    pub async fn gather(
+        log: &EventLog,
+        kafka: Option<&(String, String)>,
+        late: i64,
+    ) -> Result<Evidence> {
         let log_index = index(log.batches.iter().flat_map(|b| {
             let ids = b.column(0).as_string::<i32>().clone();
             let users = b.column(1).as_string::<i32>().clone();
-            let ts = b.column(4).as_primitive::<TimestampMillisecondType>().clone();
-            (0..b.num_rows()).map(move |i| (users.value(i).to_string(), ts.value(i), ids.value(i).to_string()))
+            let ts = b
+                .column(4)
+                .as_primitive::<TimestampMillisecondType>()
+                .clone();
+            (0..b.num_rows()).map(move |i| {
+                (
+                    users.value(i).to_string(),
+                    ts.value(i),
+                    ids.value(i).to_string(),
+                )
+            })
         }));
         let kafka = match kafka {
             Some((brokers, topic)) => {
@@ -56,7 +69,11 @@ impl Evidence {
             }
             None => None,
         };
-        Ok(Evidence { log: log_index, kafka, late })
+        Ok(Evidence {
+            log: log_index,
+            kafka,
+            late,
+        })
     }
 
     /// Entities with logged events in `[from, to)`.
@@ -71,8 +88,12 @@ impl Evidence {
     /// The most likely cause of a disagreement for `entity` over events in `window`.
     pub fn classify(&self, entity: &str, window: (i64, i64), has_state: bool) -> String {
         fn in_window(evs: Option<&Vec<(i64, String)>>, window: (i64, i64)) -> Vec<&(i64, String)> {
-            evs.map(|v| v.iter().filter(|(ts, _)| *ts >= window.0 && *ts < window.1).collect())
-                .unwrap_or_default()
+            evs.map(|v| {
+                v.iter()
+                    .filter(|(ts, _)| *ts >= window.0 && *ts < window.1)
+                    .collect()
+            })
+            .unwrap_or_default()
         }
         let logged = in_window(self.log.get(entity), window);
         if let Some(kafka) = &self.kafka {
@@ -87,7 +108,11 @@ impl Evidence {
             }
         }
         if !has_state && !logged.is_empty() {
-            return if self.late > 0 { "late_events".into() } else { "state_missing_or_expired".into() };
+            return if self.late > 0 {
+                "late_events".into()
+            } else {
+                "state_missing_or_expired".into()
+            };
         }
         if self.late > 0 {
             return "late_events".into();
@@ -114,7 +139,9 @@ fn read_topic(brokers: &str, topic: &str) -> Result<ByEntity> {
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(Error::BadInput(format!("--topic `{topic}` does not exist on {brokers}")));
+        return Err(Error::BadInput(format!(
+            "--topic `{topic}` does not exist on {brokers}"
+        )));
     }
     let mut tpl = TopicPartitionList::new();
     let mut remaining = HashMap::new();
@@ -123,20 +150,28 @@ fn read_topic(brokers: &str, topic: &str) -> Result<ByEntity> {
             .fetch_watermarks(topic, *p, Duration::from_secs(10))
             .map_err(|e| Error::Read(e.to_string()))?;
         if high > low {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(low)).map_err(|e| Error::Read(e.to_string()))?;
+            tpl.add_partition_offset(topic, *p, Offset::Offset(low))
+                .map_err(|e| Error::Read(e.to_string()))?;
             remaining.insert(*p, high);
         }
     }
-    consumer.assign(&tpl).map_err(|e| Error::Read(e.to_string()))?;
+    consumer
+        .assign(&tpl)
+        .map_err(|e| Error::Read(e.to_string()))?;
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(600);
     while !remaining.is_empty() && std::time::Instant::now() < deadline {
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
         let m = msg.map_err(|e| Error::Read(e.to_string()))?;
         if let Some(e) = m.payload().and_then(|p| parse_json_event(p).ok()) {
             out.push((e.user_id.into_owned(), e.ts, e.event_id.into_owned()));
         }
-        if remaining.get(&m.partition()).is_some_and(|high| m.offset() + 1 >= *high) {
+        if remaining
+            .get(&m.partition())
+            .is_some_and(|high| m.offset() + 1 >= *high)
+        {
             remaining.remove(&m.partition());
         }
     }

@@ -50,13 +50,21 @@ impl Error {
 
 impl From<duet_batch::Error> for Error {
     fn from(e: duet_batch::Error) -> Self {
-        if e.is_bad_input() { Error::BadInput(e.to_string()) } else { Error::Read(e.to_string()) }
+        if e.is_bad_input() {
+            Error::BadInput(e.to_string())
+        } else {
+            Error::Read(e.to_string())
+        }
     }
 }
 
 impl From<duet_speed::Error> for Error {
     fn from(e: duet_speed::Error) -> Self {
-        if e.is_bad_input() { Error::BadInput(e.to_string()) } else { Error::Read(e.to_string()) }
+        if e.is_bad_input() {
+            Error::BadInput(e.to_string())
+        } else {
+            Error::Read(e.to_string())
+        }
     }
 }
 
@@ -143,17 +151,35 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
     let log = read_event_log(&req.events).await?;
     let ctx = duet_batch::tiles::session();
     let served_records = duet_serving::served_log::read_all(&store_loc).await?;
-    let before = served_records.iter().map(|r| r.as_of_ms).max().unwrap_or(i64::MIN).max(req.as_of).saturating_add(1);
+    let before = served_records
+        .iter()
+        .map(|r| r.as_of_ms)
+        .max()
+        .unwrap_or(i64::MIN)
+        .max(req.as_of)
+        .saturating_add(1);
     let ev = duet_batch::tiles::deduplicated_events(&ctx, log.batches.clone(), before)
         .await?
         .cache()
         .await
         .map_err(|e| Error::Read(e.to_string()))?;
-    let counters: BTreeMap<String, i64> = state.counters(&stats_key(&req.prefix)).await?.into_iter().collect();
-    let evidence = Evidence::gather(&log, req.kafka.as_ref(), *counters.get("late").unwrap_or(&0)).await?;
+    let counters: BTreeMap<String, i64> = state
+        .counters(&stats_key(&req.prefix))
+        .await?
+        .into_iter()
+        .collect();
+    let evidence = Evidence::gather(
+        &log,
+        req.kafka.as_ref(),
+        *counters.get("late").unwrap_or(&0),
+    )
+    .await?;
 
     tracing::info!("comparing the speed layer's state");
-    let streaming: Vec<(&View, &Feature)> = spec.features().filter(|(v, _)| v.layer == Layer::Streaming).collect();
+    let streaming: Vec<(&View, &Feature)> = spec
+        .features()
+        .filter(|(v, _)| v.layer == Layer::Streaming)
+        .collect();
     let dump = duet_speed::dump::dump(state, &plan, &req.prefix, req.as_of).await?;
     let mut entities: Vec<String> = dump.entities.clone();
     entities.extend(dump.corrupt.iter().cloned());
@@ -161,13 +187,23 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
     entities.sort();
     entities.dedup();
     let times = vec![req.as_of; entities.len()];
-    let expected = duet_batch::asof::streaming_as_of(&ctx, ev.clone(), &entities, &times, &streaming).await?;
-    let in_dump: HashMap<&str, usize> = dump.entities.iter().enumerate().map(|(i, e)| (e.as_str(), i)).collect();
+    let expected =
+        duet_batch::asof::streaming_as_of(&ctx, ev.clone(), &entities, &times, &streaming).await?;
+    let in_dump: HashMap<&str, usize> = dump
+        .entities
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.as_str(), i))
+        .collect();
     let corrupt: HashSet<&str> = dump.corrupt.iter().map(String::as_str).collect();
     let mut state_stats = Vec::new();
     for (j, (view, f)) in streaming.iter().enumerate() {
         let mut st = FeatureStats::new(&view.name, &f.name);
-        let si = plan.features.iter().position(|x| x.feature.name == f.name).expect("planned");
+        let si = plan
+            .features
+            .iter()
+            .position(|x| x.feature.name == f.name)
+            .expect("planned");
         for (i, e) in entities.iter().enumerate() {
             let actual = match in_dump.get(e.as_str()) {
                 Some(&k) => dump.values[k][si],
@@ -190,7 +226,16 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
     }
 
     tracing::info!(records = served_records.len(), "comparing the served log");
-    let served_stats = served_section(spec, &ctx, ev, &store_loc, &served_records, &evidence, req.max_mismatch_rate).await?;
+    let served_stats = served_section(
+        spec,
+        &ctx,
+        ev,
+        &store_loc,
+        &served_records,
+        &evidence,
+        req.max_mismatch_rate,
+    )
+    .await?;
 
     let previous = report::previous_reports(&store_loc).await;
     let mut report = Report {
@@ -198,7 +243,11 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
         as_of_ms: req.as_of,
         generated_at: format_ms(duet_speed::now_ms()),
         state: Section {
-            description: format!("speed layer state (prefix `{}`) as of {} against the offline log", req.prefix, format_ms(req.as_of)),
+            description: format!(
+                "speed layer state (prefix `{}`) as of {} against the offline log",
+                req.prefix,
+                format_ms(req.as_of)
+            ),
             items: entities.len() as u64,
             features: state_stats,
         },
@@ -213,7 +262,12 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
         ok: true,
         trend: previous,
     };
-    report.ok = report.state.features.iter().chain(&report.served.features).all(|f| f.ok);
+    report.ok = report
+        .state
+        .features
+        .iter()
+        .chain(&report.served.features)
+        .all(|f| f.ok);
     report::write(&report, &req.report_dir, &store_loc).await?;
     Ok(report)
 }
@@ -254,17 +308,28 @@ async fn served_section(
     if records.is_empty() {
         return Ok(out);
     }
-    let streaming: Vec<(&View, &Feature)> = spec.features().filter(|(v, _)| v.layer == Layer::Streaming).collect();
-    let stream_cols = duet_batch::asof::streaming_as_of(ctx, ev.clone(), &keys, &times, &streaming).await?;
-    let mut expected: HashMap<String, ArrayRef> = streaming.iter().zip(stream_cols).map(|((_, f), c)| (f.name.clone(), c)).collect();
+    let streaming: Vec<(&View, &Feature)> = spec
+        .features()
+        .filter(|(v, _)| v.layer == Layer::Streaming)
+        .collect();
+    let stream_cols =
+        duet_batch::asof::streaming_as_of(ctx, ev.clone(), &keys, &times, &streaming).await?;
+    let mut expected: HashMap<String, ArrayRef> = streaming
+        .iter()
+        .zip(stream_cols)
+        .map(|((_, f), c)| (f.name.clone(), c))
+        .collect();
     let rows = EntityRows {
-        batch: arrow::record_batch::RecordBatch::new_empty(Arc::new(arrow::datatypes::Schema::empty())),
+        batch: arrow::record_batch::RecordBatch::new_empty(Arc::new(
+            arrow::datatypes::Schema::empty(),
+        )),
         keys: keys.clone(),
         ts: times.clone(),
     };
     for view in spec.views_of(Layer::Batch) {
         let wanted: Vec<&Feature> = view.features.iter().collect();
-        let cols = duet_batch::pit::batch_values(view, &wanted, &rows, ev.clone(), Some(store)).await?;
+        let cols =
+            duet_batch::pit::batch_values(view, &wanted, &rows, ev.clone(), Some(store)).await?;
         for (f, c) in wanted.iter().zip(cols) {
             expected.insert(f.name.clone(), c);
         }
@@ -273,19 +338,28 @@ async fn served_section(
         let mut st = FeatureStats::new(&view.name, &f.name);
         let col = &expected[&f.name];
         for (i, r) in records.iter().enumerate() {
-            let Some(actual) = r.values.get(&f.name) else { continue };
+            let Some(actual) = r.values.get(&f.name) else {
+                continue;
+            };
             let exp = value_at(col, i, f.value_type);
-            st.add(&f.tolerance, *actual, exp, &r.entity, r.as_of_ms, || match view.layer {
-                Layer::Batch => {
-                    let s = floor_to(r.as_of_ms, view.cadence.as_ms());
-                    match r.snapshots.get(&view.name) {
-                        None => "missing_snapshot".into(),
-                        Some(used) if *used < s => "stale_snapshot".into(),
-                        Some(_) => "snapshot_differs_from_log".into(),
+            st.add(
+                &f.tolerance,
+                *actual,
+                exp,
+                &r.entity,
+                r.as_of_ms,
+                || match view.layer {
+                    Layer::Batch => {
+                        let s = floor_to(r.as_of_ms, view.cadence.as_ms());
+                        match r.snapshots.get(&view.name) {
+                            None => "missing_snapshot".into(),
+                            Some(used) if *used < s => "stale_snapshot".into(),
+                            Some(_) => "snapshot_differs_from_log".into(),
+                        }
                     }
-                }
-                Layer::Streaming => evidence.classify(&r.entity, window(f, r.as_of_ms), true),
-            });
+                    Layer::Streaming => evidence.classify(&r.entity, window(f, r.as_of_ms), true),
+                },
+            );
         }
         st.finish(max_rate);
         out.push(st);

@@ -16,12 +16,19 @@ const REPORTS: &str = "reports";
 /// Earlier reports' per-feature mismatch rates, oldest first (at most 30).
 pub async fn previous_reports(store: &Location) -> Vec<TrendPoint> {
     let prefix = store.child(REPORTS);
-    let Ok(files) = store.store.list(Some(&prefix)).try_collect::<Vec<_>>().await else {
+    let Ok(files) = store
+        .store
+        .list(Some(&prefix))
+        .try_collect::<Vec<_>>()
+        .await
+    else {
         return vec![];
     };
     let mut points = Vec::new();
     for f in files {
-        let Ok(r) = store.store.get(&f.location).await else { continue };
+        let Ok(r) = store.store.get(&f.location).await else {
+            continue;
+        };
         let Ok(bytes) = r.bytes().await else { continue };
         if let Ok(report) = serde_json::from_slice::<Report>(&bytes) {
             points.push(point(&report));
@@ -48,11 +55,17 @@ fn point(r: &Report) -> TrendPoint {
 /// Writes `report.json` and `report.html` into `dir`, and keeps the JSON in the store for
 /// later trends.
 pub async fn write(report: &Report, dir: &Path, store: &Location) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::BadInput(format!("--report {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::BadInput(format!("--report {}: {e}", dir.display())))?;
     let json = serde_json::to_string_pretty(report).expect("serializable");
-    std::fs::write(dir.join("report.json"), &json).map_err(|e| Error::Read(format!("cannot write {}: {e}", dir.display())))?;
-    std::fs::write(dir.join("report.html"), html(report)).map_err(|e| Error::Read(format!("cannot write {}: {e}", dir.display())))?;
-    let key = format!("{REPORTS}/{}.json", duet_batch::publish::as_of_key(report.as_of_ms));
+    std::fs::write(dir.join("report.json"), &json)
+        .map_err(|e| Error::Read(format!("cannot write {}: {e}", dir.display())))?;
+    std::fs::write(dir.join("report.html"), html(report))
+        .map_err(|e| Error::Read(format!("cannot write {}: {e}", dir.display())))?;
+    let key = format!(
+        "{REPORTS}/{}.json",
+        duet_batch::publish::as_of_key(report.as_of_ms)
+    );
     store
         .store
         .put(&store.child(&key), json.into())
@@ -62,18 +75,30 @@ pub async fn write(report: &Report, dir: &Path, store: &Location) -> Result<(), 
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn table(out: &mut String, title: &str, description: &str, items: u64, features: &[FeatureStats]) {
-    let _ = writeln!(out, "<h2>{}</h2><p>{} &middot; {items} compared</p>", esc(title), esc(description));
+    let _ = writeln!(
+        out,
+        "<h2>{}</h2><p>{} &middot; {items} compared</p>",
+        esc(title),
+        esc(description)
+    );
     if features.is_empty() {
         out.push_str("<p><em>nothing to compare</em></p>");
         return;
     }
     out.push_str("<table><tr><th>feature</th><th>compared</th><th>mismatches</th><th>rate</th><th>missing</th><th>extra</th><th>mean |diff|</th><th>max |diff|</th><th>SMAPE %</th><th>causes</th><th></th></tr>");
     for f in features {
-        let causes: Vec<String> = f.causes.iter().map(|(k, v)| format!("{} {v}", esc(k))).collect();
+        let causes: Vec<String> = f
+            .causes
+            .iter()
+            .map(|(k, v)| format!("{} {v}", esc(k)))
+            .collect();
         let _ = write!(
             out,
             "<tr class=\"{}\"><td>{}:{}</td><td>{}</td><td>{}</td><td>{:.4}%</td><td>{}</td><td>{}</td><td>{:.6}</td><td>{:.6}</td><td>{:.4}</td><td>{}</td><td>{}</td></tr>",
@@ -92,9 +117,21 @@ fn table(out: &mut String, title: &str, description: &str, items: u64, features:
             if f.ok { "&#10003;" } else { "&#10007;" }
         );
         if !f.examples.is_empty() {
-            let _ = write!(out, "<tr><td colspan=\"11\"><details><summary>{} examples</summary><table class=\"ex\"><tr><th>entity</th><th>as of</th><th>actual</th><th>expected</th><th>cause</th></tr>", f.examples.len());
+            let _ = write!(
+                out,
+                "<tr><td colspan=\"11\"><details><summary>{} examples</summary><table class=\"ex\"><tr><th>entity</th><th>as of</th><th>actual</th><th>expected</th><th>cause</th></tr>",
+                f.examples.len()
+            );
             for e in &f.examples {
-                let _ = write!(out, "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", esc(&e.entity), esc(&e.as_of), e.actual, e.expected, esc(&e.cause));
+                let _ = write!(
+                    out,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&e.entity),
+                    esc(&e.as_of),
+                    e.actual,
+                    e.expected,
+                    esc(&e.cause)
+                );
             }
             out.push_str("</table></details></td></tr>");
         }
@@ -106,8 +143,15 @@ fn bar_chart(out: &mut String, features: &[&FeatureStats]) {
     let w = 720.0;
     let row = 18.0;
     let h = row * features.len() as f64 + 30.0;
-    let max = features.iter().map(|f| f.mismatch_rate).fold(0.0f64, f64::max).max(1e-6);
-    let _ = write!(out, "<svg width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"mismatch rate per feature\">");
+    let max = features
+        .iter()
+        .map(|f| f.mismatch_rate)
+        .fold(0.0f64, f64::max)
+        .max(1e-6);
+    let _ = write!(
+        out,
+        "<svg width=\"{w}\" height=\"{h}\" role=\"img\" aria-label=\"mismatch rate per feature\">"
+    );
     for (i, f) in features.iter().enumerate() {
         let y = 10.0 + row * i as f64;
         let len = 380.0 * f.mismatch_rate / max;
@@ -137,10 +181,21 @@ fn trend_chart(out: &mut String, report: &Report) {
         return;
     }
     let (w, h) = (720.0, 200.0);
-    let max = points.iter().flat_map(|p| p.rates.values()).fold(0.0f64, |a, b| a.max(*b)).max(1e-6);
-    let features: std::collections::BTreeSet<&String> = points.iter().flat_map(|p| p.rates.keys()).collect();
-    let _ = write!(out, "<svg width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"mismatch rate trend\"><rect x=\"40\" y=\"10\" width=\"660\" height=\"{h}\" fill=\"none\" stroke=\"#ccc\"/>", h + 40.0);
-    let palette = ["#d44", "#48c", "#4a8", "#c84", "#84c", "#888", "#c48", "#4cc"];
+    let max = points
+        .iter()
+        .flat_map(|p| p.rates.values())
+        .fold(0.0f64, |a, b| a.max(*b))
+        .max(1e-6);
+    let features: std::collections::BTreeSet<&String> =
+        points.iter().flat_map(|p| p.rates.keys()).collect();
+    let _ = write!(
+        out,
+        "<svg width=\"{w}\" height=\"{}\" role=\"img\" aria-label=\"mismatch rate trend\"><rect x=\"40\" y=\"10\" width=\"660\" height=\"{h}\" fill=\"none\" stroke=\"#ccc\"/>",
+        h + 40.0
+    );
+    let palette = [
+        "#d44", "#48c", "#4a8", "#c84", "#84c", "#888", "#c48", "#4cc",
+    ];
     for (k, name) in features.iter().enumerate() {
         let pts: Vec<String> = points
             .iter()
@@ -151,9 +206,22 @@ fn trend_chart(out: &mut String, report: &Report) {
                 format!("{x:.1},{y:.1}")
             })
             .collect();
-        let _ = write!(out, "<polyline fill=\"none\" stroke=\"{}\" points=\"{}\"><title>{}</title></polyline>", palette[k % palette.len()], pts.join(" "), esc(name));
+        let _ = write!(
+            out,
+            "<polyline fill=\"none\" stroke=\"{}\" points=\"{}\"><title>{}</title></polyline>",
+            palette[k % palette.len()],
+            pts.join(" "),
+            esc(name)
+        );
     }
-    let _ = write!(out, "<text x=\"40\" y=\"{}\" font-size=\"11\">{}</text><text x=\"600\" y=\"{}\" font-size=\"11\">{}</text>", h + 30.0, esc(&points[0].as_of), h + 30.0, esc(&points[points.len() - 1].as_of));
+    let _ = write!(
+        out,
+        "<text x=\"40\" y=\"{}\" font-size=\"11\">{}</text><text x=\"600\" y=\"{}\" font-size=\"11\">{}</text>",
+        h + 30.0,
+        esc(&points[0].as_of),
+        h + 30.0,
+        esc(&points[points.len() - 1].as_of)
+    );
     out.push_str("</svg>");
 }
 
@@ -173,7 +241,11 @@ pub fn html(r: &Report) -> String {
         out,
         "<h1>duet consistency report</h1><p class=\"verdict {}\">{}</p><p>as of {} &middot; generated {} &middot; allowed mismatch rate {:.4}% &middot; Kafka compared: {}</p>",
         if r.ok { "pass" } else { "fail" },
-        if r.ok { "PASS: every feature agrees within its tolerance" } else { "FAIL: some features break their tolerance" },
+        if r.ok {
+            "PASS: every feature agrees within its tolerance"
+        } else {
+            "FAIL: some features break their tolerance"
+        },
         esc(&r.as_of),
         esc(&r.generated_at),
         100.0 * r.max_mismatch_rate,
@@ -184,8 +256,20 @@ pub fn html(r: &Report) -> String {
     bar_chart(&mut out, &all);
     out.push_str("<h2>Trend</h2>");
     trend_chart(&mut out, r);
-    table(&mut out, "Speed layer state", &r.state.description, r.state.items, &r.state.features);
-    table(&mut out, "Served features", &r.served.description, r.served.items, &r.served.features);
+    table(
+        &mut out,
+        "Speed layer state",
+        &r.state.description,
+        r.state.items,
+        &r.state.features,
+    );
+    table(
+        &mut out,
+        "Served features",
+        &r.served.description,
+        r.served.items,
+        &r.served.features,
+    );
     out.push_str("<h2>Speed layer counters</h2><table>");
     for (k, v) in &r.speed_counters {
         let _ = write!(out, "<tr><td>{}</td><td>{v}</td></tr>", esc(k));

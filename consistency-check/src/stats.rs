@@ -71,7 +71,15 @@ impl FeatureStats {
     }
 
     /// Compares one value; returns true when it agrees. `cause` explains a disagreement.
-    pub fn add(&mut self, tol: &Tolerance, actual: Value, expected: Value, entity: &str, as_of: i64, cause: impl FnOnce() -> String) -> bool {
+    pub fn add(
+        &mut self,
+        tol: &Tolerance,
+        actual: Value,
+        expected: Value,
+        entity: &str,
+        as_of: i64,
+        cause: impl FnOnce() -> String,
+    ) -> bool {
         self.compared += 1;
         if let (Some(a), Some(e)) = (actual.as_f64(), expected.as_f64()) {
             let d = (a - e).abs();
@@ -106,9 +114,21 @@ impl FeatureStats {
 
     /// Computes the rates; `max_rate` is the largest mismatch rate still considered ok.
     pub fn finish(&mut self, max_rate: f64) {
-        self.mean_abs_diff = if self.both == 0 { 0.0 } else { self.sum_diff / self.both as f64 };
-        self.smape = if self.both == 0 { 0.0 } else { 100.0 * self.sum_smape / self.both as f64 };
-        self.mismatch_rate = if self.compared == 0 { 0.0 } else { self.mismatches as f64 / self.compared as f64 };
+        self.mean_abs_diff = if self.both == 0 {
+            0.0
+        } else {
+            self.sum_diff / self.both as f64
+        };
+        self.smape = if self.both == 0 {
+            0.0
+        } else {
+            100.0 * self.sum_smape / self.both as f64
+        };
+        self.mismatch_rate = if self.compared == 0 {
+            0.0
+        } else {
+            self.mismatches as f64 / self.compared as f64
+        };
         self.ok = self.mismatch_rate <= max_rate;
     }
 }

@@ -326,22 +326,43 @@ impl App {
         let features: Vec<Resolved> = self
             .spec
             .features()
-            .map(|(v, f)| crate::api::resolve_one(&self.spec, &self.plan, &format!("{}:{}", v.name, f.name), false))
+            .map(|(v, f)| {
+                crate::api::resolve_one(
+                    &self.spec,
+                    &self.plan,
+                    &format!("{}:{}", v.name, f.name),
+                    false,
+                )
+            })
             .collect::<Result<_, _>>()
             .expect("every spec feature resolves");
         let entities = vec![entity.to_string()];
         let (columns, snapshots) = self.vectors(&features, &entities, t, explicit).await;
         self.log(&features, &entities, &columns, t, &snapshots);
         let mut out = serde_json::Map::new();
-        let key = self.spec.entities.first().map_or("user_id", |e| e.join_key.name());
+        let key = self
+            .spec
+            .entities
+            .first()
+            .map_or("user_id", |e| e.join_key.name());
         out.insert(key.to_string(), J::String(entity.to_string()));
         for (f, c) in features.iter().zip(columns) {
-            out.insert(f.column.clone(), c.values.into_iter().next().unwrap_or(J::Null));
+            out.insert(
+                f.column.clone(),
+                c.values.into_iter().next().unwrap_or(J::Null),
+            );
         }
         J::Object(out)
     }
 
-    fn log(&self, features: &[Resolved], entities: &[String], columns: &[FeastColumn], t: i64, snapshots: &BTreeMap<String, i64>) {
+    fn log(
+        &self,
+        features: &[Resolved],
+        entities: &[String],
+        columns: &[FeastColumn],
+        t: i64,
+        snapshots: &BTreeMap<String, i64>,
+    ) {
         let Some(log) = &self.log else { return };
         let served_at = duet_speed::now_ms();
         for (i, e) in entities.iter().enumerate() {

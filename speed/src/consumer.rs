@@ -97,7 +97,10 @@ impl Checkpoints {
         }
     }
 
-    async fn load<S: StateStore>(&self, store: &S) -> Result<std::collections::HashMap<String, String>> {
+    async fn load<S: StateStore>(
+        &self,
+        store: &S,
+    ) -> Result<std::collections::HashMap<String, String>> {
         store.fields(&self.key).await
     }
 
@@ -108,14 +111,21 @@ impl Checkpoints {
 
     /// The watermark saved for `partition` at exactly the committed offset, or else at the
     /// newest offset before it.
-    fn watermark_at(saved: &std::collections::HashMap<String, String>, partition: i32, committed: Option<i64>) -> Option<i64> {
+    fn watermark_at(
+        saved: &std::collections::HashMap<String, String>,
+        partition: i32,
+        committed: Option<i64>,
+    ) -> Option<i64> {
         let committed = committed?;
-        [saved.get(&format!("{partition}.last")), saved.get(&format!("{partition}.prev"))]
-            .into_iter()
-            .filter_map(Self::parse)
-            .filter(|(o, _)| *o <= committed)
-            .max_by_key(|(o, _)| *o)
-            .map(|(_, w)| w)
+        [
+            saved.get(&format!("{partition}.last")),
+            saved.get(&format!("{partition}.prev")),
+        ]
+        .into_iter()
+        .filter_map(Self::parse)
+        .filter(|(o, _)| *o <= committed)
+        .max_by_key(|(o, _)| *o)
+        .map(|(_, w)| w)
     }
 
     async fn save<S: StateStore>(&self, store: &S, outcome: &BatchOutcome) -> Result<()> {
@@ -189,9 +199,12 @@ pub async fn run<S: StateStore + Clone>(
     if let Some(dlq) = &config.dead_letter_topic {
         let (c, topic) = (consumer.clone(), dlq.clone());
         let exists = tokio::task::spawn_blocking(move || {
-            c.fetch_metadata(Some(&topic), Duration::from_secs(10)).is_ok_and(|md| {
-                md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
-            })
+            c.fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .is_ok_and(|md| {
+                    md.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                })
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?;

@@ -57,7 +57,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Every field of a hash of text values.
     fn fields(&self, hash: &str) -> impl Future<Output = Result<HashMap<String, String>>> + Send;
     /// Sets fields of a hash of text values, all at once.
-    fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> impl Future<Output = Result<()>> + Send;
+    fn set_fields(
+        &self,
+        hash: &str,
+        fields: &[(String, String)],
+    ) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// A process-local store with the same semantics (including expiry).
@@ -180,7 +184,14 @@ impl StateStore for MemoryStore {
     }
 
     async fn fields(&self, hash: &str) -> Result<HashMap<String, String>> {
-        Ok(self.inner.lock().expect("not poisoned").text_hashes.get(hash).cloned().unwrap_or_default())
+        Ok(self
+            .inner
+            .lock()
+            .expect("not poisoned")
+            .text_hashes
+            .get(hash)
+            .cloned()
+            .unwrap_or_default())
     }
 
     async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
@@ -449,7 +460,11 @@ impl StateStore for RedisStore {
 impl RedisStore {
     async fn hgetall(&self, hash: &str) -> Result<HashMap<String, String>> {
         let mut con = self.connection()?;
-        redis::cmd("HGETALL").arg(hash).query_async(&mut con).await.map_err(|e| redis_err(&self.url, e))
+        redis::cmd("HGETALL")
+            .arg(hash)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
     }
 
     async fn hset(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
@@ -462,7 +477,9 @@ impl RedisStore {
         for (k, v) in fields {
             cmd.arg(k).arg(v);
         }
-        cmd.query_async::<()>(&mut con).await.map_err(|e| redis_err(&self.url, e))
+        cmd.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
     }
 }
 

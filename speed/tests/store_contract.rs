@@ -9,45 +9,131 @@ fn redis_url() -> String {
 }
 
 fn prefix(stem: &str) -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("contract-{stem}-{}-{t}:", std::process::id())
 }
 
 async fn contract<S: StateStore>(store: &S, p: &str) {
     let k = |n: &str| format!("{p}{n}");
-    let w = |key: String, expected: Option<u64>, value: Option<&[u8]>, ttl_ms: u64| CasWrite { key, expected, value: value.map(<[u8]>::to_vec), ttl_ms };
+    let w = |key: String, expected: Option<u64>, value: Option<&[u8]>, ttl_ms: u64| CasWrite {
+        key,
+        expected,
+        value: value.map(<[u8]>::to_vec),
+        ttl_ms,
+    };
     // Absent keys read as none; creation requires absence.
-    assert_eq!(store.get_many(&[k("a"), k("b")]).await.unwrap(), vec![None, None]);
-    assert_eq!(store.put_many(&[w(k("a"), None, Some(b"one"), 60_000), w(k("b"), Some(1), Some(b"x"), 60_000)]).await.unwrap(), vec![true, false]);
+    assert_eq!(
+        store.get_many(&[k("a"), k("b")]).await.unwrap(),
+        vec![None, None]
+    );
+    assert_eq!(
+        store
+            .put_many(&[
+                w(k("a"), None, Some(b"one"), 60_000),
+                w(k("b"), Some(1), Some(b"x"), 60_000)
+            ])
+            .await
+            .unwrap(),
+        vec![true, false]
+    );
     let got = store.get_many(&[k("a")]).await.unwrap();
     assert_eq!(got[0].as_ref().unwrap().version, 1);
     assert_eq!(got[0].as_ref().unwrap().bytes, b"one");
     // A stale version loses; the current one wins and bumps the version.
-    assert_eq!(store.put_many(&[w(k("a"), None, Some(b"lost"), 60_000)]).await.unwrap(), vec![false]);
-    assert_eq!(store.put_many(&[w(k("a"), Some(1), Some(b"two"), 60_000)]).await.unwrap(), vec![true]);
-    assert_eq!(store.put_many(&[w(k("a"), Some(1), Some(b"lost"), 60_000)]).await.unwrap(), vec![false]);
+    assert_eq!(
+        store
+            .put_many(&[w(k("a"), None, Some(b"lost"), 60_000)])
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    assert_eq!(
+        store
+            .put_many(&[w(k("a"), Some(1), Some(b"two"), 60_000)])
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    assert_eq!(
+        store
+            .put_many(&[w(k("a"), Some(1), Some(b"lost"), 60_000)])
+            .await
+            .unwrap(),
+        vec![false]
+    );
     let got = store.get_many(&[k("a")]).await.unwrap();
-    assert_eq!((got[0].as_ref().unwrap().version, got[0].as_ref().unwrap().bytes.as_slice()), (2, &b"two"[..]));
+    assert_eq!(
+        (
+            got[0].as_ref().unwrap().version,
+            got[0].as_ref().unwrap().bytes.as_slice()
+        ),
+        (2, &b"two"[..])
+    );
     // Deleting is a conditional write too.
-    assert_eq!(store.put_many(&[w(k("a"), Some(2), None, 1)]).await.unwrap(), vec![true]);
+    assert_eq!(
+        store
+            .put_many(&[w(k("a"), Some(2), None, 1)])
+            .await
+            .unwrap(),
+        vec![true]
+    );
     assert_eq!(store.get_many(&[k("a")]).await.unwrap(), vec![None]);
     // Values expire.
-    assert_eq!(store.put_many(&[w(k("short"), None, Some(b"x"), 50)]).await.unwrap(), vec![true]);
+    assert_eq!(
+        store
+            .put_many(&[w(k("short"), None, Some(b"x"), 50)])
+            .await
+            .unwrap(),
+        vec![true]
+    );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(store.get_many(&[k("short")]).await.unwrap(), vec![None]);
     // Keys by prefix, counters, claims and text fields.
-    store.put_many(&[w(k("s:u1"), None, Some(b"1"), 60_000), w(k("s:u2"), None, Some(b"2"), 60_000)]).await.unwrap();
-    assert_eq!(store.keys(&k("s:")).await.unwrap(), vec![k("s:u1"), k("s:u2")]);
-    store.add_counters(&k("stats"), &[("late".into(), 2), ("applied".into(), 5)]).await.unwrap();
-    store.add_counters(&k("stats"), &[("late".into(), 1)]).await.unwrap();
+    store
+        .put_many(&[
+            w(k("s:u1"), None, Some(b"1"), 60_000),
+            w(k("s:u2"), None, Some(b"2"), 60_000),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.keys(&k("s:")).await.unwrap(),
+        vec![k("s:u1"), k("s:u2")]
+    );
+    store
+        .add_counters(&k("stats"), &[("late".into(), 2), ("applied".into(), 5)])
+        .await
+        .unwrap();
+    store
+        .add_counters(&k("stats"), &[("late".into(), 1)])
+        .await
+        .unwrap();
     let c = store.counters(&k("stats")).await.unwrap();
     assert_eq!((c["late"], c["applied"]), (3, 5));
     assert_eq!(store.claim(&k("spec"), "abc").await.unwrap(), "abc");
     assert_eq!(store.claim(&k("spec"), "def").await.unwrap(), "abc");
-    store.set_fields(&k("wm"), &[("0.last".into(), "5:100".into())]).await.unwrap();
-    store.set_fields(&k("wm"), &[("0.prev".into(), "5:100".into()), ("0.last".into(), "9:200".into())]).await.unwrap();
+    store
+        .set_fields(&k("wm"), &[("0.last".into(), "5:100".into())])
+        .await
+        .unwrap();
+    store
+        .set_fields(
+            &k("wm"),
+            &[
+                ("0.prev".into(), "5:100".into()),
+                ("0.last".into(), "9:200".into()),
+            ],
+        )
+        .await
+        .unwrap();
     let f = store.fields(&k("wm")).await.unwrap();
-    assert_eq!((f["0.prev"].as_str(), f["0.last"].as_str()), ("5:100", "9:200"));
+    assert_eq!(
+        (f["0.prev"].as_str(), f["0.last"].as_str()),
+        ("5:100", "9:200")
+    );
 }
 
 #[tokio::test]
@@ -64,7 +150,10 @@ async fn redis_store_keeps_the_contract() {
     contract(&store, &p).await;
     let client = redis::Client::open(redis_url()).unwrap();
     let mut con = client.get_connection().unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{p}*")).query(&mut con).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{p}*"))
+        .query(&mut con)
+        .unwrap();
     for k in keys {
         let _: () = redis::cmd("DEL").arg(k).query(&mut con).unwrap();
     }
@@ -73,7 +162,10 @@ async fn redis_store_keeps_the_contract() {
 #[tokio::test]
 async fn an_unreachable_redis_fails_fast() {
     let started = std::time::Instant::now();
-    let err = RedisStore::connect("redis://127.0.0.1:1/0", Duration::from_millis(300)).await.err().unwrap();
+    let err = RedisStore::connect("redis://127.0.0.1:1/0", Duration::from_millis(300))
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }

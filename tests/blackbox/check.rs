@@ -16,7 +16,10 @@ use crate::kafka::*;
 use crate::speed::{speed_run, wait_ok};
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 struct World {
@@ -31,23 +34,57 @@ fn world(dir: &Path) -> World {
     opts.events = Some(8000);
     let records = generate(&opts);
     std::fs::create_dir_all(dir.join("events")).unwrap();
-    write_parquet(&records, 77, std::fs::File::create(dir.join("events/log.parquet")).unwrap()).unwrap();
+    write_parquet(
+        &records,
+        77,
+        std::fs::File::create(dir.join("events/log.parquet")).unwrap(),
+    )
+    .unwrap();
     let mut buf = Vec::new();
     write_jsonl(&records, 77, &mut buf).unwrap();
-    let lines = buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(<[u8]>::to_vec).collect();
+    let lines = buf
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
     World { lines, now }
 }
 
 fn user_of(line: &[u8]) -> Option<(String, i64)> {
-    parse_json_event(line).ok().map(|e| (e.user_id.into_owned(), e.ts))
+    parse_json_event(line)
+        .ok()
+        .map(|e| (e.user_id.into_owned(), e.ts))
 }
 
-fn check(dir: &Path, store: &str, prefix: &str, topic: &str, report: &Path) -> (i32, serde_json::Value) {
+fn check(
+    dir: &Path,
+    store: &str,
+    prefix: &str,
+    topic: &str,
+    report: &Path,
+) -> (i32, serde_json::Value) {
     let out = run(&[
-        "check", "--as-of", &format_ms(now_ms()), "--events", &s(&dir.join("events")), "--store", store,
-        "--redis", &redis_url(), "--prefix", prefix, "--report", &s(report), "--brokers", &brokers(), "--topic", topic,
+        "check",
+        "--as-of",
+        &format_ms(now_ms()),
+        "--events",
+        &s(&dir.join("events")),
+        "--store",
+        store,
+        "--redis",
+        &redis_url(),
+        "--prefix",
+        prefix,
+        "--report",
+        &s(report),
+        "--brokers",
+        &brokers(),
+        "--topic",
+        topic,
     ]);
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json")).unwrap())
+            .unwrap();
     assert!(report.join("report.html").exists());
     (out.status.code().unwrap(), json)
 }
@@ -60,7 +97,12 @@ fn flagged(section: &serde_json::Value) -> BTreeMap<String, BTreeSet<(String, St
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["entity"].as_str().unwrap().to_string(), e["cause"].as_str().unwrap().to_string()))
+            .map(|e| {
+                (
+                    e["entity"].as_str().unwrap().to_string(),
+                    e["cause"].as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         if !examples.is_empty() {
             out.insert(f["feature"].as_str().unwrap().to_string(), examples);
@@ -70,7 +112,20 @@ fn flagged(section: &serde_json::Value) -> BTreeMap<String, BTreeSet<(String, St
 }
 
 fn publish(dir: &Path, store: &str, as_of: i64) {
-    expect_status(&run(&["batch", "run", "--as-of", &format_ms(as_of), "--events", &s(&dir.join("events")), "--store", store, "--no-progress"]), 0);
+    expect_status(
+        &run(&[
+            "batch",
+            "run",
+            "--as-of",
+            &format_ms(as_of),
+            "--events",
+            &s(&dir.join("events")),
+            "--store",
+            store,
+            "--no-progress",
+        ]),
+        0,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -86,7 +141,12 @@ async fn check_names_injected_faults_and_passes_clean_data() {
         .map(|(u, _)| u)
         .collect();
     let mut picks = recent.into_iter();
-    let (a, b, c, d) = (picks.next().unwrap(), picks.next().unwrap(), picks.next().unwrap(), picks.next().unwrap());
+    let (a, b, c, d) = (
+        picks.next().unwrap(),
+        picks.next().unwrap(),
+        picks.next().unwrap(),
+        picks.next().unwrap(),
+    );
 
     // Clean run first: everything reaches Kafka, snapshots are current.
     let clean_topic = unique("check-clean");
@@ -94,12 +154,30 @@ async fn check_names_injected_faults_and_passes_clean_data() {
     let clean_store = s(&dir.path().join("clean-store"));
     create_topic(&clean_topic, 2).await;
     produce(&clean_topic, &crate::speed::keyed(&w.lines)).await;
-    wait_ok(speed_run(&clean_topic, &unique("g"), &clean_prefix, &["--exit-when-idle", "2"]), Duration::from_secs(180));
+    wait_ok(
+        speed_run(
+            &clean_topic,
+            &unique("g"),
+            &clean_prefix,
+            &["--exit-when-idle", "2"],
+        ),
+        Duration::from_secs(180),
+    );
     publish(dir.path(), &clean_store, today);
-    let (code, report) = check(dir.path(), &clean_store, &clean_prefix, &clean_topic, &dir.path().join("clean-report"));
+    let (code, report) = check(
+        dir.path(),
+        &clean_store,
+        &clean_prefix,
+        &clean_topic,
+        &dir.path().join("clean-report"),
+    );
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["ok"], true);
-    assert!(flagged(&report["state"]).is_empty(), "{:#}", report["state"]);
+    assert!(
+        flagged(&report["state"]).is_empty(),
+        "{:#}",
+        report["state"]
+    );
     assert!(report["state"]["items"].as_u64().unwrap() >= 4);
 
     // Faulty run.
@@ -121,46 +199,114 @@ async fn check_names_injected_faults_and_passes_clean_data() {
         .map(|i| format!("{{\"event_id\": \"late-{i}\", \"user_id\": \"{c}\", \"event_type\": \"purchase\", \"amount\": {}.5, \"ts\": {}}}", 10 + i, late_ts + i * 1000).into_bytes())
         .collect();
     let group = unique("g");
-    wait_ok(speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]), Duration::from_secs(180));
+    wait_ok(
+        speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+        Duration::from_secs(180),
+    );
     produce(&topic, &crate::speed::keyed(&late)).await;
-    wait_ok(speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]), Duration::from_secs(180));
+    wait_ok(
+        speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+        Duration::from_secs(180),
+    );
     std::fs::write(dir.path().join("events/late.jsonl"), late.join(&b'\n')).unwrap();
     // Fault 2: B's state is overwritten with garbage.
     let client = redis::Client::open(redis_url()).unwrap();
     let mut con = client.get_connection().unwrap();
     let mut garbage = 1u64.to_be_bytes().to_vec();
     garbage.extend_from_slice(b"\x07not a state");
-    let _: () = redis::cmd("SET").arg(format!("{prefix}s:{b}")).arg(garbage).query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}s:{b}"))
+        .arg(garbage)
+        .query(&mut con)
+        .unwrap();
     // Fault 4: D is served from yesterday's snapshot, today's is published afterwards.
     publish(dir.path(), &store, today - DAY_MS);
     {
-        let server = Server::start(&[], &["--store", &store, "--redis", &redis_url(), "--prefix", &prefix, "--log-sample", "1"]);
+        let server = Server::start(
+            &[],
+            &[
+                "--store",
+                &store,
+                "--redis",
+                &redis_url(),
+                "--prefix",
+                &prefix,
+                "--log-sample",
+                "1",
+            ],
+        );
         let (status, body) = server.request("GET", &format!("/v1/features/{d}"), None, &[]);
         assert_eq!(status, 200, "{body}");
         server.stop_gracefully();
     }
     publish(dir.path(), &store, today);
 
-    let (code, report) = check(dir.path(), &store, &prefix, &topic, &dir.path().join("report"));
+    let (code, report) = check(
+        dir.path(),
+        &store,
+        &prefix,
+        &topic,
+        &dir.path().join("report"),
+    );
     assert_eq!(code, 1, "a broken feature must fail the check");
     assert_eq!(report["ok"], false);
     let state = flagged(&report["state"]);
     let mut by_entity: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for examples in state.values() {
         for (e, cause) in examples {
-            by_entity.entry(e.clone()).or_default().insert(cause.clone());
+            by_entity
+                .entry(e.clone())
+                .or_default()
+                .insert(cause.clone());
         }
     }
-    assert_eq!(by_entity.keys().cloned().collect::<BTreeSet<_>>(), [a.clone(), b.clone(), c.clone()].into_iter().collect(), "{state:#?}");
-    assert_eq!(by_entity[&a], ["not_in_kafka".to_string()].into_iter().collect(), "{state:#?}");
-    assert_eq!(by_entity[&b], ["corrupt_state".to_string()].into_iter().collect(), "{state:#?}");
-    assert_eq!(by_entity[&c], ["late_events".to_string()].into_iter().collect(), "{state:#?}");
-    assert_eq!(state.len(), 6, "B's corruption breaks every streaming feature: {state:#?}");
+    assert_eq!(
+        by_entity.keys().cloned().collect::<BTreeSet<_>>(),
+        [a.clone(), b.clone(), c.clone()].into_iter().collect(),
+        "{state:#?}"
+    );
+    assert_eq!(
+        by_entity[&a],
+        ["not_in_kafka".to_string()].into_iter().collect(),
+        "{state:#?}"
+    );
+    assert_eq!(
+        by_entity[&b],
+        ["corrupt_state".to_string()].into_iter().collect(),
+        "{state:#?}"
+    );
+    assert_eq!(
+        by_entity[&c],
+        ["late_events".to_string()].into_iter().collect(),
+        "{state:#?}"
+    );
+    assert_eq!(
+        state.len(),
+        6,
+        "B's corruption breaks every streaming feature: {state:#?}"
+    );
     let served = flagged(&report["served"]);
     assert!(!served.is_empty(), "the stale snapshot must show");
     for (feature, examples) in &served {
-        assert!(!["txn_count_1h", "txn_sum_1h", "event_count_10m", "session_event_count", "session_duration_s", "last_purchase_amount"].contains(&feature.as_str()), "{served:#?}");
-        assert_eq!(examples, &[(d.clone(), "stale_snapshot".to_string())].into_iter().collect(), "{served:#?}");
+        assert!(
+            ![
+                "txn_count_1h",
+                "txn_sum_1h",
+                "event_count_10m",
+                "session_event_count",
+                "session_duration_s",
+                "last_purchase_amount"
+            ]
+            .contains(&feature.as_str()),
+            "{served:#?}"
+        );
+        assert_eq!(
+            examples,
+            &[(d.clone(), "stale_snapshot".to_string())]
+                .into_iter()
+                .collect(),
+            "{served:#?}"
+        );
     }
     clean_redis(&prefix);
     clean_redis(&clean_prefix);

@@ -147,12 +147,26 @@ fn reference_training_set_through_the_binary() {
 #[test]
 fn demo_runs_end_to_end_on_embedded_defaults() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run(&["demo", "--dir", &s(&dir.path().join("demo")), "--users", "300", "--days", "10", "--listen", "127.0.0.1:0", "--no-serve"]);
+    let out = run(&[
+        "demo",
+        "--dir",
+        &s(&dir.path().join("demo")),
+        "--users",
+        "300",
+        "--days",
+        "10",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-serve",
+    ]);
     let (stdout, stderr) = expect_status(&out, 0);
     assert!(stderr.contains("[6/6"), "{stderr}");
     assert!(stdout.contains("\"txn_count_90d\""), "{stdout}");
     assert!(stdout.contains("\"session_event_count\""), "{stdout}");
     assert!(stdout.contains("Consistency: PASS"), "{stdout}\n{stderr}");
     assert!(dir.path().join("demo/report/report.html").exists());
-    assert!(dir.path().join("demo/events/archive").exists(), "the speed layer archives what it consumed");
+    assert!(
+        dir.path().join("demo/events/archive").exists(),
+        "the speed layer archives what it consumed"
+    );
 }

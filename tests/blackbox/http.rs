@@ -47,10 +47,16 @@ impl Server {
     /// Stops the server with SIGTERM and waits for it to flush and exit.
     pub fn stop_gracefully(mut self) {
         let pid = self.child.id().to_string();
-        let status = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
         assert!(status.success());
         let exit = self.child.wait().unwrap();
-        assert!(exit.success(), "duet serve exited with {exit} after SIGTERM");
+        assert!(
+            exit.success(),
+            "duet serve exited with {exit} after SIGTERM"
+        );
     }
 
     /// Sends a request; returns the status and body.
