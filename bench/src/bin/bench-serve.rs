@@ -1,0 +1,210 @@
+//! The feature server under load: requests/s and p50/p99/p99.9 for 1 entity × all 14 features
+//! and for 100 entities per request, beside `redis-benchmark` GET at the same concurrency.
+//!
+//! Usage: bench-serve --duet target/release/duet [--brokers 127.0.0.1:9092]
+//!        [--redis redis://127.0.0.1:6379] [--users 100000] [--connections 16]
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use duet_bench::{ms, quantile};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn duet(bin: &str, args: &[&str]) {
+    let out = Command::new(bin).args(args).env("RUST_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "duet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A keep-alive HTTP/1.1 connection.
+struct Conn {
+    s: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Conn {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        Conn { s, buf: Vec::with_capacity(64 * 1024) }
+    }
+
+    async fn post(&mut self, req: &[u8]) -> u16 {
+        self.s.write_all(req).await.unwrap();
+        self.buf.clear();
+        let (head_end, len) = loop {
+            let mut chunk = [0u8; 16384];
+            let n = self.s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "server closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .unwrap_or(0);
+                break (i + 4, len);
+            }
+        };
+        while self.buf.len() < head_end + len {
+            let mut chunk = [0u8; 65536];
+            let n = self.s.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        std::str::from_utf8(&self.buf[9..12]).unwrap().parse().unwrap()
+    }
+}
+
+fn request(addr: &str, users: &[String]) -> Vec<u8> {
+    let features = [
+        "user_realtime:txn_count_1h", "user_realtime:txn_sum_1h", "user_realtime:event_count_10m",
+        "user_realtime:session_event_count", "user_realtime:session_duration_s", "user_realtime:last_purchase_amount",
+        "user_batch:txn_count_90d", "user_batch:avg_txn_amount_30d_v1", "user_batch:avg_txn_amount_30d_v2",
+        "user_batch:max_txn_amount_90d", "user_batch:refund_rate_90d", "user_batch:active_days_30d",
+        "user_batch:account_age_days", "user_batch:spend_pct_rank_30d",
+    ];
+    let body = serde_json::json!({"features": features, "entities": {"user_id": users}}).to_string();
+    format!("POST /get-online-features HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
+}
+
+/// Runs `connections` loops for `secs`; each waits `pace` between requests (None: closed loop).
+async fn load(addr: &str, reqs: Arc<Vec<Vec<u8>>>, connections: usize, secs: u64, pace: Option<Duration>) -> (f64, Vec<Duration>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (addr, reqs, stop) = (addr.to_string(), reqs.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&addr).await;
+            let mut lat = Vec::new();
+            let mut i = c;
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(p) = pace {
+                    next += p;
+                    let now = Instant::now();
+                    if next > now {
+                        tokio::time::sleep(next - now).await;
+                    }
+                }
+                let t = Instant::now();
+                let status = conn.post(&reqs[i % reqs.len()]).await;
+                assert_eq!(status, 200);
+                lat.push(t.elapsed());
+                i += connections;
+            }
+            lat
+        }));
+    }
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    all.sort();
+    (rate, all)
+}
+
+fn redis_benchmark(connections: usize) -> f64 {
+    let out = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", "6379", "-t", "get", "-c", &connections.to_string(), "-n", "400000", "--csv"])
+        .output()
+        .expect("redis-benchmark is installed (redis-tools)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("\"GET\""))
+        .and_then(|l| l.split(',').nth(1))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .expect("redis-benchmark prints a GET rate")
+}
+
+#[tokio::main]
+async fn main() {
+    let bin = arg("--duet", "target/release/duet");
+    let brokers = arg("--brokers", "127.0.0.1:9092");
+    let redis = arg("--redis", "redis://127.0.0.1:6379");
+    let users: u64 = arg("--users", "100000").parse().unwrap();
+    let connections: usize = arg("--connections", "16").parse().unwrap();
+    let dir = std::env::temp_dir().join(format!("duet-bench-serve-{}", now_ms()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = |p: &str| dir.join(p).display().to_string();
+
+    // A day of history for every user, and the last two hours streamed through the speed layer.
+    let end = now_ms() - 60_000;
+    duet(&bin, &["generate", "--users", &users.to_string(), "--days", "30", "--events", &(users * 15).to_string(), "--end", &duet_spec::timestamp::format_ms(end - 2 * 3_600_000), "--out", &d("events/history.parquet")]);
+    duet(&bin, &["batch", "run", "--as-of", &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000), "--events", &d("events"), "--store", &d("store"), "--no-progress"]);
+    let topic = format!("bench-serve-{}", now_ms());
+    {
+        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+        admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
+    }
+    duet(&bin, &["generate", "--users", &users.to_string(), "--days", "1", "--events", &(users * 12).to_string(), "--end", &duet_spec::timestamp::format_ms(end), "--out", &d("live.jsonl")]);
+    let live = std::fs::read(d("live.jsonl")).unwrap();
+    {
+        use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "20").set("queue.buffering.max.messages", "2000000").create().unwrap();
+        for line in live.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let Ok(e) = duet_spec::event::parse_json_event(line) else { continue };
+            if e.ts < end - 2 * 3_600_000 {
+                continue;
+            }
+            let key = e.user_id.to_string();
+            let mut r = BaseRecord::to(&topic).key(&key).payload(line);
+            while let Err((_, back)) = p.send(r) {
+                r = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    }
+    let prefix = format!("benchserve{}:", now_ms());
+    duet(&bin, &["speed", "run", "--brokers", &brokers, "--topic", &topic, "--group", &topic, "--redis", &redis, "--prefix", &prefix, "--exit-when-idle", "2", "--dead-letter-topic", "none"]);
+
+    let addr = "127.0.0.1:18080";
+    let mut server = Command::new(&bin)
+        .args(["serve", "--store", &d("store"), "--redis", &redis, "--prefix", &prefix, "--listen", addr, "--log-sample", "0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ids: Vec<String> = (0..users).map(|u| format!("u{u:07}")).collect();
+    let one: Arc<Vec<Vec<u8>>> = Arc::new((0..20_000).map(|i| request(addr, &[ids[(i * 7919) % ids.len()].clone()])).collect());
+    let hundred: Arc<Vec<Vec<u8>>> = Arc::new((0..500).map(|i| request(addr, &(0..100).map(|j| ids[(i * 100 + j) * 31 % ids.len()].clone()).collect::<Vec<_>>())).collect());
+
+    load(addr, one.clone(), connections, 3, None).await;
+    let (peak, lat_peak) = load(addr, one.clone(), connections, 10, None).await;
+    let per_conn = Duration::from_secs_f64(connections as f64 / (peak / 2.0));
+    let (half, lat_half) = load(addr, one.clone(), connections, 10, Some(per_conn)).await;
+    let (rate100, lat100) = load(addr, hundred.clone(), connections, 10, None).await;
+    let redis_get = redis_benchmark(connections);
+    let _ = server.kill();
+    let _ = server.wait();
+
+    println!("serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}", peak, ms(quantile(&lat_peak, 0.5)), ms(quantile(&lat_peak, 0.99)), ms(quantile(&lat_peak, 0.999)));
+    println!("  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 1 ms)", peak / 2.0, half, ms(quantile(&lat_half, 0.5)), ms(quantile(&lat_half, 0.99)), ms(quantile(&lat_half, 0.999)));
+    println!("  100 entities x 14 features            {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 10 ms)", rate100, ms(quantile(&lat100, 0.5)), ms(quantile(&lat100, 0.99)), ms(quantile(&lat100, 0.999)));
+    println!("  redis-benchmark GET, same concurrency {:>9.0} req/s", redis_get);
+    println!("  ratio duet (1 entity) / redis GET     {:>9.2}    (target ≥ 0.50)", peak / redis_get);
+    let _ = std::fs::remove_dir_all(&dir);
+}

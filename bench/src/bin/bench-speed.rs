@@ -1,0 +1,247 @@
+//! The speed layer end to end (Kafka → Redis, exactly once) against a bare rdkafka consumer
+//! that only parses the same topic; then produce-to-visible latency at a steady 10k events/s,
+//! and Redis bytes per active user.
+//!
+//! Usage: bench-speed --duet target/release/duet [--brokers 127.0.0.1:9092]
+//!        [--redis redis://127.0.0.1:6379] [--events 5000000] [--users 200000]
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use duet_spec::event::parse_json_event;
+use duet_spec::generate::{GenerateOptions, generate, write_jsonl};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for r in admin
+        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "2000000")
+        .set("compression.type", "none")
+        .create()
+        .unwrap()
+}
+
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, line: &[u8]) {
+    let mut record = BaseRecord::to(topic).key(key).payload(line);
+    loop {
+        match p.send(record) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+/// Consumes `n` messages from the start of `topic`, parsing each; returns the time from the
+/// first message to the last.
+fn raw_consume(brokers: &str, topic: &str, n: u64) -> Duration {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{}", now_ms()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "20")
+        .set("queued.max.messages.kbytes", "262144")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut seen = 0u64;
+    let mut first: Option<Instant> = None;
+    let mut valid = 0u64;
+    while seen < n {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            first.get_or_insert_with(Instant::now);
+            if m.payload().is_some_and(|p| parse_json_event(p).is_ok()) {
+                valid += 1;
+            }
+            seen += 1;
+        }
+    }
+    std::hint::black_box(valid);
+    first.unwrap().elapsed()
+}
+
+/// Scrapes a counter or histogram line from the speed layer's admin endpoint.
+async fn metrics(admin: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return String::new() };
+    let _ = s.write_all(format!("GET /metrics HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n").as_bytes()).await;
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf).await;
+    buf
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((bound, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    buckets.iter().find(|(_, c)| *c >= q * total).map(|(b, _)| *b)
+}
+
+fn speed_run(duet: &str, brokers: &str, topic: &str, redis: &str, prefix: &str, admin: &str, idle: Option<&str>) -> std::process::Child {
+    let mut c = Command::new(duet);
+    c.args(["speed", "run", "--brokers", brokers, "--topic", topic, "--group", &format!("bench-{}", now_ms()), "--redis", redis, "--prefix", prefix, "--admin", admin, "--dead-letter-topic", "none"]);
+    if let Some(i) = idle {
+        c.args(["--exit-when-idle", i]);
+    }
+    c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("duet runs")
+}
+
+#[tokio::main]
+async fn main() {
+    let duet = arg("--duet", "target/release/duet");
+    let brokers = arg("--brokers", "127.0.0.1:9092");
+    let redis_url = arg("--redis", "redis://127.0.0.1:6379");
+    let n: u64 = arg("--events", "5000000").parse().unwrap();
+    let users: u64 = arg("--users", "200000").parse().unwrap();
+    let partitions: i32 = arg("--partitions", "4").parse().unwrap();
+    let run = now_ms();
+
+    let t = Instant::now();
+    let mut opts = GenerateOptions::new(users, 1, now_ms() - 3_600_000, 3);
+    opts.events = Some(n);
+    opts.duplicate_rate = 0.0;
+    opts.invalid_rate = 0.0;
+    let mut text = Vec::new();
+    write_jsonl(&generate(&opts), 3, &mut text).unwrap();
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    eprintln!("generated {} events for {users} users in {:.1}s", lines.len(), t.elapsed().as_secs_f64());
+
+    let topic = format!("bench-speed-{run}");
+    create_topic(&brokers, &topic, partitions).await;
+    let p = producer(&brokers);
+    let t = Instant::now();
+    for line in &lines {
+        let key = parse_json_event(line).map(|e| e.user_id.into_owned()).unwrap_or_default();
+        send(&p, &topic, &key, line);
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+    eprintln!("preloaded {} messages in {:.1}s", lines.len(), t.elapsed().as_secs_f64());
+    let total = lines.len() as u64;
+
+    let raw = { let (b, t) = (brokers.clone(), topic.clone()); tokio::task::spawn_blocking(move || raw_consume(&b, &t, total)).await.unwrap() };
+    let raw_rate = total as f64 / raw.as_secs_f64();
+
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let used = |con: &mut redis::Connection| -> f64 {
+        let info: String = redis::cmd("INFO").arg("memory").query(con).unwrap();
+        metric(&info.replace(':', " "), "used_memory ")
+    };
+    let before = used(&mut con);
+    let prefix = format!("bench{run}:");
+    let admin = "127.0.0.1:19464";
+    let mut child = speed_run(&duet, &brokers, &topic, &redis_url, &prefix, admin, Some("2"));
+    let mut first: Option<Instant> = None;
+    let elapsed;
+    loop {
+        let m = metrics(admin).await;
+        let done = metric(&m, "duet_speed_events_total") + metric(&m, "duet_speed_duplicates_total") + metric(&m, "duet_speed_late_total");
+        if done > 0.0 {
+            first.get_or_insert_with(Instant::now);
+        }
+        if done >= total as f64 {
+            elapsed = first.unwrap().elapsed();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let speed_rate = total as f64 / elapsed.as_secs_f64();
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}s:*")).query(&mut con).unwrap();
+    let after = used(&mut con);
+    let mut sampled = 0u64;
+    for k in keys.iter().take(2000) {
+        let bytes: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(k).query(&mut con).unwrap();
+        sampled += bytes.unwrap_or(0);
+    }
+    let per_user_usage = sampled as f64 / keys.len().min(2000).max(1) as f64;
+    let per_user_delta = (after - before) / keys.len().max(1) as f64;
+
+    // Steady 10k events/s: produce-to-visible latency from the speed layer's freshness histogram.
+    let steady_topic = format!("bench-steady-{run}");
+    create_topic(&brokers, &steady_topic, partitions).await;
+    let steady_prefix = format!("steady{run}:");
+    let admin2 = "127.0.0.1:19465";
+    let mut steady = speed_run(&duet, &brokers, &steady_topic, &redis_url, &steady_prefix, admin2, None);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let p = producer(&brokers);
+    let rate = 10_000u64;
+    let seconds = 30u64;
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let users_live = 50_000u64;
+    while t0.elapsed() < Duration::from_secs(seconds) {
+        let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            let user = format!("u{:07}", (sent * 7919) % users_live);
+            let line = format!("{{\"event_id\": \"steady-{run}-{sent}\", \"user_id\": \"{user}\", \"event_type\": \"purchase\", \"amount\": 12.5, \"ts\": {}}}", now_ms());
+            send(&p, &steady_topic, &user, line.as_bytes());
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = metrics(admin2).await;
+    let p50 = histogram_quantile(&m, "duet_speed_freshness_seconds", 0.5);
+    let p99 = histogram_quantile(&m, "duet_speed_freshness_seconds", 0.99);
+    let _ = steady.kill();
+    let _ = steady.wait();
+    let _ = redis::cmd("EVAL").arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0").arg(0).arg(format!("{prefix}*")).query::<()>(&mut con);
+    let _ = redis::cmd("EVAL").arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0").arg(0).arg(format!("{steady_prefix}*")).query::<()>(&mut con);
+
+    println!("speed layer benchmark ({} events, {users} users, {partitions} partitions, {} cores)", total, std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("  bare rdkafka consumer (parse only)   {:>10.0} events/s", raw_rate);
+    println!("  duet speed run (Kafka → Redis, EO)    {:>10.0} events/s", speed_rate);
+    println!("  ratio duet / raw                      {:>10.2}   (target ≥ 0.50)", speed_rate / raw_rate);
+    println!("  target ≥ 250,000 events/s             {}", if speed_rate >= 250_000.0 { "met" } else { "NOT met" });
+    println!("  steady {rate} events/s for {seconds}s: produce-to-visible p50 ≤ {} ms, p99 ≤ {} ms (target p99 < 200 ms)",
+        p50.map_or("?".into(), |v| format!("{:.1}", v * 1000.0)), p99.map_or("?".into(), |v| format!("{:.1}", v * 1000.0)));
+    println!("  Redis bytes per active user: {:.0} (MEMORY USAGE, mean of {} keys), {:.0} (used_memory delta / {} keys)",
+        per_user_usage, keys.len().min(2000), per_user_delta, keys.len());
+}
