@@ -51,6 +51,12 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     let bad = e.downcast_ref::<BadInput>().is_some()
         || e.downcast_ref::<duet_spec::Error>().is_some()
         || e.downcast_ref::<duet_batch::Error>()
+            .is_some_and(|b| b.is_bad_input())
+        || e.downcast_ref::<duet_speed::Error>()
+            .is_some_and(|b| b.is_bad_input())
+        || e.downcast_ref::<duet_serving::Error>()
+            .is_some_and(|b| b.is_bad_input())
+        || e.downcast_ref::<duet_check::Error>()
             .is_some_and(|b| b.is_bad_input());
     if bad { 2 } else { 1 }
 }

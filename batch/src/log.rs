@@ -56,11 +56,16 @@ enum Format {
     GzipJsonLines,
 }
 
+/// The format of a log file from its path relative to the log's root: files and directories
+/// whose names start with `_` or `.` (markers, archive bookkeeping, hidden files) are not events.
 fn format_of(path: &str) -> Option<Format> {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    if name.starts_with('.') || name.starts_with('_') {
+    if path
+        .split('/')
+        .any(|seg| seg.starts_with('.') || seg.starts_with('_'))
+    {
         return None;
     }
+    let name = path.rsplit('/').next().unwrap_or(path);
     if name.ends_with(".parquet") || name.ends_with(".pq") {
         Some(Format::Parquet)
     } else if [".jsonl.gz", ".json.gz", ".ndjson.gz"]
@@ -161,7 +166,13 @@ pub async fn read_event_log(url: &str) -> Result<EventLog> {
 
 async fn read_file(loc: &Location, meta: &ObjectMeta) -> Result<EventLog> {
     let name = loc.display(&meta.location);
-    let format = match format_of(meta.location.as_ref()) {
+    let file_name = meta
+        .location
+        .as_ref()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let format = match format_of(file_name) {
         Some(f) => f,
         None => sniff(&loc.store, &meta.location, &name).await?,
     };
@@ -207,29 +218,78 @@ async fn read_parquet(
         .map_err(|e| Error::Internal(format!("Parquet decoding task failed: {e}")))?
 }
 
-/// Decodes a Parquet file of events, validating every row.
+/// Decodes a Parquet file of events, validating every row; row groups are decoded on every
+/// core and kept in file order.
 pub fn decode_parquet(bytes: bytes::Bytes, name: &str) -> Result<EventLog> {
     let corrupt = |e: parquet::errors::ParquetError| {
         Error::BadInput(format!("{name}: not a readable Parquet file: {e}"))
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-        .map_err(corrupt)?
-        .with_batch_size(64 * 1024)
-        .build()
-        .map_err(corrupt)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone()).map_err(corrupt)?;
+    let groups: Vec<(usize, u64)> = {
+        let md = builder.metadata();
+        let mut first_row = 1u64;
+        (0..md.num_row_groups())
+            .map(|g| {
+                let at = first_row;
+                first_row += md.row_group(g).num_rows() as u64;
+                (g, at)
+            })
+            .collect()
+    };
+    let cores = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(1);
+    let chunks: Vec<Vec<(usize, u64)>> = (0..cores)
+        .map(|c| groups.iter().copied().skip(c).step_by(cores).collect())
+        .collect();
+    let decoded: Vec<Result<Vec<(usize, EventLog)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|mine| {
+                let bytes = bytes.clone();
+                scope.spawn(move || -> Result<Vec<(usize, EventLog)>> {
+                    let mut out = Vec::new();
+                    for &(g, first_row) in mine {
+                        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+                            .map_err(corrupt)?
+                            .with_row_groups(vec![g])
+                            .with_batch_size(64 * 1024)
+                            .build()
+                            .map_err(corrupt)?;
+                        let mut log = EventLog::default();
+                        let mut row = first_row;
+                        for batch in reader {
+                            let batch = batch.map_err(|e| {
+                                Error::BadInput(format!("{name}: not a readable Parquet file: {e}"))
+                            })?;
+                            let n = normalize_batch(&batch, name, row).map_err(Error::BadInput)?;
+                            row += batch.num_rows() as u64;
+                            log.valid += n.batch.num_rows() as u64;
+                            log.invalid.merge(&n.invalid);
+                            log.dead_letters.extend(n.dead_letters);
+                            if n.batch.num_rows() > 0 {
+                                log.batches.push(n.batch);
+                            }
+                        }
+                        out.push((g, log));
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("decoder threads do not panic"))
+            .collect()
+    });
+    let mut parts = Vec::new();
+    for d in decoded {
+        parts.extend(d?);
+    }
+    parts.sort_by_key(|(g, _)| *g);
     let mut log = EventLog::default();
-    let mut row = 1u64;
-    for batch in reader {
-        let batch = batch
-            .map_err(|e| Error::BadInput(format!("{name}: not a readable Parquet file: {e}")))?;
-        let n = normalize_batch(&batch, name, row).map_err(Error::BadInput)?;
-        row += batch.num_rows() as u64;
-        log.valid += n.batch.num_rows() as u64;
-        log.invalid.merge(&n.invalid);
-        log.dead_letters.extend(n.dead_letters);
-        if n.batch.num_rows() > 0 {
-            log.batches.push(n.batch);
-        }
+    for (_, p) in parts {
+        log.absorb(p);
     }
     Ok(log)
 }
@@ -327,6 +387,12 @@ mod tests {
         assert!(glob_match("**/*.parquet", "d/e/a.parquet"));
         assert!(glob_match("**/*.parquet", "a.parquet"));
         assert!(glob_match("date=2026-11-?/*", "date=2026-11-1/x.jsonl"));
+        assert_eq!(format_of("_archive/p0.json"), None);
+        assert_eq!(
+            format_of("date=2026-11-01/hour=03/p0-00000000000000000012.parquet"),
+            Some(Format::Parquet)
+        );
+        assert_eq!(format_of(".hidden/x.jsonl"), None);
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use duet_spec::{Feature, Value, ValueType, View};
 
 use crate::entities::EntityRows;
 use crate::publish::{manifest_at, read_snapshot};
-use crate::snapshot::{snapshot, value_column};
+use crate::snapshot::{rank_population, ranked_value, value_column};
 use crate::store::Location;
 use crate::tiles::{TilePlan, compute_tiles};
 use crate::{Error, Result};
@@ -69,28 +69,70 @@ pub async fn batch_values(
             None => missing.push(*s),
         }
     }
+    // computed[j][row]: feature j's value for rows whose snapshot was not published.
+    let mut computed: Vec<Vec<Option<Value>>> = vec![Vec::new(); wanted.len()];
     if !missing.is_empty() {
-        tracing::info!(view = %view.name, snapshots = missing.len(), "computing snapshots not found in the store");
+        tracing::info!(view = %view.name, instants = missing.len(), "computing batch values not found in the store");
         let tiles = std::sync::Arc::new(compute_tiles(&plan, ev).await?);
         let plan = std::sync::Arc::new(plan.clone());
-        let computed = tokio::task::spawn_blocking(move || {
-            missing
-                .into_iter()
-                .map(|s| (s, index(snapshot(&tiles, &plan, s))))
-                .collect::<Vec<_>>()
+        let missing: std::collections::HashSet<i64> = missing.into_iter().collect();
+        let (keys, ts) = (entities.keys.clone(), entities.ts.clone());
+        let wanted_idx: Vec<usize> = wanted
+            .iter()
+            .map(|f| {
+                plan.features
+                    .iter()
+                    .position(|c| c.feature.name == f.name)
+                    .expect("feature of the view")
+            })
+            .collect();
+        computed = tokio::task::spawn_blocking(move || {
+            // Only the rows' own (entity, instant) pairs are folded; ranks need their population
+            // once per instant.
+            let mut populations: HashMap<(usize, i64), Vec<i64>> = HashMap::new();
+            let mut out: Vec<Vec<Option<Value>>> = vec![vec![None; keys.len()]; wanted_idx.len()];
+            for (row, (k, t)) in keys.iter().zip(&ts).enumerate() {
+                let s = floor_to(*t, cadence);
+                if !missing.contains(&s) {
+                    continue;
+                }
+                let entity = tiles
+                    .entities
+                    .binary_search(k)
+                    .ok()
+                    .filter(|u| tiles.first_ms[*u] < s);
+                for (j, &fi) in wanted_idx.iter().enumerate() {
+                    let f = &plan.features[fi];
+                    let v = match entity {
+                        None => f.feature.default,
+                        Some(u) => {
+                            let pop = populations
+                                .entry((fi, s))
+                                .or_insert_with(|| rank_population(&tiles, &plan, f, s));
+                            ranked_value(&tiles, &plan, f, u, s, pop)
+                        }
+                    };
+                    out[j][row] = Some(v);
+                }
+            }
+            out
         })
         .await
-        .map_err(|e| Error::Internal(format!("snapshot task failed: {e}")))?;
-        snapshots.extend(computed);
+        .map_err(|e| Error::Internal(format!("batch value task failed: {e}")))?;
     }
     Ok(wanted
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(j, f)| {
             let values: Vec<Value> = entities
                 .keys
                 .iter()
                 .zip(&entities.ts)
-                .map(|(k, t)| {
+                .enumerate()
+                .map(|(row, (k, t))| {
+                    if let Some(v) = computed[j].get(row).copied().flatten() {
+                        return v;
+                    }
                     let snap = &snapshots[&floor_to(*t, cadence)];
                     let Some(&row) = snap.rows.get(k) else {
                         return f.default;

@@ -3,7 +3,7 @@
 //! Layout under the store URL:
 //!
 //! ```text
-//! snapshots/<view>/runs/<run_id>/data.parquet    written first, never modified
+//! snapshots/<view>/runs/<run_id>/<as_of>.parquet  written first, never modified
 //! snapshots/<view>/commits/<as_of>.json          the manifest; one atomic PUT publishes it
 //! dead_letters/<run_id>.jsonl                    invalid events of a run
 //! _lease/batch.json                              held while a batch job runs
@@ -185,8 +185,12 @@ pub async fn write_data(
         view_dir(view),
         as_of_key(as_of_ms)
     );
+    // Keys are unique and feature values mostly so: dictionaries would only be tried and
+    // dropped, which costs more than the whole write of a snapshot.
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_dictionary_enabled(false)
+        .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
         .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))

@@ -19,7 +19,7 @@ use crate::publish::{
 };
 use crate::snapshot::snapshot;
 use crate::store::resolve;
-use crate::tiles::{TilePlan, compute_tiles, deduplicated_events, session};
+use crate::tiles::{TilePlan, compute_tiles, dedupe_batches, events_table, session};
 use crate::{Error, Result};
 
 /// What to compute.
@@ -168,15 +168,18 @@ async fn run_locked(
     let ctx = session();
     let mut published = Vec::new();
     let mut expired = Vec::new();
-    let mut duplicates = 0;
+    let duplicates;
+    progress.stage("deduplicating events");
     let batches = log.batches.clone();
+    let (kept, dropped) = tokio::task::spawn_blocking(move || dedupe_batches(batches, before))
+        .await
+        .map_err(|e| Error::Internal(format!("deduplication failed: {e}")))?;
+    duplicates = dropped;
     for view in views {
         progress.stage(&format!("computing tiles of view {}", view.name));
         let plan = TilePlan::compile(view);
-        let ev = deduplicated_events(&ctx, batches.clone(), before).await?;
+        let ev = events_table(&ctx, kept.clone()).await?;
         let tiles = compute_tiles(&plan, ev).await?;
-        let in_range: u64 = log.batches.iter().map(|b| count_before(b, before)).sum();
-        duplicates = in_range.saturating_sub(tiles.events);
         let tiles = std::sync::Arc::new(tiles);
         let plan = std::sync::Arc::new(plan);
         progress.bar(
@@ -188,11 +191,14 @@ async fn run_locked(
                 let (tiles, plan) = (tiles.clone(), plan.clone());
                 let log = &log;
                 async move {
+                    let t = std::time::Instant::now();
                     let batch = tokio::task::spawn_blocking(move || snapshot(&tiles, &plan, s))
                         .await
                         .map_err(|e| Error::Internal(format!("snapshot task failed: {e}")))?;
+                    let folded = t.elapsed();
                     let (data, data_bytes) =
                         write_data(store, &view.name, run_id, s, &batch).await?;
+                    tracing::debug!(as_of = %format_ms(s), fold_ms = folded.as_millis() as u64, write_ms = (t.elapsed() - folded).as_millis() as u64, "snapshot");
                     let manifest = Manifest {
                         view: view.name.clone(),
                         as_of: format_ms(s),
@@ -258,14 +264,6 @@ async fn run_locked(
         expired,
         duration_ms: started.elapsed().as_millis() as u64,
     })
-}
-
-fn count_before(batch: &arrow::record_batch::RecordBatch, before: i64) -> u64 {
-    use arrow::array::AsArray;
-    let ts = batch
-        .column(4)
-        .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
-    ts.values().iter().filter(|t| **t < before).count() as u64
 }
 
 /// Refuses to publish a feature whose definition differs from the one that made the view's

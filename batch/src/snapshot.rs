@@ -1,6 +1,5 @@
 //! Folding tiles into windows: a view's values for every entity as of one instant.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, Float64Builder, Int64Builder, StringBuilder};
@@ -57,7 +56,9 @@ fn fold(
         if lo == hi {
             return None;
         }
-        let distinct: HashSet<_> = keys[lo..hi].iter().collect();
+        let mut distinct: Vec<&crate::tiles::DistinctKey> = keys[lo..hi].iter().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
         return Some(distinct.len() as f64);
     }
     let g = set.group(resolution);
@@ -65,7 +66,10 @@ fn fold(
     let tiles = &g.tile[a..b];
     let lo = a + tiles.partition_point(|t| *t < range.0);
     let hi = a + tiles.partition_point(|t| *t < range.1);
-    match &g.slots[&slot] {
+    match g.slots[slot]
+        .as_ref()
+        .expect("the slot belongs to its resolution's group")
+    {
         SlotColumns::Values { v, n } => {
             let count: i64 = n[lo..hi].iter().sum();
             if count == 0 {
@@ -133,6 +137,40 @@ pub fn entity_value(
         Recipe::PctRank { .. } => unreachable!("population features are ranked in `snapshot`"),
     };
     finish(f, raw)
+}
+
+/// The sorted rank keys of a population feature's measure over every entity with an event
+/// before `s` (entities whose measure is empty are not part of the population).
+pub fn rank_population(set: &TileSet, plan: &TilePlan, f: &CompiledFeature, s: i64) -> Vec<i64> {
+    let Recipe::PctRank { of, round } = &f.recipe else {
+        return vec![];
+    };
+    let range = tile_range(f, s);
+    let mut keys: Vec<i64> = (0..set.entities.len())
+        .filter(|u| set.first_ms[*u] < s)
+        .filter_map(|u| fold(set, plan, of.1, of.0, u, range).map(|x| rank_key(x, *round)))
+        .collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// A population feature's value for one entity, given the population's sorted keys.
+pub fn ranked_value(
+    set: &TileSet,
+    plan: &TilePlan,
+    f: &CompiledFeature,
+    entity: usize,
+    s: i64,
+    population: &[i64],
+) -> Value {
+    let Recipe::PctRank { of, round } = &f.recipe else {
+        return entity_value(set, plan, f, entity, s);
+    };
+    let k = fold(set, plan, of.1, of.0, entity, tile_range(f, s)).map(|x| rank_key(x, *round));
+    finish(
+        f,
+        k.map(|k| population.partition_point(|x| *x <= k) as f64 / population.len() as f64),
+    )
 }
 
 /// Every entity with an event before `s`, with every feature of the plan as of `s`.

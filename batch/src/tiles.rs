@@ -12,11 +12,10 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use datafusion::datasource::MemTable;
-use datafusion::functions_aggregate::expr_fn::{count, first_value, max, min, sum};
+use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
 use datafusion::prelude::{
     DataFrame, Expr, ExprFunctionExt, SessionConfig, SessionContext, cast, col, lit,
 };
-use datafusion::scalar::ScalarValue;
 use duet_spec::expr::Expr as DExpr;
 use duet_spec::{Agg, Aggregation, Extent, Feature, Filter, Measure, View};
 
@@ -288,13 +287,58 @@ pub fn session() -> SessionContext {
     )
 }
 
-/// Registers validated event batches and returns them deduplicated by `event_id`, restricted to
-/// `ts < before`, with `ms` (epoch milliseconds) added. Exact copies count once.
+/// Keeps the first record of each `event_id` among events with `ts < before`, in input order;
+/// returns the kept batches and the number of duplicates dropped. Duplicates are exact copies,
+/// so which copy is kept does not matter; keeping the first makes it deterministic.
+pub fn dedupe_batches(batches: Vec<RecordBatch>, before: i64) -> (Vec<RecordBatch>, u64) {
+    use arrow::array::BooleanArray;
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+        std::collections::HashSet::with_capacity_and_hasher(
+            total,
+            foldhash::fast::RandomState::default(),
+        );
+    let mut masks = Vec::with_capacity(batches.len());
+    let mut dropped = 0u64;
+    for b in &batches {
+        let ids = b.column(0).as_string::<i32>();
+        let ts = b
+            .column(4)
+            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+        let mut keep = Vec::with_capacity(b.num_rows());
+        for i in 0..b.num_rows() {
+            let fresh = ts.value(i) < before && seen.insert(ids.value(i));
+            dropped += u64::from(ts.value(i) < before && !fresh);
+            keep.push(fresh);
+        }
+        let mask = BooleanArray::from(keep);
+        masks.push(mask);
+    }
+    drop(seen);
+    let kept = batches
+        .iter()
+        .zip(&masks)
+        .map(|(b, m)| arrow::compute::filter_record_batch(b, m).expect("mask matches the batch"))
+        .filter(|b| b.num_rows() > 0)
+        .collect();
+    (kept, dropped)
+}
+
+/// Registers validated event batches and returns them deduplicated by `event_id` (see
+/// [`dedupe_batches`]), restricted to `ts < before`, with `ms` (epoch milliseconds) added.
 pub async fn deduplicated_events(
     ctx: &SessionContext,
     batches: Vec<RecordBatch>,
     before: i64,
 ) -> Result<DataFrame> {
+    let (kept, _) = tokio::task::spawn_blocking(move || dedupe_batches(batches, before))
+        .await
+        .map_err(|e| Error::Internal(format!("deduplication failed: {e}")))?;
+    events_table(ctx, kept).await
+}
+
+/// Registers deduplicated event batches as a table with `ms` added.
+pub async fn events_table(ctx: &SessionContext, batches: Vec<RecordBatch>) -> Result<DataFrame> {
     let schema = duet_spec::event::event_schema();
     let parts = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut partitions: Vec<Vec<RecordBatch>> = vec![Vec::new(); parts];
@@ -309,35 +353,8 @@ pub async fn deduplicated_events(
     );
     ctx.register_table(name.as_str(), Arc::new(table))
         .map_err(df_err)?;
-    let before_ts = lit(ScalarValue::TimestampMillisecond(
-        Some(before),
-        Some("UTC".into()),
-    ));
-    let first = |c: &str| first_value(col(c), vec![]).alias(c);
-    ctx.table(name.as_str())
-        .await
-        .and_then(|df| df.filter(col("ts").lt(before_ts)))
-        .and_then(|df| {
-            df.aggregate(
-                vec![col("event_id")],
-                vec![
-                    first("user_id"),
-                    first("event_type"),
-                    first("amount"),
-                    first("ts"),
-                ],
-            )
-        })
-        .and_then(|df| {
-            df.select(vec![
-                col("event_id"),
-                col("user_id"),
-                col("event_type"),
-                col("amount"),
-                col("ts"),
-                cast(col("ts"), DataType::Int64).alias(MS),
-            ])
-        })
+    let df = ctx.table(name.as_str()).await.map_err(df_err)?;
+    df.with_column(MS, cast(col("ts"), DataType::Int64))
         .map_err(df_err)
 }
 
@@ -351,8 +368,8 @@ pub struct GroupTiles {
     pub offsets: Vec<usize>,
     /// Tile indices (`floor(ts / resolution)`).
     pub tile: Vec<i64>,
-    /// Per slot of this resolution (by slot index): its partial columns.
-    pub slots: HashMap<usize, SlotColumns>,
+    /// Per slot (by slot index; `None` for slots of other resolutions): its partial columns.
+    pub slots: Vec<Option<SlotColumns>>,
 }
 
 /// The partial aggregates of one slot, one entry per tile (or per distinct row).
@@ -389,7 +406,7 @@ pub enum SlotColumns {
 }
 
 /// A value compared by `count_distinct`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum DistinctKey {
     /// A number, by its bits (with -0 folded into 0).
     Num(u64),
@@ -408,8 +425,6 @@ pub struct TileSet {
     pub groups: Vec<GroupTiles>,
     /// Distinct-value slots (their columns are `SlotColumns::Distinct`).
     pub distinct: HashMap<usize, SlotColumns>,
-    /// Events after deduplication.
-    pub events: u64,
 }
 
 impl TileSet {
@@ -424,8 +439,7 @@ impl TileSet {
 
 /// Runs the plan's tile queries over deduplicated events and gathers the results by entity.
 pub async fn compute_tiles(plan: &TilePlan, ev: DataFrame) -> Result<TileSet> {
-    let ev = ev.cache().await.map_err(df_err)?;
-    let events = ev.clone().count().await.map_err(df_err)? as u64;
+    let started = std::time::Instant::now();
     let mut raw_groups = Vec::new();
     for r in plan.resolutions() {
         let batches = plan
@@ -447,16 +461,60 @@ pub async fn compute_tiles(plan: &TilePlan, ev: DataFrame) -> Result<TileSet> {
             ));
         }
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "distinct queries"
+    );
     let plan = plan.clone();
-    tokio::task::spawn_blocking(move || gather(&plan, raw_groups, raw_distinct, events))
+    let gathered = tokio::task::spawn_blocking(move || gather(&plan, raw_groups, raw_distinct))
         .await
-        .map_err(|e| Error::Internal(format!("tile gathering failed: {e}")))
+        .map_err(|e| Error::Internal(format!("tile gathering failed: {e}")))?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        entities = gathered.entities.len(),
+        "tiles gathered"
+    );
+    Ok(gathered)
 }
 
-/// One row of a query result: (entity, tile, batch, row).
-type RowRef<'a> = (&'a str, i64, usize, usize);
+/// One row of a query result: (entity index, tile, batch, row).
+type RowRef = (u32, i64, u32, u32);
 
-fn sorted_rows<'a>(batches: &'a [RecordBatch], key: &str) -> Vec<RowRef<'a>> {
+/// Every entity key in the results, sorted, with an index from key to position.
+fn entity_index<'a>(
+    all: impl Iterator<Item = &'a RecordBatch>,
+    key: &str,
+) -> (
+    Vec<&'a str>,
+    HashMap<&'a str, u32, foldhash::fast::RandomState>,
+) {
+    let mut unique: std::collections::HashSet<&'a str, foldhash::fast::RandomState> =
+        Default::default();
+    for b in all {
+        let keys = b
+            .column_by_name(key)
+            .expect("key column")
+            .as_string::<i32>();
+        for r in 0..b.num_rows() {
+            unique.insert(keys.value(r));
+        }
+    }
+    let mut entities: Vec<&'a str> = unique.into_iter().collect();
+    entities.sort_unstable();
+    let index = entities
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (*e, i as u32))
+        .collect();
+    (entities, index)
+}
+
+/// The rows of a result, ordered by entity then tile (integer keys: cheap to sort).
+fn sorted_rows(
+    batches: &[RecordBatch],
+    key: &str,
+    index: &HashMap<&str, u32, foldhash::fast::RandomState>,
+) -> Vec<RowRef> {
     let mut rows = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     for (bi, b) in batches.iter().enumerate() {
         let keys = b
@@ -468,10 +526,10 @@ fn sorted_rows<'a>(batches: &'a [RecordBatch], key: &str) -> Vec<RowRef<'a>> {
             .expect("tile column")
             .as_primitive::<Int64Type>();
         for r in 0..b.num_rows() {
-            rows.push((keys.value(r), tiles.value(r), bi, r));
+            rows.push((index[keys.value(r)], tiles.value(r), bi as u32, r as u32));
         }
     }
-    rows.sort_unstable_by(|a, b| a.0.cmp(b.0).then(a.1.cmp(&b.1)));
+    rows.sort_unstable_by_key(|r| (r.0, r.1));
     rows
 }
 
@@ -479,30 +537,22 @@ fn gather(
     plan: &TilePlan,
     raw_groups: Vec<(i64, Vec<RecordBatch>)>,
     raw_distinct: Vec<(usize, Vec<RecordBatch>)>,
-    events: u64,
 ) -> TileSet {
     let key = plan.join_key.as_str();
-    let group_rows: Vec<(i64, &Vec<RecordBatch>, Vec<RowRef<'_>>)> = raw_groups
+    let (entities, index) = entity_index(raw_groups.iter().flat_map(|(_, b)| b.iter()), key);
+    let group_rows: Vec<(i64, &Vec<RecordBatch>, Vec<RowRef>)> = raw_groups
         .iter()
-        .map(|(r, b)| (*r, b, sorted_rows(b, key)))
+        .map(|(r, b)| (*r, b, sorted_rows(b, key, &index)))
         .collect();
-    let mut entities: Vec<&str> = group_rows
-        .iter()
-        .flat_map(|(_, _, rows)| rows.iter().map(|r| r.0))
-        .collect();
-    entities.sort_unstable();
-    entities.dedup();
-    let index: HashMap<&str, usize> = entities.iter().enumerate().map(|(i, e)| (*e, i)).collect();
     let mut set = TileSet {
         entities: entities.iter().map(|e| e.to_string()).collect(),
         first_ms: vec![i64::MAX; entities.len()],
-        events,
         ..Default::default()
     };
-    let offsets_of = |rows: &[RowRef<'_>]| {
+    let offsets_of = |rows: &[RowRef]| {
         let mut offsets = vec![0usize; entities.len() + 1];
         for r in rows {
-            offsets[index[r.0] + 1] += 1;
+            offsets[r.0 as usize + 1] += 1;
         }
         for i in 0..entities.len() {
             offsets[i + 1] += offsets[i];
@@ -514,7 +564,7 @@ fn gather(
             resolution: *resolution,
             offsets: offsets_of(rows),
             tile: rows.iter().map(|r| r.1).collect(),
-            slots: HashMap::new(),
+            slots: (0..plan.slots.len()).map(|_| None).collect(),
         };
         let first = |b: &RecordBatch| {
             b.column_by_name("first_ms")
@@ -524,27 +574,28 @@ fn gather(
         };
         let firsts: Vec<_> = batches.iter().map(first).collect();
         for r in rows {
-            let u = index[r.0];
-            set.first_ms[u] = set.first_ms[u].min(firsts[r.2].value(r.3));
+            let u = r.0 as usize;
+            set.first_ms[u] = set.first_ms[u].min(firsts[r.2 as usize].value(r.3 as usize));
         }
         for (i, slot) in plan.slots.iter().enumerate() {
             if slot.resolution != *resolution || slot.kind == SlotKind::Distinct {
                 continue;
             }
-            g.slots.insert(i, slot_columns(i, slot.kind, batches, rows));
+            g.slots[i] = Some(slot_columns(i, slot.kind, batches, rows));
         }
         set.groups.push(g);
     }
     for (i, batches) in &raw_distinct {
-        let rows = sorted_rows(batches, key);
+        let rows = sorted_rows(batches, key, &index);
         let keys = rows
             .iter()
             .map(|r| {
-                let col = batches[r.2].column_by_name("v").expect("v column");
+                let (b, row) = (r.2 as usize, r.3 as usize);
+                let col = batches[b].column_by_name("v").expect("v column");
                 match col.data_type() {
-                    DataType::Utf8 => DistinctKey::Text(col.as_string::<i32>().value(r.3).into()),
+                    DataType::Utf8 => DistinctKey::Text(col.as_string::<i32>().value(row).into()),
                     _ => {
-                        let x = col.as_primitive::<Float64Type>().value(r.3);
+                        let x = col.as_primitive::<Float64Type>().value(row);
                         DistinctKey::Num(if x == 0.0 { 0 } else { x.to_bits() })
                     }
                 }
@@ -562,12 +613,7 @@ fn gather(
     set
 }
 
-fn slot_columns(
-    i: usize,
-    kind: SlotKind,
-    batches: &[RecordBatch],
-    rows: &[RowRef<'_>],
-) -> SlotColumns {
+fn slot_columns(i: usize, kind: SlotKind, batches: &[RecordBatch], rows: &[RowRef]) -> SlotColumns {
     let f64_col = |name: String| -> Vec<arrow::array::Float64Array> {
         batches
             .iter()
@@ -591,20 +637,20 @@ fn slot_columns(
             })
             .collect()
     };
-    let opt_f = |cols: &[arrow::array::Float64Array], r: &RowRef<'_>| {
-        let c = &cols[r.2];
-        if c.is_null(r.3) {
+    let opt_f = |cols: &[arrow::array::Float64Array], r: &RowRef| {
+        let c = &cols[r.2 as usize];
+        if c.is_null(r.3 as usize) {
             None
         } else {
-            Some(c.value(r.3))
+            Some(c.value(r.3 as usize))
         }
     };
-    let opt_i = |cols: &[arrow::array::Int64Array], r: &RowRef<'_>| {
-        let c = &cols[r.2];
-        if c.is_null(r.3) {
+    let opt_i = |cols: &[arrow::array::Int64Array], r: &RowRef| {
+        let c = &cols[r.2 as usize];
+        if c.is_null(r.3 as usize) {
             None
         } else {
-            Some(c.value(r.3))
+            Some(c.value(r.3 as usize))
         }
     };
     match kind {

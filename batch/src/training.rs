@@ -200,11 +200,7 @@ pub async fn datafusion_training_set(
         .copied()
         .max()
         .map_or(i64::MIN, |t| t.saturating_add(1));
-    let ev = crate::tiles::deduplicated_events(&ctx, log.batches, before)
-        .await?
-        .cache()
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let ev = crate::tiles::deduplicated_events(&ctx, log.batches, before).await?;
     let streaming: Vec<(&View, &Feature)> = features
         .iter()
         .copied()

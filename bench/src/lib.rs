@@ -29,9 +29,12 @@ pub fn peak_rss_mib(time_v_stderr: &str) -> Option<f64> {
 /// The golden JSON lines, decompressed.
 pub fn golden_lines() -> Vec<u8> {
     use std::io::Read;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/events.jsonl.gz");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/events.jsonl.gz");
     let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(file).read_to_end(&mut out).expect("gzip");
+    flate2::read::MultiGzDecoder::new(file)
+        .read_to_end(&mut out)
+        .expect("gzip");
     out
 }

@@ -158,11 +158,7 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
         .unwrap_or(i64::MIN)
         .max(req.as_of)
         .saturating_add(1);
-    let ev = duet_batch::tiles::deduplicated_events(&ctx, log.batches.clone(), before)
-        .await?
-        .cache()
-        .await
-        .map_err(|e| Error::Read(e.to_string()))?;
+    let ev = duet_batch::tiles::deduplicated_events(&ctx, log.batches.clone(), before).await?;
     let counters: BTreeMap<String, i64> = state
         .counters(&stats_key(&req.prefix))
         .await?

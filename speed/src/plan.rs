@@ -88,7 +88,7 @@ impl SpeedPlan {
             lateness: 0,
             alignment: 1,
             horizon: 0,
-            spec_fingerprint: spec.fingerprint(),
+            spec_fingerprint: streaming_fingerprint(spec),
             tile_slots: Vec::new(),
             session_slots: Vec::new(),
             recent_slots: Vec::new(),
@@ -201,6 +201,18 @@ impl SpeedPlan {
     pub fn is_distinct(&self, slot: usize) -> bool {
         self.slots[slot].measure.agg == Agg::CountDistinct
     }
+}
+
+/// A digest of the streaming views only: changing a batch feature does not change the meaning
+/// of the speed layer's state.
+fn streaming_fingerprint(spec: &Spec) -> String {
+    let views: Vec<&View> = spec.views_of(Layer::Streaming).collect();
+    let text = serde_json::to_string(&views).expect("views serialize");
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 fn gcd(a: i64, b: i64) -> i64 {

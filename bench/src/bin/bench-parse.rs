@@ -41,8 +41,20 @@ fn main() {
     let value_rate = lines as f64 / best_value;
     println!("lines                         {lines} ({copies} copies of the golden events.jsonl)");
     println!("valid events decoded          {valid}");
-    println!("duet decoder (validated Arrow) {:>12.0} events/s/core", duet_rate);
-    println!("serde_json::Value (parse only) {:>12.0} events/s/core", value_rate);
-    println!("ratio duet / serde_json::Value {:>12.2}x", duet_rate / value_rate);
-    println!("target ≥ 1,000,000 events/s/core: {}", if duet_rate >= 1e6 { "met" } else { "NOT met" });
+    println!(
+        "duet decoder (validated Arrow) {:>12.0} events/s/core",
+        duet_rate
+    );
+    println!(
+        "serde_json::Value (parse only) {:>12.0} events/s/core",
+        value_rate
+    );
+    println!(
+        "ratio duet / serde_json::Value {:>12.2}x",
+        duet_rate / value_rate
+    );
+    println!(
+        "target ≥ 1,000,000 events/s/core: {}",
+        if duet_rate >= 1e6 { "met" } else { "NOT met" }
+    );
 }

@@ -14,16 +14,31 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn duet(bin: &str, args: &[&str]) {
-    let out = Command::new(bin).args(args).env("RUST_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "duet {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "duet {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A keep-alive HTTP/1.1 connection.
@@ -36,7 +51,10 @@ impl Conn {
     async fn open(addr: &str) -> Conn {
         let s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
-        Conn { s, buf: Vec::with_capacity(64 * 1024) }
+        Conn {
+            s,
+            buf: Vec::with_capacity(64 * 1024),
+        }
     }
 
     async fn post(&mut self, req: &[u8]) -> u16 {
@@ -51,7 +69,10 @@ impl Conn {
                 let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
                 let len: usize = head
                     .lines()
-                    .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .find_map(|l| {
+                        l.strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
                     .unwrap_or(0);
                 break (i + 4, len);
             }
@@ -62,24 +83,43 @@ impl Conn {
             assert!(n > 0);
             self.buf.extend_from_slice(&chunk[..n]);
         }
-        std::str::from_utf8(&self.buf[9..12]).unwrap().parse().unwrap()
+        std::str::from_utf8(&self.buf[9..12])
+            .unwrap()
+            .parse()
+            .unwrap()
     }
 }
 
 fn request(addr: &str, users: &[String]) -> Vec<u8> {
     let features = [
-        "user_realtime:txn_count_1h", "user_realtime:txn_sum_1h", "user_realtime:event_count_10m",
-        "user_realtime:session_event_count", "user_realtime:session_duration_s", "user_realtime:last_purchase_amount",
-        "user_batch:txn_count_90d", "user_batch:avg_txn_amount_30d_v1", "user_batch:avg_txn_amount_30d_v2",
-        "user_batch:max_txn_amount_90d", "user_batch:refund_rate_90d", "user_batch:active_days_30d",
-        "user_batch:account_age_days", "user_batch:spend_pct_rank_30d",
+        "user_realtime:txn_count_1h",
+        "user_realtime:txn_sum_1h",
+        "user_realtime:event_count_10m",
+        "user_realtime:session_event_count",
+        "user_realtime:session_duration_s",
+        "user_realtime:last_purchase_amount",
+        "user_batch:txn_count_90d",
+        "user_batch:avg_txn_amount_30d_v1",
+        "user_batch:avg_txn_amount_30d_v2",
+        "user_batch:max_txn_amount_90d",
+        "user_batch:refund_rate_90d",
+        "user_batch:active_days_30d",
+        "user_batch:account_age_days",
+        "user_batch:spend_pct_rank_30d",
     ];
-    let body = serde_json::json!({"features": features, "entities": {"user_id": users}}).to_string();
+    let body =
+        serde_json::json!({"features": features, "entities": {"user_id": users}}).to_string();
     format!("POST /get-online-features HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
 }
 
 /// Runs `connections` loops for `secs`; each waits `pace` between requests (None: closed loop).
-async fn load(addr: &str, reqs: Arc<Vec<Vec<u8>>>, connections: usize, secs: u64, pace: Option<Duration>) -> (f64, Vec<Duration>) {
+async fn load(
+    addr: &str,
+    reqs: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+    secs: u64,
+    pace: Option<Duration>,
+) -> (f64, Vec<Duration>) {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..connections {
@@ -120,7 +160,19 @@ async fn load(addr: &str, reqs: Arc<Vec<Vec<u8>>>, connections: usize, secs: u64
 
 fn redis_benchmark(connections: usize) -> f64 {
     let out = Command::new("redis-benchmark")
-        .args(["-h", "127.0.0.1", "-p", "6379", "-t", "get", "-c", &connections.to_string(), "-n", "400000", "--csv"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            "6379",
+            "-t",
+            "get",
+            "-c",
+            &connections.to_string(),
+            "-n",
+            "400000",
+            "--csv",
+        ])
         .output()
         .expect("redis-benchmark is installed (redis-tools)");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -144,21 +196,81 @@ async fn main() {
 
     // A day of history for every user, and the last two hours streamed through the speed layer.
     let end = now_ms() - 60_000;
-    duet(&bin, &["generate", "--users", &users.to_string(), "--days", "30", "--events", &(users * 15).to_string(), "--end", &duet_spec::timestamp::format_ms(end - 2 * 3_600_000), "--out", &d("events/history.parquet")]);
-    duet(&bin, &["batch", "run", "--as-of", &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000), "--events", &d("events"), "--store", &d("store"), "--no-progress"]);
+    duet(
+        &bin,
+        &[
+            "generate",
+            "--users",
+            &users.to_string(),
+            "--days",
+            "30",
+            "--events",
+            &(users * 15).to_string(),
+            "--end",
+            &duet_spec::timestamp::format_ms(end - 2 * 3_600_000),
+            "--out",
+            &d("events/history.parquet"),
+        ],
+    );
+    duet(
+        &bin,
+        &[
+            "batch",
+            "run",
+            "--as-of",
+            &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000),
+            "--events",
+            &d("events"),
+            "--store",
+            &d("store"),
+            "--no-progress",
+        ],
+    );
     let topic = format!("bench-serve-{}", now_ms());
     {
         use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
-        admin.create_topics(&[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))], &AdminOptions::new()).await.unwrap();
+        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+            rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+        admin
+            .create_topics(
+                &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
     }
-    duet(&bin, &["generate", "--users", &users.to_string(), "--days", "1", "--events", &(users * 12).to_string(), "--end", &duet_spec::timestamp::format_ms(end), "--out", &d("live.jsonl")]);
+    duet(
+        &bin,
+        &[
+            "generate",
+            "--users",
+            &users.to_string(),
+            "--days",
+            "1",
+            "--events",
+            &(users * 12).to_string(),
+            "--end",
+            &duet_spec::timestamp::format_ms(end),
+            "--out",
+            &d("live.jsonl"),
+        ],
+    );
     let live = std::fs::read(d("live.jsonl")).unwrap();
     {
-        use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
-        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "20").set("queue.buffering.max.messages", "2000000").create().unwrap();
+        use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+        let p: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("linger.ms", "20")
+            .set("queue.buffering.max.messages", "2000000")
+            .create()
+            .unwrap();
         for line in live.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let Ok(e) = duet_spec::event::parse_json_event(line) else { continue };
+            let Ok(e) = duet_spec::event::parse_json_event(line) else {
+                continue;
+            };
             if e.ts < end - 2 * 3_600_000 {
                 continue;
             }
@@ -172,11 +284,43 @@ async fn main() {
         p.flush(Duration::from_secs(60)).unwrap();
     }
     let prefix = format!("benchserve{}:", now_ms());
-    duet(&bin, &["speed", "run", "--brokers", &brokers, "--topic", &topic, "--group", &topic, "--redis", &redis, "--prefix", &prefix, "--exit-when-idle", "2", "--dead-letter-topic", "none"]);
+    duet(
+        &bin,
+        &[
+            "speed",
+            "run",
+            "--brokers",
+            &brokers,
+            "--topic",
+            &topic,
+            "--group",
+            &topic,
+            "--redis",
+            &redis,
+            "--prefix",
+            &prefix,
+            "--exit-when-idle",
+            "2",
+            "--dead-letter-topic",
+            "none",
+        ],
+    );
 
     let addr = "127.0.0.1:18080";
     let mut server = Command::new(&bin)
-        .args(["serve", "--store", &d("store"), "--redis", &redis, "--prefix", &prefix, "--listen", addr, "--log-sample", "0"])
+        .args([
+            "serve",
+            "--store",
+            &d("store"),
+            "--redis",
+            &redis,
+            "--prefix",
+            &prefix,
+            "--listen",
+            addr,
+            "--log-sample",
+            "0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -188,8 +332,23 @@ async fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let ids: Vec<String> = (0..users).map(|u| format!("u{u:07}")).collect();
-    let one: Arc<Vec<Vec<u8>>> = Arc::new((0..20_000).map(|i| request(addr, &[ids[(i * 7919) % ids.len()].clone()])).collect());
-    let hundred: Arc<Vec<Vec<u8>>> = Arc::new((0..500).map(|i| request(addr, &(0..100).map(|j| ids[(i * 100 + j) * 31 % ids.len()].clone()).collect::<Vec<_>>())).collect());
+    let one: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..20_000)
+            .map(|i| request(addr, &[ids[(i * 7919) % ids.len()].clone()]))
+            .collect(),
+    );
+    let hundred: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..500)
+            .map(|i| {
+                request(
+                    addr,
+                    &(0..100)
+                        .map(|j| ids[(i * 100 + j) * 31 % ids.len()].clone())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect(),
+    );
 
     load(addr, one.clone(), connections, 3, None).await;
     let (peak, lat_peak) = load(addr, one.clone(), connections, 10, None).await;
@@ -200,11 +359,39 @@ async fn main() {
     let _ = server.kill();
     let _ = server.wait();
 
-    println!("serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)", std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}", peak, ms(quantile(&lat_peak, 0.5)), ms(quantile(&lat_peak, 0.99)), ms(quantile(&lat_peak, 0.999)));
-    println!("  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 1 ms)", peak / 2.0, half, ms(quantile(&lat_half, 0.5)), ms(quantile(&lat_half, 0.99)), ms(quantile(&lat_half, 0.999)));
-    println!("  100 entities x 14 features            {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 10 ms)", rate100, ms(quantile(&lat100, 0.5)), ms(quantile(&lat100, 0.99)), ms(quantile(&lat100, 0.999)));
-    println!("  redis-benchmark GET, same concurrency {:>9.0} req/s", redis_get);
-    println!("  ratio duet (1 entity) / redis GET     {:>9.2}    (target ≥ 0.50)", peak / redis_get);
+    println!(
+        "serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}",
+        peak,
+        ms(quantile(&lat_peak, 0.5)),
+        ms(quantile(&lat_peak, 0.99)),
+        ms(quantile(&lat_peak, 0.999))
+    );
+    println!(
+        "  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 1 ms)",
+        peak / 2.0,
+        half,
+        ms(quantile(&lat_half, 0.5)),
+        ms(quantile(&lat_half, 0.99)),
+        ms(quantile(&lat_half, 0.999))
+    );
+    println!(
+        "  100 entities x 14 features            {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 10 ms)",
+        rate100,
+        ms(quantile(&lat100, 0.5)),
+        ms(quantile(&lat100, 0.99)),
+        ms(quantile(&lat100, 0.999))
+    );
+    println!(
+        "  redis-benchmark GET, same concurrency {:>9.0} req/s",
+        redis_get
+    );
+    println!(
+        "  ratio duet (1 entity) / redis GET     {:>9.2}    (target ≥ 0.50)",
+        peak / redis_get
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

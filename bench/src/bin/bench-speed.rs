@@ -15,21 +15,34 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
     for r in admin
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .unwrap()
     {
@@ -93,8 +106,15 @@ fn raw_consume(brokers: &str, topic: &str, n: u64) -> Duration {
 /// Scrapes a counter or histogram line from the speed layer's admin endpoint.
 async fn metrics(admin: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return String::new() };
-    let _ = s.write_all(format!("GET /metrics HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n").as_bytes()).await;
+    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf).await;
     buf
@@ -113,21 +133,57 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
         .filter(|l| l.starts_with(&format!("{name}_bucket{{le=\"")))
         .filter_map(|l| {
             let le = l.split("le=\"").nth(1)?.split('"').next()?;
-            let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((bound, l.rsplit(' ').next()?.parse().ok()?))
         })
         .collect();
     let total = buckets.last()?.1;
-    buckets.iter().find(|(_, c)| *c >= q * total).map(|(b, _)| *b)
+    buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total)
+        .map(|(b, _)| *b)
 }
 
-fn speed_run(duet: &str, brokers: &str, topic: &str, redis: &str, prefix: &str, admin: &str, idle: Option<&str>) -> std::process::Child {
+fn speed_run(
+    duet: &str,
+    brokers: &str,
+    topic: &str,
+    redis: &str,
+    prefix: &str,
+    admin: &str,
+    idle: Option<&str>,
+) -> std::process::Child {
     let mut c = Command::new(duet);
-    c.args(["speed", "run", "--brokers", brokers, "--topic", topic, "--group", &format!("bench-{}", now_ms()), "--redis", redis, "--prefix", prefix, "--admin", admin, "--dead-letter-topic", "none"]);
+    c.args([
+        "speed",
+        "run",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--group",
+        &format!("bench-{}", now_ms()),
+        "--redis",
+        redis,
+        "--prefix",
+        prefix,
+        "--admin",
+        admin,
+        "--dead-letter-topic",
+        "none",
+    ]);
     if let Some(i) = idle {
         c.args(["--exit-when-idle", i]);
     }
-    c.env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().expect("duet runs")
+    c.env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("duet runs")
 }
 
 #[tokio::main]
@@ -147,22 +203,40 @@ async fn main() {
     opts.invalid_rate = 0.0;
     let mut text = Vec::new();
     write_jsonl(&generate(&opts), 3, &mut text).unwrap();
-    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
-    eprintln!("generated {} events for {users} users in {:.1}s", lines.len(), t.elapsed().as_secs_f64());
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    eprintln!(
+        "generated {} events for {users} users in {:.1}s",
+        lines.len(),
+        t.elapsed().as_secs_f64()
+    );
 
     let topic = format!("bench-speed-{run}");
     create_topic(&brokers, &topic, partitions).await;
     let p = producer(&brokers);
     let t = Instant::now();
     for line in &lines {
-        let key = parse_json_event(line).map(|e| e.user_id.into_owned()).unwrap_or_default();
+        let key = parse_json_event(line)
+            .map(|e| e.user_id.into_owned())
+            .unwrap_or_default();
         send(&p, &topic, &key, line);
     }
     p.flush(Duration::from_secs(120)).unwrap();
-    eprintln!("preloaded {} messages in {:.1}s", lines.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "preloaded {} messages in {:.1}s",
+        lines.len(),
+        t.elapsed().as_secs_f64()
+    );
     let total = lines.len() as u64;
 
-    let raw = { let (b, t) = (brokers.clone(), topic.clone()); tokio::task::spawn_blocking(move || raw_consume(&b, &t, total)).await.unwrap() };
+    let raw = {
+        let (b, t) = (brokers.clone(), topic.clone());
+        tokio::task::spawn_blocking(move || raw_consume(&b, &t, total))
+            .await
+            .unwrap()
+    };
     let raw_rate = total as f64 / raw.as_secs_f64();
 
     let client = redis::Client::open(redis_url.as_str()).unwrap();
@@ -174,12 +248,22 @@ async fn main() {
     let before = used(&mut con);
     let prefix = format!("bench{run}:");
     let admin = "127.0.0.1:19464";
-    let mut child = speed_run(&duet, &brokers, &topic, &redis_url, &prefix, admin, Some("2"));
+    let mut child = speed_run(
+        &duet,
+        &brokers,
+        &topic,
+        &redis_url,
+        &prefix,
+        admin,
+        Some("2"),
+    );
     let mut first: Option<Instant> = None;
     let elapsed;
     loop {
         let m = metrics(admin).await;
-        let done = metric(&m, "duet_speed_events_total") + metric(&m, "duet_speed_duplicates_total") + metric(&m, "duet_speed_late_total");
+        let done = metric(&m, "duet_speed_events_total")
+            + metric(&m, "duet_speed_duplicates_total")
+            + metric(&m, "duet_speed_late_total");
         if done > 0.0 {
             first.get_or_insert_with(Instant::now);
         }
@@ -192,11 +276,18 @@ async fn main() {
     let status = child.wait().unwrap();
     assert!(status.success());
     let speed_rate = total as f64 / elapsed.as_secs_f64();
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}s:*")).query(&mut con).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}s:*"))
+        .query(&mut con)
+        .unwrap();
     let after = used(&mut con);
     let mut sampled = 0u64;
     for k in keys.iter().take(2000) {
-        let bytes: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(k).query(&mut con).unwrap();
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(k)
+            .query(&mut con)
+            .unwrap();
         sampled += bytes.unwrap_or(0);
     }
     let per_user_usage = sampled as f64 / keys.len().min(2000).max(1) as f64;
@@ -207,7 +298,15 @@ async fn main() {
     create_topic(&brokers, &steady_topic, partitions).await;
     let steady_prefix = format!("steady{run}:");
     let admin2 = "127.0.0.1:19465";
-    let mut steady = speed_run(&duet, &brokers, &steady_topic, &redis_url, &steady_prefix, admin2, None);
+    let mut steady = speed_run(
+        &duet,
+        &brokers,
+        &steady_topic,
+        &redis_url,
+        &steady_prefix,
+        admin2,
+        None,
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
     let p = producer(&brokers);
     let rate = 10_000u64;
@@ -219,7 +318,10 @@ async fn main() {
         let due = (t0.elapsed().as_secs_f64() * rate as f64) as u64;
         while sent < due {
             let user = format!("u{:07}", (sent * 7919) % users_live);
-            let line = format!("{{\"event_id\": \"steady-{run}-{sent}\", \"user_id\": \"{user}\", \"event_type\": \"purchase\", \"amount\": 12.5, \"ts\": {}}}", now_ms());
+            let line = format!(
+                "{{\"event_id\": \"steady-{run}-{sent}\", \"user_id\": \"{user}\", \"event_type\": \"purchase\", \"amount\": 12.5, \"ts\": {}}}",
+                now_ms()
+            );
             send(&p, &steady_topic, &user, line.as_bytes());
             sent += 1;
         }
@@ -232,16 +334,52 @@ async fn main() {
     let p99 = histogram_quantile(&m, "duet_speed_freshness_seconds", 0.99);
     let _ = steady.kill();
     let _ = steady.wait();
-    let _ = redis::cmd("EVAL").arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0").arg(0).arg(format!("{prefix}*")).query::<()>(&mut con);
-    let _ = redis::cmd("EVAL").arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0").arg(0).arg(format!("{steady_prefix}*")).query::<()>(&mut con);
+    let _ = redis::cmd("EVAL")
+        .arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0")
+        .arg(0)
+        .arg(format!("{prefix}*"))
+        .query::<()>(&mut con);
+    let _ = redis::cmd("EVAL")
+        .arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0")
+        .arg(0)
+        .arg(format!("{steady_prefix}*"))
+        .query::<()>(&mut con);
 
-    println!("speed layer benchmark ({} events, {users} users, {partitions} partitions, {} cores)", total, std::thread::available_parallelism().map_or(0, |n| n.get()));
-    println!("  bare rdkafka consumer (parse only)   {:>10.0} events/s", raw_rate);
-    println!("  duet speed run (Kafka → Redis, EO)    {:>10.0} events/s", speed_rate);
-    println!("  ratio duet / raw                      {:>10.2}   (target ≥ 0.50)", speed_rate / raw_rate);
-    println!("  target ≥ 250,000 events/s             {}", if speed_rate >= 250_000.0 { "met" } else { "NOT met" });
-    println!("  steady {rate} events/s for {seconds}s: produce-to-visible p50 ≤ {} ms, p99 ≤ {} ms (target p99 < 200 ms)",
-        p50.map_or("?".into(), |v| format!("{:.1}", v * 1000.0)), p99.map_or("?".into(), |v| format!("{:.1}", v * 1000.0)));
-    println!("  Redis bytes per active user: {:.0} (MEMORY USAGE, mean of {} keys), {:.0} (used_memory delta / {} keys)",
-        per_user_usage, keys.len().min(2000), per_user_delta, keys.len());
+    println!(
+        "speed layer benchmark ({} events, {users} users, {partitions} partitions, {} cores)",
+        total,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "  bare rdkafka consumer (parse only)   {:>10.0} events/s",
+        raw_rate
+    );
+    println!(
+        "  duet speed run (Kafka → Redis, EO)    {:>10.0} events/s",
+        speed_rate
+    );
+    println!(
+        "  ratio duet / raw                      {:>10.2}   (target ≥ 0.50)",
+        speed_rate / raw_rate
+    );
+    println!(
+        "  target ≥ 250,000 events/s             {}",
+        if speed_rate >= 250_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "  steady {rate} events/s for {seconds}s: produce-to-visible p50 ≤ {} ms, p99 ≤ {} ms (target p99 < 200 ms)",
+        p50.map_or("?".into(), |v| format!("{:.1}", v * 1000.0)),
+        p99.map_or("?".into(), |v| format!("{:.1}", v * 1000.0))
+    );
+    println!(
+        "  Redis bytes per active user: {:.0} (MEMORY USAGE, mean of {} keys), {:.0} (used_memory delta / {} keys)",
+        per_user_usage,
+        keys.len().min(2000),
+        per_user_delta,
+        keys.len()
+    );
 }
