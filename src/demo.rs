@@ -290,8 +290,12 @@ async fn produce(brokers: &str, topic: &str, lines: &[u8]) -> anyhow::Result<u64
         }
     }
     let n = pending.len() as u64;
-    for d in futures_lite(pending).await {
-        d.map_err(|(e, _)| anyhow::anyhow!("cannot produce to {topic}: {e}"))?;
+    for d in pending {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => anyhow::bail!("cannot produce to {topic}: {e}"),
+            Err(_) => anyhow::bail!("cannot produce to {topic}: delivery cancelled"),
+        }
     }
     producer.flush(Duration::from_secs(30))?;
     eprintln!(
@@ -299,27 +303,4 @@ async fn produce(brokers: &str, topic: &str, lines: &[u8]) -> anyhow::Result<u64
         format_ms(duet_speed::now_ms())
     );
     Ok(n)
-}
-
-async fn futures_lite(
-    pending: Vec<rdkafka::producer::DeliveryFuture>,
-) -> Vec<rdkafka::producer::future_producer::OwnedDeliveryResult> {
-    let mut out = Vec::with_capacity(pending.len());
-    for d in pending {
-        out.push(d.await.unwrap_or_else(|_| {
-            Err((
-                rdkafka::error::KafkaError::Canceled,
-                rdkafka::message::OwnedMessage::new(
-                    None,
-                    None,
-                    String::new(),
-                    rdkafka::Timestamp::NotAvailable,
-                    0,
-                    0,
-                    None,
-                ),
-            ))
-        }));
-    }
-    out
 }

@@ -168,13 +168,11 @@ async fn run_locked(
     let ctx = session();
     let mut published = Vec::new();
     let mut expired = Vec::new();
-    let duplicates;
     progress.stage("deduplicating events");
     let batches = log.batches.clone();
-    let (kept, dropped) = tokio::task::spawn_blocking(move || dedupe_batches(batches, before))
+    let (kept, duplicates) = tokio::task::spawn_blocking(move || dedupe_batches(batches, before))
         .await
         .map_err(|e| Error::Internal(format!("deduplication failed: {e}")))?;
-    duplicates = dropped;
     for view in views {
         progress.stage(&format!("computing tiles of view {}", view.name));
         let plan = TilePlan::compile(view);

@@ -224,6 +224,13 @@ pub async fn run<S: StateStore + Clone>(
         None => None,
     };
     let checkpoints = Checkpoints::new(&config);
+    let sinks = Sinks {
+        consumer: &consumer,
+        producer: producer.as_ref(),
+        config: &config,
+        metrics: &metrics,
+        checkpoints: &checkpoints,
+    };
     let mut buffer: Vec<Message> = Vec::with_capacity(config.max_batch);
     let mut oldest: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
@@ -285,17 +292,7 @@ pub async fn run<S: StateStore + Clone>(
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= config.flush_interval);
         if buffer.len() >= config.max_batch || (due && !buffer.is_empty()) {
-            flush(
-                &mut processor,
-                &consumer,
-                producer.as_ref(),
-                &config,
-                &metrics,
-                &mut buffer,
-                archive.as_mut(),
-                &checkpoints,
-            )
-            .await?;
+            flush(&mut processor, &sinks, &mut buffer, archive.as_mut()).await?;
             oldest = None;
         }
     }
@@ -310,17 +307,7 @@ pub async fn run<S: StateStore + Clone>(
     )
     .await?;
     if !buffer.is_empty() {
-        flush(
-            &mut processor,
-            &consumer,
-            producer.as_ref(),
-            &config,
-            &metrics,
-            &mut buffer,
-            archive.as_mut(),
-            &checkpoints,
-        )
-        .await?;
+        flush(&mut processor, &sinks, &mut buffer, archive.as_mut()).await?;
     }
     tracing::info!("speed layer stopped after a final flush and commit");
     Ok(())
@@ -479,16 +466,29 @@ async fn update_lag(
     caught_up
 }
 
+/// Where a flush's results go: offsets to Kafka, dead letters to their topic, watermarks beside
+/// the state, counts to the metrics.
+struct Sinks<'a> {
+    consumer: &'a Arc<StreamConsumer<GroupContext>>,
+    producer: Option<&'a FutureProducer>,
+    config: &'a SpeedConfig,
+    metrics: &'a SpeedMetrics,
+    checkpoints: &'a Checkpoints,
+}
+
 async fn flush<S: StateStore>(
     processor: &mut Processor<S>,
-    consumer: &Arc<StreamConsumer<GroupContext>>,
-    producer: Option<&FutureProducer>,
-    config: &SpeedConfig,
-    metrics: &SpeedMetrics,
+    sinks: &Sinks<'_>,
     buffer: &mut Vec<Message>,
     archive: Option<&mut Archive>,
-    checkpoints: &Checkpoints,
 ) -> Result<()> {
+    let Sinks {
+        consumer,
+        producer,
+        config,
+        metrics,
+        checkpoints,
+    } = *sinks;
     let started = Instant::now();
     let messages = std::mem::take(buffer);
     let stamps: Vec<i64> = messages.iter().filter_map(|m| m.timestamp_ms).collect();
