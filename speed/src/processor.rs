@@ -71,7 +71,12 @@ pub struct Processor<S: StateStore> {
     committed: HashMap<i32, i64>,
     cache: HashMap<String, (u64, EntityState)>,
     archive: bool,
+    /// Partitions owned (when a consumer manages assignment) and when each last had a message.
+    owned: Option<HashMap<i32, std::time::Instant>>,
 }
+
+/// A partition without messages for this long stops holding the state boundary back.
+pub const IDLE_PARTITION: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The Redis key of an entity's state.
 pub fn state_key(prefix: &str, entity: &str) -> String {
@@ -100,6 +105,7 @@ impl<S: StateStore> Processor<S> {
             committed: HashMap::new(),
             cache: HashMap::new(),
             archive: false,
+            owned: None,
         }
     }
 
@@ -115,6 +121,9 @@ impl<S: StateStore> Processor<S> {
 
     /// Takes ownership of a partition whose committed watermark is `wm` (none for a fresh one).
     pub fn assign(&mut self, partition: i32, wm: Option<i64>) {
+        self.owned
+            .get_or_insert_with(HashMap::new)
+            .insert(partition, std::time::Instant::now());
         match wm {
             Some(wm) => {
                 self.watermarks.insert(partition, wm);
@@ -136,6 +145,9 @@ impl<S: StateStore> Processor<S> {
 
     /// Gives a partition up.
     pub fn revoke(&mut self, partition: i32) {
+        if let Some(owned) = &mut self.owned {
+            owned.remove(&partition);
+        }
         self.watermarks.remove(&partition);
         self.committed.remove(&partition);
         self.cache.clear();
@@ -154,7 +166,19 @@ impl<S: StateStore> Processor<S> {
     }
 
     /// The instant states may fold up to: behind every committed watermark by the lateness.
+    ///
+    /// Every owned partition holds the boundary back until its watermark is committed, unless it
+    /// has been idle for [`IDLE_PARTITION`]: a partition whose events lag would otherwise find
+    /// its entities' boundaries already past them.
     fn boundary_target(&self) -> Option<i64> {
+        if let Some(owned) = &self.owned {
+            let waiting = owned.iter().any(|(p, seen)| {
+                !self.committed.contains_key(p) && seen.elapsed() < IDLE_PARTITION
+            });
+            if waiting {
+                return None;
+            }
+        }
         self.committed
             .values()
             .min()
@@ -176,26 +200,30 @@ impl<S: StateStore> Processor<S> {
     async fn process_inner(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
         let mut out = BatchOutcome::default();
         let mut by_entity: BTreeMap<String, Vec<Event>> = BTreeMap::new();
-        for m in &messages {
+        let parsed_all = par_map(messages.iter().collect(), |m: &Message| match &m.payload {
+            Some(p) => parse_json_event(p).map(|e| Event {
+                event_id: e.event_id.into_owned(),
+                user_id: e.user_id.into_owned(),
+                event_type: e.event_type.into_owned(),
+                amount: e.amount,
+                ts: e.ts,
+            }),
+            None => Err((
+                duet_spec::event::InvalidReason::Json,
+                Some("empty message".into()),
+            )),
+        });
+        let now = std::time::Instant::now();
+        for (m, parsed) in messages.iter().zip(parsed_all) {
+            if let Some(seen) = self.owned.as_mut().and_then(|o| o.get_mut(&m.partition)) {
+                *seen = now;
+            }
             out.first_offsets.entry(m.partition).or_insert(m.offset);
             let entry = out
                 .commit
                 .entry(m.partition)
                 .or_insert((m.offset + 1, i64::MIN));
             entry.0 = entry.0.max(m.offset + 1);
-            let parsed = match &m.payload {
-                Some(p) => parse_json_event(p).map(|e| Event {
-                    event_id: e.event_id.into_owned(),
-                    user_id: e.user_id.into_owned(),
-                    event_type: e.event_type.into_owned(),
-                    amount: e.amount,
-                    ts: e.ts,
-                }),
-                None => Err((
-                    duet_spec::event::InvalidReason::Json,
-                    Some("empty message".into()),
-                )),
-            };
             let event = match parsed {
                 Ok(e) => e,
                 Err((reason, detail)) => {
@@ -261,11 +289,18 @@ impl<S: StateStore> Processor<S> {
             }
             let mut writes = Vec::with_capacity(pending.len());
             let mut next_states = Vec::with_capacity(pending.len());
-            for entity in &pending {
-                let (version, state) = self.cache.get(entity).expect("loaded above");
-                let mut state = state.clone();
+            // Taken out of the cache: put back once written, reloaded if the write loses.
+            let work: Vec<(String, u64, EntityState)> = pending
+                .iter()
+                .map(|e| {
+                    let (version, state) = self.cache.remove(e).expect("loaded above");
+                    (e.clone(), version, state)
+                })
+                .collect();
+            let plan = &self.plan;
+            let prepared = par_map(work, |(entity, version, mut state)| {
                 let mut counts = [0u64; 3];
-                for e in &by_entity[entity] {
+                for e in &by_entity[&entity] {
                     counts[match state.apply(e) {
                         Outcome::Applied => 0,
                         Outcome::Duplicate => 1,
@@ -273,20 +308,24 @@ impl<S: StateStore> Processor<S> {
                     }] += 1;
                 }
                 if let Some(t) = target {
-                    state.advance(&self.plan, t);
+                    state.advance(plan, t);
                 }
-                let expected = (*version > 0).then_some(*version);
-                let (value, ttl_ms) = match state.relevant_until(&self.plan) {
+                let (value, ttl_ms) = match state.relevant_until(plan) {
                     None => (None, 1),
                     Some(until) => {
                         let left = until
-                            .saturating_add(self.plan.lateness)
+                            .saturating_add(plan.lateness)
                             .saturating_sub(reference_now)
                             .max(0);
-                        (Some(state.encode(&self.plan)), (left + KEY_GRACE_MS) as u64)
+                        (Some(state.encode(plan)), (left + KEY_GRACE_MS) as u64)
                     }
                 };
+                (entity, version, state, counts, value, ttl_ms)
+            });
+            for (entity, version, state, counts, value, ttl_ms) in prepared {
+                let expected = (version > 0).then_some(version);
                 if value.is_none() && expected.is_none() {
+                    self.cache.insert(entity, (0, state));
                     out.applied += counts[0];
                     out.duplicates += counts[1];
                     out.late += counts[2];
@@ -294,22 +333,23 @@ impl<S: StateStore> Processor<S> {
                 }
                 let deleted = value.is_none();
                 writes.push(CasWrite {
-                    key: state_key(&self.prefix, entity),
+                    key: state_key(&self.prefix, &entity),
                     expected,
                     value,
                     ttl_ms,
                 });
-                next_states.push((entity.clone(), state, counts, deleted));
+                next_states.push((entity, state, counts, deleted, version));
             }
             let results = self.store.put_many(&writes).await?;
             let mut retry = Vec::new();
-            for ((entity, state, counts, deleted), ok) in next_states.into_iter().zip(results) {
+            for ((entity, state, counts, deleted, version), ok) in
+                next_states.into_iter().zip(results)
+            {
                 if ok {
                     out.applied += counts[0];
                     out.duplicates += counts[1];
                     out.late += counts[2];
                     out.written += 1;
-                    let version = self.cache[&entity].0;
                     if self.cache.len() > CACHE_LIMIT {
                         self.cache.clear();
                     }
@@ -320,7 +360,6 @@ impl<S: StateStore> Processor<S> {
                         self.cache.insert(entity, (version + 1, state));
                     }
                 } else {
-                    self.cache.remove(&entity);
                     retry.push(entity);
                 }
             }
@@ -361,4 +400,33 @@ impl<S: StateStore> Processor<S> {
             },
         }
     }
+}
+
+/// Maps `f` over `items` on every core, keeping the order; small inputs stay on this thread.
+fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 || items.len() < 4096 {
+        return items.into_iter().map(f).collect();
+    }
+    let per = items.len().div_ceil(cores);
+    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(cores);
+    let mut items = items.into_iter();
+    loop {
+        let chunk: Vec<T> = items.by_ref().take(per).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("workers do not panic"))
+            .collect()
+    })
 }

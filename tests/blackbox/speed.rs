@@ -206,6 +206,8 @@ async fn exactly_once_across_kill_9_restarts() {
         child.kill().unwrap();
         child.wait().unwrap();
     }
+    // The killed members leave the group when the broker's session timeout (10 s) expires.
+    std::thread::sleep(Duration::from_secs(11));
     wait_ok(
         speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
         Duration::from_secs(180),
