@@ -9,10 +9,14 @@ use arrow::datatypes::TimestampMillisecondType;
 use duet_batch::log::EventLog;
 use duet_spec::event::parse_json_event;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::{Error, Result};
+
+/// Longest time reading the topic may take.
+const READ_LIMIT: Duration = Duration::from_secs(600);
 
 /// Events per entity: `(ts, event_id)`, sorted.
 type ByEntity = HashMap<String, Vec<(i64, String)>>;
@@ -122,11 +126,18 @@ impl Evidence {
 }
 
 /// Every valid event on the topic, by entity.
+///
+/// Each partition is read from its beginning until the consumer reports its end: the end the
+/// broker states in its fetch responses, not the one a separate offsets query returns (some
+/// Kafka-protocol brokers answer that query with the first offset of the newest record batch,
+/// which would silently cut the evidence short). A read that cannot finish is an error, never
+/// partial evidence.
 fn read_topic(brokers: &str, topic: &str) -> Result<ByEntity> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("duet-check-{}", std::process::id()))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| Error::Read(format!("--brokers {brokers}: {e}")))?;
     let md = consumer
@@ -144,35 +155,35 @@ fn read_topic(brokers: &str, topic: &str) -> Result<ByEntity> {
         )));
     }
     let mut tpl = TopicPartitionList::new();
-    let mut remaining = HashMap::new();
     for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
             .map_err(|e| Error::Read(e.to_string()))?;
-        if high > low {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(low))
-                .map_err(|e| Error::Read(e.to_string()))?;
-            remaining.insert(*p, high);
-        }
     }
     consumer
         .assign(&tpl)
         .map_err(|e| Error::Read(e.to_string()))?;
+    let mut remaining: HashSet<i32> = partitions.iter().copied().collect();
     let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(600);
-    while !remaining.is_empty() && std::time::Instant::now() < deadline {
-        let Some(msg) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let m = msg.map_err(|e| Error::Read(e.to_string()))?;
-        if let Some(e) = m.payload().and_then(|p| parse_json_event(p).ok()) {
-            out.push((e.user_id.into_owned(), e.ts, e.event_id.into_owned()));
+    let deadline = std::time::Instant::now() + READ_LIMIT;
+    while !remaining.is_empty() {
+        if std::time::Instant::now() >= deadline {
+            let mut left: Vec<i32> = remaining.into_iter().collect();
+            left.sort();
+            return Err(Error::Read(format!(
+                "topic `{topic}` on {brokers}: partitions {left:?} not read to their end within {READ_LIMIT:?}"
+            )));
         }
-        if remaining
-            .get(&m.partition())
-            .is_some_and(|high| m.offset() + 1 >= *high)
-        {
-            remaining.remove(&m.partition());
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                remaining.remove(&p);
+            }
+            Some(Err(e)) => return Err(Error::Read(format!("topic `{topic}`: {e}"))),
+            Some(Ok(m)) => {
+                if let Some(e) = m.payload().and_then(|p| parse_json_event(p).ok()) {
+                    out.push((e.user_id.into_owned(), e.ts, e.event_id.into_owned()));
+                }
+            }
         }
     }
     Ok(index(out.into_iter()))

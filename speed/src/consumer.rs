@@ -7,7 +7,7 @@
 //! decisions. A crash between the state writes and the commit replays the batch, which the
 //! states' event-id deduplication makes harmless.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Message as _, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -60,9 +61,28 @@ enum RebalanceEvent {
 
 struct GroupContext {
     tx: mpsc::UnboundedSender<RebalanceEvent>,
+    topic: String,
+    metrics: Arc<SpeedMetrics>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// Lag per partition from librdkafka's statistics: the high watermark the broker states in
+    /// its fetch responses against the committed offset (a separate offsets query is not used;
+    /// some Kafka-protocol brokers answer it with the first offset of the newest batch).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut lag = self.metrics.lag.lock().expect("not poisoned");
+        lag.clear();
+        for (p, stats) in &topic.partitions {
+            if *p >= 0 && stats.desired && stats.hi_offset >= 0 {
+                let position = stats.committed_offset.max(0);
+                lag.insert(*p, (stats.hi_offset - position).max(0));
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -177,13 +197,19 @@ pub async fn run<S: StateStore + Clone>(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.wait.max.ms", "20")
-        .set("queued.max.messages.kbytes", "262144");
+        .set("queued.max.messages.kbytes", "262144")
+        .set("enable.partition.eof", "true")
+        .set("statistics.interval.ms", "1000");
     for (k, v) in &config.kafka_options {
         cc.set(k, v);
     }
     let consumer: Arc<StreamConsumer<GroupContext>> = Arc::new(
-        cc.create_with_context(GroupContext { tx })
-            .map_err(|e| Error::BadInput(format!("--brokers `{}`: {e}", config.brokers)))?,
+        cc.create_with_context(GroupContext {
+            tx,
+            topic: config.topic.clone(),
+            metrics: metrics.clone(),
+        })
+        .map_err(|e| Error::BadInput(format!("--brokers `{}`: {e}", config.brokers)))?,
     );
     check_topic(&consumer, &config).await?;
     let producer: Option<FutureProducer> = match &config.dead_letter_topic {
@@ -234,8 +260,10 @@ pub async fn run<S: StateStore + Clone>(
     let mut buffer: Vec<Message> = Vec::with_capacity(config.max_batch);
     let mut oldest: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
-    let mut lag_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut idle_tick = tokio::time::interval(Duration::from_millis(250));
     let mut assigned: BTreeMap<i32, ()> = BTreeMap::new();
+    // Partitions whose end the consumer has reached and that have had no message since.
+    let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut caught_up_since: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -244,6 +272,7 @@ pub async fn run<S: StateStore + Clone>(
             received = consumer.recv() => {
                 match received {
                     Ok(m) => {
+                        at_end.remove(&m.partition());
                         buffer.push(Message {
                             partition: m.partition(),
                             offset: m.offset(),
@@ -256,12 +285,15 @@ pub async fn run<S: StateStore + Clone>(
                         oldest.get_or_insert_with(Instant::now);
                         caught_up_since = None;
                     }
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        at_end.insert(p);
+                    }
                     Err(e) => tracing::warn!(error = %e, "consumer error"),
                 }
             }
             _ = tick.tick() => {}
-            _ = lag_tick.tick() => {
-                let caught_up = update_lag(&consumer, &config.topic, &assigned, &metrics).await;
+            _ = idle_tick.tick() => {
+                let caught_up = !assigned.is_empty() && assigned.keys().all(|p| at_end.contains(p));
                 if caught_up && buffer.is_empty() {
                     caught_up_since.get_or_insert_with(Instant::now);
                 } else {
@@ -282,6 +314,7 @@ pub async fn run<S: StateStore + Clone>(
             &mut processor,
             &mut buffer,
             &mut assigned,
+            &mut at_end,
             &checkpoints,
         )
         .await?
@@ -303,6 +336,7 @@ pub async fn run<S: StateStore + Clone>(
         &mut processor,
         &mut buffer,
         &mut assigned,
+        &mut at_end,
         &checkpoints,
     )
     .await?;
@@ -374,6 +408,7 @@ async fn handle_rebalances(
     processor: &mut Processor<impl StateStore>,
     buffer: &mut Vec<Message>,
     assigned: &mut BTreeMap<i32, ()>,
+    at_end: &mut BTreeSet<i32>,
     checkpoints: &Checkpoints,
 ) -> Result<Vec<(i32, Option<i64>)>> {
     let mut newly = Vec::new();
@@ -385,6 +420,7 @@ async fn handle_rebalances(
                 for p in parts {
                     processor.revoke(p);
                     assigned.remove(&p);
+                    at_end.remove(&p);
                 }
             }
             RebalanceEvent::Assigned(parts) => {
@@ -419,51 +455,6 @@ async fn handle_rebalances(
         }
     }
     Ok(newly)
-}
-
-async fn update_lag(
-    consumer: &Arc<StreamConsumer<GroupContext>>,
-    topic: &str,
-    assigned: &BTreeMap<i32, ()>,
-    metrics: &SpeedMetrics,
-) -> bool {
-    if assigned.is_empty() {
-        return false;
-    }
-    let c = consumer.clone();
-    let topic = topic.to_string();
-    let parts: Vec<i32> = assigned.keys().copied().collect();
-    let lags = tokio::task::spawn_blocking(move || -> Option<Vec<(i32, i64)>> {
-        let position = c.position().ok()?;
-        let mut out = Vec::new();
-        for p in parts {
-            let (_, high) = c.fetch_watermarks(&topic, p, Duration::from_secs(5)).ok()?;
-            let pos = match position.find_partition(&topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => {
-                    let committed = c.committed(Duration::from_secs(5)).ok()?;
-                    match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                        Some(Offset::Offset(o)) => o,
-                        _ => 0,
-                    }
-                }
-            };
-            out.push((p, (high - pos).max(0)));
-        }
-        Some(out)
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(lags) = lags else { return false };
-    let mut m = metrics.lag.lock().expect("not poisoned");
-    m.clear();
-    let mut caught_up = true;
-    for (p, lag) in lags {
-        m.insert(p, lag);
-        caught_up &= lag == 0;
-    }
-    caught_up
 }
 
 /// Where a flush's results go: offsets to Kafka, dead letters to their topic, watermarks beside

@@ -275,7 +275,11 @@ async fn check_names_injected_faults_and_passes_clean_data() {
         ["corrupt_state".to_string()].into_iter().collect(),
         "{state:#?}"
     );
-    assert!(by_entity[&c].contains("late_events"), "{state:#?}");
+    assert_eq!(
+        by_entity[&c],
+        ["late_events".to_string()].into_iter().collect(),
+        "{state:#?}"
+    );
     assert_eq!(
         state.len(),
         6,
