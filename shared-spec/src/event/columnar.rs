@@ -204,28 +204,38 @@ fn timestamps(
     source: &str,
 ) -> Result<Vec<Result<Option<i64>, InvalidReason>>, String> {
     let n = col.len();
-    let from_prim = |v: Vec<Option<i64>>| v.into_iter().map(Ok).collect::<Vec<_>>();
+    // Out-of-range times are invalid records, as in JSON: later arithmetic must not overflow.
+    let from_prim = |v: Vec<Option<Option<i64>>>| {
+        v.into_iter()
+            .map(|t| match t {
+                None => Ok(None),
+                Some(Some(ms)) if super::epoch_ms_in_range(ms) => Ok(Some(ms)),
+                Some(_) => Err(InvalidReason::BadTimestamp),
+            })
+            .collect::<Vec<_>>()
+    };
     Ok(match col.data_type() {
         DataType::Timestamp(unit, _) => {
-            let scaled: Vec<Option<i64>> = match unit {
+            let scaled: Vec<Option<Option<i64>>> = match unit {
                 TimeUnit::Second => col
                     .as_primitive::<TimestampSecondType>()
                     .iter()
-                    .map(|v| v.map(|s| s * 1000))
+                    .map(|v| v.map(|s| s.checked_mul(1000)))
                     .collect(),
                 TimeUnit::Millisecond => col
                     .as_primitive::<TimestampMillisecondType>()
                     .iter()
+                    .map(|v| v.map(Some))
                     .collect(),
                 TimeUnit::Microsecond => col
                     .as_primitive::<TimestampMicrosecondType>()
                     .iter()
-                    .map(|v| v.map(|u| u.div_euclid(1000)))
+                    .map(|v| v.map(|u| Some(u.div_euclid(1000))))
                     .collect(),
                 TimeUnit::Nanosecond => col
                     .as_primitive::<TimestampNanosecondType>()
                     .iter()
-                    .map(|v| v.map(|u| u.div_euclid(1_000_000)))
+                    .map(|v| v.map(|u| Some(u.div_euclid(1_000_000))))
                     .collect(),
             };
             from_prim(scaled)
@@ -233,7 +243,12 @@ fn timestamps(
         DataType::Int64 | DataType::Int32 | DataType::UInt32 | DataType::UInt64 => {
             let c =
                 cast(col, &DataType::Int64).map_err(|e| format!("{source}: column `ts`: {e}"))?;
-            from_prim(c.as_primitive::<Int64Type>().iter().collect())
+            from_prim(
+                c.as_primitive::<Int64Type>()
+                    .iter()
+                    .map(|v| v.map(Some))
+                    .collect(),
+            )
         }
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View | DataType::Dictionary(_, _) => {
             let c = cast(col, &DataType::Utf8)

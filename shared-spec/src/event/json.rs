@@ -13,9 +13,6 @@ use crate::timestamp::parse_rfc3339_ms;
 /// The largest record accepted; longer lines are invalid (`too_large`).
 pub const MAX_LINE_BYTES: usize = 256 * 1024;
 
-/// Epoch milliseconds beyond this magnitude (year 10000) are not event times.
-const MAX_EPOCH_MS: i64 = 253_402_300_800_000;
-
 /// A JSON scalar as found, borrowed from the input where possible.
 enum Scalar<'a> {
     Null,
@@ -170,8 +167,8 @@ pub fn parse_json_event(line: &[u8]) -> Result<JsonEvent<'_>, (InvalidReason, Op
         Some(Scalar::Str(s)) => {
             Some(parse_rfc3339_ms(&s).ok_or((InvalidReason::BadTimestamp, None))?)
         }
-        Some(Scalar::Int(i)) if i.abs() < MAX_EPOCH_MS => Some(i),
-        Some(Scalar::Float(x)) if x.fract() == 0.0 && x.abs() < MAX_EPOCH_MS as f64 => {
+        Some(Scalar::Int(i)) if super::epoch_ms_in_range(i) => Some(i),
+        Some(Scalar::Float(x)) if x.fract() == 0.0 && x.abs() < super::MAX_EPOCH_MS as f64 => {
             Some(x as i64)
         }
         Some(Scalar::Int(_) | Scalar::Float(_)) => return Err((InvalidReason::BadTimestamp, None)),
@@ -367,5 +364,84 @@ mod tests {
         assert_eq!(d.invalid.total(), 1);
         assert_eq!(d.dead_letters[0].position, 3);
         assert_eq!(d.dead_letters[0].original, "garbage");
+    }
+
+    #[test]
+    fn epoch_milliseconds_out_of_range_are_bad_timestamps() {
+        for ts in [
+            i64::MIN.to_string(),
+            i64::MAX.to_string(),
+            "253402300800000".into(),
+        ] {
+            let line =
+                format!(r#"{{"event_id": "e", "user_id": "u", "event_type": "view", "ts": {ts}}}"#);
+            assert_eq!(
+                parse_json_event(line.as_bytes()).unwrap_err().0,
+                InvalidReason::BadTimestamp,
+                "{ts}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fields() -> impl Strategy<Value = String> {
+        let key = prop::sample::select(vec![
+            "event_id",
+            "user_id",
+            "event_type",
+            "amount",
+            "ts",
+            "x",
+        ]);
+        let value = prop_oneof![
+            Just("null".to_string()),
+            Just("\"purchase\"".to_string()),
+            Just("\"2026-11-20T13:45:12.123+05:30\"".to_string()),
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<f64>().prop_map(|f| format!("{f:?}")),
+            "[a-z0-9]{0,8}".prop_map(|s| format!("\"{s}\"")),
+            Just("[1, {\"a\": []}]".to_string()),
+        ];
+        prop::collection::vec((key, value), 0..7).prop_map(|kv| {
+            let body: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            format!("{{{}}}", body.join(", "))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_json_event(&bytes);
+            let mut d = JsonLinesDecoder::new("fuzz", 16);
+            d.decode(&bytes);
+            let rows: u64 = d.finish().iter().map(|b| b.num_rows() as u64).sum();
+            let lines = bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.strip_suffix(b"\r").unwrap_or(l).iter().all(|b| b.is_ascii_whitespace()))
+                .count() as u64;
+            // Nothing is lost silently: every non-blank line is either an event or a dead letter.
+            prop_assert_eq!(rows + d.invalid.total(), lines);
+            prop_assert_eq!(d.dead_letters.len() as u64, d.invalid.total());
+        }
+
+        #[test]
+        fn object_shaped_lines_are_decoded_or_explained(line in fields()) {
+            match parse_json_event(line.as_bytes()) {
+                Ok(e) => {
+                    prop_assert!(!e.event_id.is_empty() && !e.user_id.is_empty() && !e.event_type.is_empty());
+                    if AMOUNT_TYPES.contains(&e.event_type.as_ref()) {
+                        prop_assert!(e.amount.is_some_and(|a| a.is_finite() && a >= 0.0));
+                    } else {
+                        prop_assert!(e.amount.is_none());
+                    }
+                }
+                Err((reason, _)) => prop_assert!(!reason.code().is_empty()),
+            }
+        }
     }
 }

@@ -31,6 +31,14 @@ pub struct Event {
     pub ts: i64,
 }
 
+/// Epoch milliseconds beyond this magnitude (year 10000) are not event times.
+const MAX_EPOCH_MS: i64 = 253_402_300_800_000;
+
+/// True when `ms` can be an event time (within year 10000 either side of the epoch).
+fn epoch_ms_in_range(ms: i64) -> bool {
+    ms.unsigned_abs() < MAX_EPOCH_MS.unsigned_abs()
+}
+
 /// Event types whose `amount` is required and must be `>= 0`.
 pub const AMOUNT_TYPES: [&str; 2] = ["purchase", "refund"];
 
