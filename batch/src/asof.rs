@@ -202,8 +202,9 @@ async fn with_sessions(
 fn lower_bound(extent: &Extent) -> Expr {
     match extent {
         Extent::Sliding { window, resolution } => {
+            // ceil_R(t) with Euclidean remainders, so instants before 1970 round up too.
             let r = resolution.as_ms();
-            ((col("t") + lit(r - 1)) / lit(r)) * lit(r) - lit(window.as_ms())
+            col("t") + ((lit(0i64) - col("t")) % lit(r) + lit(r)) % lit(r) - lit(window.as_ms())
         }
         Extent::Recent { ttl } => col("t") - lit(ttl.as_ms()),
         Extent::Session { gap } => col("t") - lit(gap.as_ms()),

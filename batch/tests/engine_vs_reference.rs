@@ -115,13 +115,16 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn datafusion_equals_reference(text in arb_spec(), events in arb_events(), days in prop::collection::vec(0i64..8, 1..4), probes in prop::collection::vec((0usize..1000, prop::sample::select(vec![0i64, 1, 5, 6, 10, 12, 15, 18, 24, 25, 30, 36, 42, 48, 50, 54, 60, -6, -30]), -1i64..2), 1..24)) {
+    fn datafusion_equals_reference(text in arb_spec(), events in arb_events(), before_1970 in any::<bool>(), days in prop::collection::vec(0i64..8, 1..4), probes in prop::collection::vec((0usize..1000, prop::sample::select(vec![0i64, 1, 5, 6, 10, 12, 15, 18, 24, 25, 30, 36, 42, 48, 50, 54, 60, -6, -30]), -1i64..2), 1..24)) {
         let spec = parse_spec("random.toml", &text).unwrap();
+        // The same stream moved before 1970 (negative epoch times round the same way).
+        let shift = if before_1970 { -2 * T0 } else { 0 };
+        let events: Vec<Event> = events.into_iter().map(|e| Event { ts: e.ts + shift, ..e }).collect();
         let reference = Reference::new(&spec, events.clone());
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let view = spec.views_of(Layer::Batch).next().unwrap();
         let plan = TilePlan::compile(view);
-        let instants: Vec<i64> = days.iter().map(|d| T0 + d * DAY).collect();
+        let instants: Vec<i64> = days.iter().map(|d| T0 + shift + d * DAY).collect();
         let before = *instants.iter().max().unwrap();
         let tiles = rt.block_on(async {
             let ctx = session();
