@@ -3,6 +3,7 @@
 mod batch;
 mod check;
 mod common;
+mod deploy;
 mod foundation;
 mod http;
 mod kafka;
