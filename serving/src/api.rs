@@ -76,8 +76,8 @@ pub fn resolve(
     plan: &duet_speed::plan::SpeedPlan,
     req: &FeastRequest,
 ) -> Result<Vec<Resolved>, ApiError> {
+    // As in Feast, a feature service wins over a feature list.
     let refs: Vec<String> = match (&req.features, &req.feature_service) {
-        (Some(f), _) if !f.is_empty() => f.clone(),
         (_, Some(service)) => {
             let view = spec.view(service).ok_or_else(|| ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -91,15 +91,33 @@ pub fn resolve(
                 .map(|f| format!("{}:{}", view.name, f.name))
                 .collect()
         }
+        (Some(f), None) if !f.is_empty() => f.clone(),
         _ => {
             return Err(ApiError::bad(
                 "`features` must list at least one `view:feature` (or give `feature_service`)",
             ));
         }
     };
-    refs.iter()
+    let resolved: Vec<Resolved> = refs
+        .iter()
         .map(|r| resolve_one(spec, plan, r, req.full_feature_names))
-        .collect()
+        .collect::<Result<_, _>>()?;
+    // Two columns of one name would be ambiguous to every client (Feast refuses them too).
+    let mut seen = std::collections::HashSet::new();
+    for (r, f) in refs.iter().zip(&resolved) {
+        if !seen.insert(f.column.as_str()) {
+            return Err(ApiError::bad(format!(
+                "feature `{r}` gives column `{}` twice: list each feature once{}",
+                f.column,
+                if req.full_feature_names {
+                    ""
+                } else {
+                    ", or set \"full_feature_names\": true for features of the same name in two views"
+                }
+            )));
+        }
+    }
+    Ok(resolved)
 }
 
 fn view_names(spec: &Spec) -> String {

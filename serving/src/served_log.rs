@@ -44,7 +44,7 @@ pub struct LogConfig {
     pub max_files: usize,
     /// How often buffered records are written.
     pub flush_every: Duration,
-    /// Records buffered at most (beyond, new ones are dropped and counted).
+    /// Records queued at most, and records per file (beyond, new ones are dropped and counted).
     pub capacity: usize,
 }
 
@@ -109,7 +109,14 @@ async fn writer(
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(r) => buf.push(r),
+                Some(r) => {
+                    buf.push(r);
+                    // At most `capacity` records wait here (and as many in the channel), and
+                    // no file holds more: memory and disk stay bounded at any request rate.
+                    if buf.len() >= config.capacity.max(1) {
+                        flush(&store, &config, &mut buf, &mut seq).await;
+                    }
+                }
                 None => break,
             },
             _ = tick.tick() => {
@@ -181,12 +188,80 @@ pub async fn read_all(store: &Location) -> duet_batch::Result<Vec<ServedRecord>>
             .bytes()
             .await
             .map_err(|e| duet_batch::Error::Storage(e.to_string()))?;
+        let mut unreadable = 0u64;
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            if let Ok(r) = serde_json::from_slice(line) {
-                out.push(r);
+            match serde_json::from_slice(line) {
+                Ok(r) => out.push(r),
+                Err(_) => unreadable += 1,
             }
+        }
+        if unreadable > 0 {
+            tracing::warn!(file = %f.location, lines = unreadable, "skipped unreadable served-log lines");
         }
     }
     out.sort_by_key(|r: &ServedRecord| r.served_at_ms);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: i64) -> ServedRecord {
+        ServedRecord {
+            served_at_ms: i,
+            as_of_ms: i,
+            entity: format!("u{i}"),
+            values: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn files_and_queue_stay_bounded_and_nothing_is_lost_silently() {
+        let store = duet_batch::store::resolve("memory://served-log-test").unwrap();
+        let shutdown = CancellationToken::new();
+        let config = LogConfig {
+            sample: 1.0,
+            max_files: 1000,
+            flush_every: Duration::from_secs(3600),
+            capacity: 10,
+        };
+        let (log, task) = ServedLog::start(store.clone(), config, shutdown.clone());
+        for i in 0..95 {
+            log.record(record(i));
+            if i % 5 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+        let files: Vec<_> = store
+            .store
+            .list(Some(&store.child(LOG_DIR)))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut written = 0;
+        for f in &files {
+            let bytes = store
+                .store
+                .get(&f.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let lines = bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
+            assert!(lines <= 10, "{} holds {lines} records", f.location);
+            written += lines as u64;
+        }
+        // The flush interval never came: files were cut at the capacity.
+        assert!(files.len() >= 2, "{files:?}");
+        assert_eq!(written + log.dropped.load(Ordering::Relaxed), 95);
+        assert_eq!(read_all(&store).await.unwrap().len() as u64, written);
+    }
 }

@@ -68,6 +68,7 @@ struct ServeMetrics {
     errors_4xx: Counter,
     entities: Counter,
     redis_errors: Counter,
+    corrupt_states: Counter,
     swaps: Counter,
     not_exact: AtomicU64,
     latency: Option<Histogram>,
@@ -206,13 +207,21 @@ impl App {
                 .collect();
             let fetched =
                 tokio::time::timeout(self.config.redis_timeout, self.state.get_many(&keys)).await;
-            let states: Option<Vec<Option<EntityState>>> = match fetched {
+            // Per entity: `Ok(None)` when it has no state (nothing in any window), `Err` when its
+            // state cannot be read (answered as INVALID, never as defaults).
+            let states: Option<Vec<Result<Option<EntityState>, ()>>> = match fetched {
                 Ok(Ok(values)) => Some(
                     values
                         .into_iter()
                         .zip(entities)
-                        .map(|(v, e)| {
-                            v.and_then(|v| EntityState::decode(&self.plan, e, &v.bytes).ok())
+                        .map(|(v, e)| match v {
+                            None => Ok(None),
+                            Some(v) => EntityState::decode(&self.plan, e, &v.bytes)
+                                .map(Some)
+                                .map_err(|err| {
+                                    self.metrics.corrupt_states.add(1);
+                                    tracing::warn!(entity = %e, error = %err, "unreadable streaming state");
+                                }),
                         })
                         .collect(),
                 ),
@@ -227,31 +236,33 @@ impl App {
                     None
                 }
             };
-            let evaluated: Option<Vec<Vec<Value>>> = states.map(|states| {
+            let evaluated: Option<Vec<Option<Vec<Value>>>> = states.map(|states| {
                 states
                     .iter()
                     .map(|s| match s {
-                        Some(s) => {
+                        Ok(Some(s)) => {
                             let ev = s.evaluate(&self.plan, t);
                             if !ev.exact {
                                 self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
                             }
-                            ev.values
+                            Some(ev.values)
                         }
-                        None => self
-                            .plan
-                            .features
-                            .iter()
-                            .map(|f| f.feature.default)
-                            .collect(),
+                        Ok(None) => Some(
+                            self.plan
+                                .features
+                                .iter()
+                                .map(|f| f.feature.default)
+                                .collect(),
+                        ),
+                        Err(()) => None,
                     })
                     .collect()
             });
             for (f, col) in features.iter().zip(columns.iter_mut()) {
                 let Some(si) = f.speed_index else { continue };
                 for i in 0..n {
-                    match &evaluated {
-                        Some(rows) => push(col, rows[i][si], "PRESENT", &now_text),
+                    match evaluated.as_ref().and_then(|rows| rows[i].as_ref()) {
+                        Some(row) => push(col, row[si], "PRESENT", &now_text),
                         None => {
                             col.values.push(J::Null);
                             col.statuses.push("INVALID");
@@ -405,10 +416,14 @@ fn json_value(v: Value) -> J {
     }
 }
 
-fn push(col: &mut FeastColumn, v: Value, present: &'static str, ts: &str) {
+/// Appends a value: `status` (PRESENT or OUTSIDE_MAX_AGE) unless a PRESENT value is null.
+fn push(col: &mut FeastColumn, v: Value, status: &'static str, ts: &str) {
     let j = json_value(v);
-    col.statuses
-        .push(if j.is_null() { "NULL_VALUE" } else { present });
+    col.statuses.push(if j.is_null() && status == "PRESENT" {
+        "NULL_VALUE"
+    } else {
+        status
+    });
     col.values.push(j);
     col.event_timestamps.push(ts.to_string());
 }
@@ -513,7 +528,11 @@ async fn online_features(
         results.push(FeastColumn {
             statuses: vec!["PRESENT"; entities.len()],
             event_timestamps: vec![EPOCH.to_string(); entities.len()],
-            values: entities.into_iter().map(J::String).collect(),
+            // The join key as sent (a Feast client decodes an integer key back as an integer).
+            values: match req.entities.values().next() {
+                Some(J::Array(sent)) => sent.clone(),
+                _ => entities.into_iter().map(J::String).collect(),
+            },
         });
         results.extend(columns);
         Ok::<_, ApiError>(axum::Json(FeastResponse {
@@ -623,6 +642,11 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         "duet_serve_redis_errors_total",
         "Requests whose streaming state failed or timed out.",
         m.redis_errors.get(),
+    );
+    counter(
+        "duet_serve_corrupt_states_total",
+        "Streaming states that could not be decoded (answered as INVALID).",
+        m.corrupt_states.get(),
     );
     counter(
         "duet_serve_snapshot_swaps_total",

@@ -273,15 +273,49 @@ fn feast_client_format_and_errors() {
         body["metadata"]["feature_names"][1],
         "user_batch__txn_count_90d"
     );
-    // Feature services are views.
-    let (status, body) = server.features(
-        &serde_json::json!({"entities": {"user_id": [1001]}, "feature_service": "user_realtime"}),
-    );
+    // Feature services are views, and win over a feature list as in Feast; the join key comes
+    // back as it was sent (an integer stays an integer).
+    let (status, body) = server.features(&serde_json::json!({
+        "entities": {"user_id": [1001]},
+        "feature_service": "user_realtime",
+        "features": ["user_batch:txn_count_90d"],
+    }));
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["metadata"]["feature_names"].as_array().unwrap().len(),
         7
     );
+    assert_eq!(body["results"][0]["values"], serde_json::json!([1001]));
+    // A streaming state that cannot be decoded is INVALID, never defaults presented as values.
+    {
+        let client = redis::Client::open(redis_url()).unwrap();
+        let mut con = client.get_connection().unwrap();
+        let mut garbage = 1u64.to_be_bytes().to_vec();
+        garbage.extend_from_slice(b"\x07not a state");
+        let _: () = redis::cmd("SET")
+            .arg(format!("{prefix}s:u0000071"))
+            .arg(garbage)
+            .query(&mut con)
+            .unwrap();
+    }
+    let (status, body) = server.features(&serde_json::json!({
+        "entities": {"user_id": ["u0000071", "nobody"]},
+        "features": ["user_realtime:txn_count_1h"],
+    }));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["results"][1]["statuses"],
+        serde_json::json!(["INVALID", "PRESENT"])
+    );
+    assert_eq!(body["results"][1]["values"], serde_json::json!([null, 0]));
+    assert!(
+        server
+            .request("GET", "/metrics", None, &[])
+            .1
+            .to_string()
+            .contains("duet_serve_corrupt_states_total 1"),
+    );
+    clean_redis(&prefix);
 
     let cases: Vec<(serde_json::Value, u16, &str)> = vec![
         (
@@ -318,6 +352,11 @@ fn feast_client_format_and_errors() {
             serde_json::json!({"entities": "u1", "features": ["user_batch:txn_count_90d"]}),
             400,
             "bad JSON body",
+        ),
+        (
+            serde_json::json!({"entities": {"user_id": ["x"]}, "features": ["user_batch:txn_count_90d", "txn_count_90d"]}),
+            400,
+            "gives column `txn_count_90d` twice",
         ),
     ];
     for (req, code, msg) in cases {
