@@ -34,7 +34,16 @@ pub async fn run(spec: duet_spec::Spec, args: SpeedRunArgs, config: &Config) -> 
             .or(config.prefix.clone())
             .unwrap_or_else(|| "duet:".into()),
         dead_letter_topic,
-        exit_when_idle: args.exit_when_idle.map(Duration::from_secs_f64),
+        exit_when_idle: args
+            .exit_when_idle
+            .map(|secs| {
+                Duration::try_from_secs_f64(secs).map_err(|_| {
+                    crate::BadInput(format!(
+                        "--exit-when-idle {secs}: give a number of seconds, 0 or more"
+                    ))
+                })
+            })
+            .transpose()?,
         max_batch: args.max_batch.max(1),
         flush_interval: Duration::from_millis(args.flush_ms.max(1)),
         archive: args.archive.or(config.archive.clone()),

@@ -53,6 +53,30 @@ pub struct TrainingSummary {
     pub valid_events: u64,
     /// Invalid events skipped.
     pub invalid_events: u64,
+    /// Where the invalid records were written with their reasons (beside the output).
+    pub dead_letters: Option<String>,
+}
+
+/// Writes the invalid records of the log beside the training set, as `<out>.dead-letters.jsonl`.
+async fn write_dead_letters_beside(
+    out: &str,
+    dead: &[duet_spec::event::DeadLetter],
+) -> Result<Option<String>> {
+    if dead.is_empty() {
+        return Ok(None);
+    }
+    let url = format!("{out}.dead-letters.jsonl");
+    let loc = resolve(&url)?;
+    let mut text = String::new();
+    for d in dead {
+        text.push_str(&d.to_json_line());
+        text.push('\n');
+    }
+    loc.store
+        .put(&loc.prefix, text.into_bytes().into())
+        .await
+        .map_err(|e| Error::Storage(format!("cannot write {url}: {e}")))?;
+    Ok(Some(url))
 }
 
 /// Resolves requested feature names (`feature` or `view:feature`) against the spec, in the
@@ -125,6 +149,7 @@ pub fn feature_columns(
 
 /// The input columns followed by the feature columns.
 pub fn with_features(
+    source: &str,
     entities: &EntityRows,
     columns: Vec<(Field, ArrayRef)>,
 ) -> Result<RecordBatch> {
@@ -139,8 +164,7 @@ pub fn with_features(
     for (f, a) in columns {
         if fields.iter().any(|x| x.name() == f.name()) {
             return Err(Error::BadInput(format!(
-                "entities `{}`: the input already has a column named `{}`; rename it",
-                "file",
+                "--entities {source}: the input already has a column named `{}`; rename it or leave the feature out",
                 f.name()
             )));
         }
@@ -169,13 +193,14 @@ pub async fn reference_training_set(spec: &Spec, req: &TrainingRequest) -> Resul
             .map(|(k, t)| reference.point_in_time(&features, k, *t))
             .collect()
     });
-    let batch = with_features(&entities, feature_columns(&features, &rows))?;
+    let batch = with_features(&req.entities, &entities, feature_columns(&features, &rows))?;
     write_table(&req.out, &batch).await?;
     Ok(TrainingSummary {
         rows: batch.num_rows(),
         features: features.iter().map(|(_, f)| f.name.clone()).collect(),
         valid_events: log.valid,
         invalid_events: log.invalid.total(),
+        dead_letters: write_dead_letters_beside(&req.out, &log.dead_letters).await?,
     })
 }
 
@@ -191,8 +216,9 @@ pub async fn datafusion_training_set(
         .first()
         .map_or("user_id", |(v, _)| v.join_key.name());
     let entities = read_entities(&req.entities, join_key).await?;
-    let log = read_event_log(&req.events).await?;
+    let mut log = read_event_log(&req.events).await?;
     let (valid_events, invalid_events) = (log.valid, log.invalid.total());
+    let dead = std::mem::take(&mut log.dead_letters);
     let ctx = crate::tiles::session();
     let before = entities
         .ts
@@ -240,13 +266,14 @@ pub async fn datafusion_training_set(
             (Field::new(&f.name, ty, true), by_name[&f.name].clone())
         })
         .collect();
-    let batch = with_features(&entities, columns)?;
+    let batch = with_features(&req.entities, &entities, columns)?;
     write_table(&req.out, &batch).await?;
     Ok(TrainingSummary {
         rows: batch.num_rows(),
         features: features.iter().map(|(_, f)| f.name.clone()).collect(),
         valid_events,
         invalid_events,
+        dead_letters: write_dead_letters_beside(&req.out, &dead).await?,
     })
 }
 

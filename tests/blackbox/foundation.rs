@@ -121,6 +121,16 @@ fn reference_training_set_through_the_binary() {
         summary["features"],
         serde_json::json!(["txn_count_1h", "spend_pct_rank_30d"])
     );
+    // The golden log's invalid records are counted and written beside the output.
+    let invalid = summary["invalid_events"].as_u64().unwrap();
+    assert!(invalid > 0, "{summary}");
+    let dead = std::fs::read_to_string(format!("{}.dead-letters.jsonl", s(&out))).unwrap();
+    assert_eq!(dead.lines().count() as u64, invalid);
+    let first: serde_json::Value = serde_json::from_str(dead.lines().next().unwrap()).unwrap();
+    assert!(
+        first["reason"].is_string() && first["original"].is_string(),
+        "{first}"
+    );
 
     let (_, stderr) = expect_status(
         &run(&[
@@ -169,4 +179,47 @@ fn demo_runs_end_to_end_on_embedded_defaults() {
         dir.path().join("demo/events/archive").exists(),
         "the speed layer archives what it consumed"
     );
+}
+
+#[test]
+fn usage_mistakes_are_one_line_naming_the_flag() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["batch", "run", "--as-off", "2026-11-20"], "--as-off"),
+        (
+            &["batch", "run", "--events", "e", "--store", "s"],
+            "--as-of",
+        ),
+        (
+            &[
+                "speed",
+                "run",
+                "--exit-when-idle=-1",
+                "--brokers",
+                "b",
+                "--topic",
+                "t",
+                "--redis",
+                "redis://127.0.0.1:1",
+            ],
+            "--exit-when-idle",
+        ),
+        (
+            &[
+                "generate", "--users", "many", "--days", "1", "--out", "x.jsonl",
+            ],
+            "--users",
+        ),
+    ];
+    for (args, flag) in cases {
+        let (_, stderr) = expect_status(&run(args), 2);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("duet: ") && lines[0].contains(flag),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Help is still the full text, with success.
+    let (stdout, _) = expect_status(&run(&["batch", "run", "--help"]), 0);
+    assert!(stdout.contains("--as-of"), "{stdout}");
 }
