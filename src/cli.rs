@@ -148,7 +148,7 @@ pub struct SpeedRunArgs {
     pub admin: Option<String>,
     /// Largest batch of messages per flush (under a backlog, larger batches write each entity's
     /// state once for more of its events).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 500_000)]
     pub max_batch: usize,
     /// Longest wait before a partial batch is flushed, in milliseconds.
     #[arg(long, default_value_t = 50)]

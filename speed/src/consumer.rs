@@ -1,31 +1,31 @@
 //! `duet speed run`: the Kafka loop around the [`Processor`].
 //!
-//! `select!` over the message stream, a flush tick and the shutdown token. A flush writes the
-//! batch's states (compare-and-set, one key each), sends its dead letters, and only then
-//! commits the batch's offsets to Kafka — together with each partition's watermark in the
-//! commit metadata, so a restarted or newly assigned process resumes with the same lateness
-//! decisions. A crash between the state writes and the commit replays the batch, which the
-//! states' event-id deduplication makes harmless.
+//! `select!` over the message stream, the running flush, a flush tick and the shutdown token.
+//! Receiving never waits for a flush: while one batch is written (see [`crate::flush`]), the
+//! next accumulates, and it is flushed as soon as the running flush ends (group commit), so
+//! under load batches grow with the time a flush takes and each entity's state is written once
+//! per batch rather than once per event. Flushes run one at a time, in order. Each commits its
+//! offsets together with each partition's watermark in the commit metadata, so a restarted or
+//! newly assigned process resumes with the same lateness decisions.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message as _, Timestamp};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::Archive;
+use crate::flush::{Checkpoints, Sinks, WM_PREFIX, flush};
 use crate::metrics::SpeedMetrics;
 use crate::plan::SpeedPlan;
-use crate::processor::{BatchOutcome, Message, Processor, stats_key};
+use crate::processor::{Message, Processor};
 use crate::store::StateStore;
 use crate::{Error, Result};
 
@@ -59,13 +59,26 @@ enum RebalanceEvent {
     Revoked(Vec<i32>),
 }
 
-struct GroupContext {
+pub(crate) struct GroupContext {
     tx: mpsc::UnboundedSender<RebalanceEvent>,
     topic: String,
     metrics: Arc<SpeedMetrics>,
+    owned: Arc<Mutex<BTreeSet<i32>>>,
 }
 
 impl ClientContext for GroupContext {
+    /// Reaching a partition's end is reported as an event on the consumer's stream (it marks the
+    /// partition caught up), not as an error.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+
     /// Lag per partition from librdkafka's statistics: the high watermark the broker states in
     /// its fetch responses against the committed offset (a separate offsets query is not used;
     /// some Kafka-protocol brokers answer it with the first offset of the newest batch).
@@ -89,8 +102,19 @@ impl ConsumerContext for GroupContext {
         let parts =
             |tpl: &TopicPartitionList| tpl.elements().iter().map(|e| e.partition()).collect();
         let event = match rebalance {
-            Rebalance::Assign(tpl) => RebalanceEvent::Assigned(parts(tpl)),
-            Rebalance::Revoke(tpl) => RebalanceEvent::Revoked(parts(tpl)),
+            Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = parts(tpl);
+                self.owned.lock().expect("not poisoned").extend(&parts);
+                RebalanceEvent::Assigned(parts)
+            }
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<i32> = parts(tpl);
+                let mut owned = self.owned.lock().expect("not poisoned");
+                for p in &parts {
+                    owned.remove(p);
+                }
+                RebalanceEvent::Revoked(parts)
+            }
             Rebalance::Error(e) => {
                 tracing::warn!(error = %e, "rebalance error");
                 return;
@@ -100,71 +124,7 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-const WM_PREFIX: &str = "duet-wm=";
-
-/// Watermarks saved beside the state, for brokers that do not return commit metadata (the
-/// Kafka protocol allows it; some implementations drop it). Per partition the last two
-/// `(next offset, watermark)` pairs are kept: the commit that follows a save may fail, and a
-/// restart then resumes from the previous one.
-struct Checkpoints {
-    key: String,
-}
-
-impl Checkpoints {
-    fn new(config: &SpeedConfig) -> Self {
-        Checkpoints {
-            key: format!("{}wm:{}:{}", config.prefix, config.group, config.topic),
-        }
-    }
-
-    async fn load<S: StateStore>(
-        &self,
-        store: &S,
-    ) -> Result<std::collections::HashMap<String, String>> {
-        store.fields(&self.key).await
-    }
-
-    fn parse(v: Option<&String>) -> Option<(i64, i64)> {
-        let (o, w) = v?.split_once(':')?;
-        Some((o.parse().ok()?, w.parse().ok()?))
-    }
-
-    /// The watermark saved for `partition` at exactly the committed offset, or else at the
-    /// newest offset before it.
-    fn watermark_at(
-        saved: &std::collections::HashMap<String, String>,
-        partition: i32,
-        committed: Option<i64>,
-    ) -> Option<i64> {
-        let committed = committed?;
-        [
-            saved.get(&format!("{partition}.last")),
-            saved.get(&format!("{partition}.prev")),
-        ]
-        .into_iter()
-        .filter_map(Self::parse)
-        .filter(|(o, _)| *o <= committed)
-        .max_by_key(|(o, _)| *o)
-        .map(|(_, w)| w)
-    }
-
-    async fn save<S: StateStore>(&self, store: &S, outcome: &BatchOutcome) -> Result<()> {
-        let saved = store.fields(&self.key).await?;
-        let mut fields = Vec::new();
-        for (p, (next, wm)) in &outcome.commit {
-            if *wm == i64::MIN {
-                continue;
-            }
-            if let Some(last) = saved.get(&format!("{p}.last")) {
-                fields.push((format!("{p}.prev"), last.clone()));
-            }
-            fields.push((format!("{p}.last"), format!("{next}:{wm}")));
-        }
-        store.set_fields(&self.key, &fields).await
-    }
-}
-
-fn kafka(e: rdkafka::error::KafkaError) -> Error {
+pub(crate) fn kafka(e: rdkafka::error::KafkaError) -> Error {
     Error::Kafka(e.to_string())
 }
 
@@ -188,6 +148,7 @@ pub async fn run<S: StateStore + Clone>(
         )));
     }
     let (tx, mut rebalances) = mpsc::unbounded_channel();
+    let owned = Arc::new(Mutex::new(BTreeSet::new()));
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.brokers)
         .set("group.id", &config.group)
@@ -208,6 +169,7 @@ pub async fn run<S: StateStore + Clone>(
             tx,
             topic: config.topic.clone(),
             metrics: metrics.clone(),
+            owned: owned.clone(),
         })
         .map_err(|e| Error::BadInput(format!("--brokers `{}`: {e}", config.brokers)))?,
     );
@@ -242,22 +204,27 @@ pub async fn run<S: StateStore + Clone>(
     tracing::info!(topic = %config.topic, group = %config.group, brokers = %config.brokers, "speed layer started");
 
     let mut processor = Processor::new(plan.clone(), store.clone(), &config.prefix, &config.topic);
-    let mut archive = match &config.archive {
+    let archive = match &config.archive {
         Some(url) => {
             processor.keep_accepted(true);
             Some(Archive::open(url)?)
         }
         None => None,
     };
-    let checkpoints = Checkpoints::new(&config);
-    let sinks = Sinks {
-        consumer: &consumer,
-        producer: producer.as_ref(),
-        config: &config,
-        metrics: &metrics,
-        checkpoints: &checkpoints,
-    };
-    let mut buffer: Vec<Message> = Vec::with_capacity(config.max_batch);
+    let sinks = Arc::new(Sinks {
+        consumer: consumer.clone(),
+        producer,
+        checkpoints: Checkpoints::new(&config),
+        metrics: metrics.clone(),
+        owned,
+        config,
+    });
+    let config = &sinks.config;
+    // The processor and archive are here when no flush runs, and lent to the flush task while
+    // one does.
+    let mut home: Option<(Processor<S>, Option<Archive>)> = Some((processor, archive));
+    let mut running: Option<tokio::task::JoinHandle<FlushResult<S>>> = None;
+    let mut buffer: Vec<Message> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
     let mut idle_tick = tokio::time::interval(Duration::from_millis(250));
@@ -266,10 +233,15 @@ pub async fn run<S: StateStore + Clone>(
     let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut caught_up_since: Option<Instant> = None;
     loop {
+        let room = buffer.len() < config.max_batch;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            received = consumer.recv() => {
+            done = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                home = Some(returned(done)?);
+            }
+            received = consumer.recv(), if room => {
                 match received {
                     Ok(m) => {
                         at_end.remove(&m.partition());
@@ -293,8 +265,16 @@ pub async fn run<S: StateStore + Clone>(
             }
             _ = tick.tick() => {}
             _ = idle_tick.tick() => {
-                let caught_up = !assigned.is_empty() && assigned.keys().all(|p| at_end.contains(p));
-                if caught_up && buffer.is_empty() {
+                // A partition is caught up once the consumer reported reaching its end, or when
+                // the broker's fetch responses show nothing beyond the committed offset (a
+                // partition taken over at its end reports no end again).
+                let caught_up = !assigned.is_empty() && {
+                    let lag = metrics.lag.lock().expect("not poisoned");
+                    assigned
+                        .keys()
+                        .all(|p| at_end.contains(p) || lag.get(p) == Some(&0))
+                };
+                if caught_up && buffer.is_empty() && running.is_none() {
                     caught_up_since.get_or_insert_with(Instant::now);
                 } else {
                     caught_up_since = None;
@@ -307,28 +287,45 @@ pub async fn run<S: StateStore + Clone>(
                 }
             }
         }
-        for (p, committed) in handle_rebalances(
-            &mut rebalances,
-            &consumer,
-            &config.topic,
-            &mut processor,
-            &mut buffer,
-            &mut assigned,
-            &mut at_end,
-            &checkpoints,
-        )
-        .await?
-        {
-            if let Some(a) = &archive {
-                a.recover(p, committed).await?;
+        if !rebalances.is_empty() {
+            // Partitions change hands only between flushes.
+            if let Some(h) = running.take() {
+                home = Some(returned(h.await)?);
+            }
+            let (processor, archive) = home.as_mut().expect("no flush runs");
+            for (p, committed) in handle_rebalances(
+                &mut rebalances,
+                &consumer,
+                &config.topic,
+                processor,
+                &mut buffer,
+                &mut assigned,
+                &mut at_end,
+                &sinks.checkpoints,
+            )
+            .await?
+            {
+                if let Some(a) = archive {
+                    a.recover(p, committed).await?;
+                }
             }
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= config.flush_interval);
-        if buffer.len() >= config.max_batch || (due && !buffer.is_empty()) {
-            flush(&mut processor, &sinks, &mut buffer, archive.as_mut()).await?;
+        if running.is_none() && !buffer.is_empty() && (!room || due) {
+            let (mut processor, mut archive) = home.take().expect("no flush runs");
+            let messages = std::mem::take(&mut buffer);
+            let sinks = sinks.clone();
+            running = Some(tokio::spawn(async move {
+                let result = flush(&mut processor, &sinks, messages, archive.as_mut()).await;
+                (processor, archive, result)
+            }));
             oldest = None;
         }
     }
+    if let Some(h) = running.take() {
+        home = Some(returned(h.await)?);
+    }
+    let (mut processor, mut archive) = home.take().expect("no flush runs");
     handle_rebalances(
         &mut rebalances,
         &consumer,
@@ -337,14 +334,27 @@ pub async fn run<S: StateStore + Clone>(
         &mut buffer,
         &mut assigned,
         &mut at_end,
-        &checkpoints,
+        &sinks.checkpoints,
     )
     .await?;
     if !buffer.is_empty() {
-        flush(&mut processor, &sinks, &mut buffer, archive.as_mut()).await?;
+        flush(&mut processor, &sinks, buffer, archive.as_mut()).await?;
     }
     tracing::info!("speed layer stopped after a final flush and commit");
     Ok(())
+}
+
+/// What a flush task hands back: the processor and archive it was lent, and how it went.
+type FlushResult<S> = (Processor<S>, Option<Archive>, Result<()>);
+
+/// The processor and archive back from a finished flush task, or the flush's error.
+fn returned<S: StateStore>(
+    joined: std::result::Result<FlushResult<S>, tokio::task::JoinError>,
+) -> Result<(Processor<S>, Option<Archive>)> {
+    let (processor, archive, result) =
+        joined.map_err(|e| Error::Internal(format!("the flush task failed: {e}")))?;
+    result?;
+    Ok((processor, archive))
 }
 
 async fn check_topic(
@@ -455,176 +465,4 @@ async fn handle_rebalances(
         }
     }
     Ok(newly)
-}
-
-/// Where a flush's results go: offsets to Kafka, dead letters to their topic, watermarks beside
-/// the state, counts to the metrics.
-struct Sinks<'a> {
-    consumer: &'a Arc<StreamConsumer<GroupContext>>,
-    producer: Option<&'a FutureProducer>,
-    config: &'a SpeedConfig,
-    metrics: &'a SpeedMetrics,
-    checkpoints: &'a Checkpoints,
-}
-
-async fn flush<S: StateStore>(
-    processor: &mut Processor<S>,
-    sinks: &Sinks<'_>,
-    buffer: &mut Vec<Message>,
-    archive: Option<&mut Archive>,
-) -> Result<()> {
-    let Sinks {
-        consumer,
-        producer,
-        config,
-        metrics,
-        checkpoints,
-    } = *sinks;
-    let started = Instant::now();
-    let messages = std::mem::take(buffer);
-    let stamps: Vec<i64> = messages.iter().filter_map(|m| m.timestamp_ms).collect();
-    let mut backoff = Duration::from_millis(100);
-    let outcome = loop {
-        // Reprocessing after a failure is safe: states deduplicate events by id.
-        match processor.process(messages.clone(), crate::now_ms()).await {
-            Ok(o) => break o,
-            Err(Error::Redis(e)) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "state store failed; retrying the batch");
-                processor.forget_cache();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    };
-    let visible = crate::now_ms();
-    for t in stamps {
-        metrics
-            .freshness_seconds
-            .observe((visible - t) as f64 / 1000.0);
-    }
-    send_dead_letters(producer, config, &outcome).await?;
-    if let Some(archive) = archive {
-        archive.write(&outcome).await?;
-    }
-    checkpoints.save(processor.store(), &outcome).await?;
-    let mut backoff = Duration::from_millis(100);
-    while let Err(e) = commit(consumer, &config.topic, &outcome).await {
-        if backoff > Duration::from_secs(30) {
-            return Err(e);
-        }
-        tracing::warn!(error = %e, retry_in = ?backoff, "offset commit failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
-    }
-    processor.committed(&outcome);
-    record(processor, config, metrics, &outcome).await;
-    metrics
-        .flush_seconds
-        .observe(started.elapsed().as_secs_f64());
-    Ok(())
-}
-
-async fn send_dead_letters(
-    producer: Option<&FutureProducer>,
-    config: &SpeedConfig,
-    outcome: &BatchOutcome,
-) -> Result<()> {
-    if outcome.dead_letters.is_empty() {
-        return Ok(());
-    }
-    for d in &outcome.dead_letters {
-        tracing::debug!(source = %d.source, offset = d.position, reason = %d.reason, "invalid record");
-    }
-    tracing::warn!(
-        count = outcome.dead_letters.len(),
-        topic = config.dead_letter_topic.as_deref().unwrap_or("(none)"),
-        reasons = ?outcome.invalid.0,
-        "invalid records dead-lettered"
-    );
-    let (Some(producer), Some(topic)) = (producer, &config.dead_letter_topic) else {
-        return Ok(());
-    };
-    let sends = outcome.dead_letters.iter().map(|d| {
-        let key = format!("{}@{}", d.source, d.position);
-        let payload = d.to_json_line();
-        async move {
-            producer
-                .send(
-                    FutureRecord::to(topic).key(&key).payload(&payload),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| {
-                    Error::Kafka(format!("cannot send a dead letter to `{topic}`: {e}"))
-                })
-        }
-    });
-    futures::future::try_join_all(sends).await?;
-    Ok(())
-}
-
-async fn commit(
-    consumer: &Arc<StreamConsumer<GroupContext>>,
-    topic: &str,
-    outcome: &BatchOutcome,
-) -> Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for (p, (next, wm)) in &outcome.commit {
-        let mut e = tpl.add_partition(topic, *p);
-        e.set_offset(Offset::Offset(*next)).map_err(kafka)?;
-        if *wm != i64::MIN {
-            e.set_metadata(format!("{WM_PREFIX}{wm}"));
-        }
-    }
-    let c = consumer.clone();
-    tokio::task::spawn_blocking(move || c.commit(&tpl, CommitMode::Sync))
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
-        .map_err(kafka)
-}
-
-async fn record<S: StateStore>(
-    processor: &Processor<S>,
-    config: &SpeedConfig,
-    metrics: &SpeedMetrics,
-    o: &BatchOutcome,
-) {
-    metrics.events.add(o.applied);
-    metrics.duplicates.add(o.duplicates);
-    metrics.late.add(o.late);
-    metrics.conflicts.add(o.conflicts);
-    metrics.flushes.add(1);
-    {
-        let mut inv = metrics.invalid.lock().expect("not poisoned");
-        for (k, v) in &o.invalid.0 {
-            *inv.entry(k.clone()).or_default() += v;
-        }
-    }
-    {
-        let mut wm = metrics.watermark.lock().expect("not poisoned");
-        for (p, w) in processor.watermarks() {
-            wm.insert(*p, *w);
-        }
-    }
-    let mut counts: Vec<(String, i64)> = vec![
-        ("applied".into(), o.applied as i64),
-        ("duplicates".into(), o.duplicates as i64),
-        ("late".into(), o.late as i64),
-    ];
-    counts.extend(
-        o.invalid
-            .0
-            .iter()
-            .map(|(k, v)| (format!("invalid_{k}"), *v as i64)),
-    );
-    counts.retain(|(_, v)| *v != 0);
-    if let Err(e) = processor
-        .store()
-        .add_counters(&stats_key(&config.prefix), &counts)
-        .await
-    {
-        tracing::warn!(error = %e, "could not update the speed layer's counters");
-    }
 }

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod codec;
 pub mod consumer;
 pub mod dump;
+mod flush;
 pub mod metrics;
 pub mod plan;
 pub mod processor;

@@ -188,7 +188,7 @@ impl<S: StateStore> Processor<S> {
     /// Processes messages (in offset order within each partition).
     /// On failure the watermarks are as before, so processing the same messages again makes
     /// the same lateness decisions.
-    pub async fn process(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
+    pub async fn process(&mut self, messages: &[Message], now_ms: i64) -> Result<BatchOutcome> {
         let saved = self.watermarks.clone();
         let result = self.process_inner(messages, now_ms).await;
         if result.is_err() {
@@ -197,7 +197,7 @@ impl<S: StateStore> Processor<S> {
         result
     }
 
-    async fn process_inner(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
+    async fn process_inner(&mut self, messages: &[Message], now_ms: i64) -> Result<BatchOutcome> {
         let mut out = BatchOutcome::default();
         let mut by_entity: BTreeMap<String, Vec<Event>> = BTreeMap::new();
         let parsed_all = par_map(messages.iter().collect(), |m: &Message| match &m.payload {

@@ -204,19 +204,61 @@ impl StateStore for MemoryStore {
     }
 }
 
-/// Compare-and-set on one key: the value is an 8-byte big-endian version followed by the state.
+/// Compare-and-set on each of its keys, independently: the value is an 8-byte big-endian
+/// version followed by the state; `ARGV` holds `(expected version, new value, expiry ms)` per
+/// key, an empty value deleting the key. Returns 1 or 0 per key. The keys of one call always
+/// share a Redis Cluster hash slot, so the script runs on Cluster too.
 const CAS_SCRIPT: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-local ver = ''
-if cur then ver = string.sub(cur, 1, 8) end
-if ver ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+local out = {}
+for i = 1, #KEYS do
+  local j = 3 * i - 2
+  local cur = redis.call('GET', KEYS[i])
+  local ver = ''
+  if cur then ver = string.sub(cur, 1, 8) end
+  if ver ~= ARGV[j] then
+    out[i] = 0
+  else
+    if ARGV[j + 1] == '' then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ARGV[j + 2])
+    end
+    out[i] = 1
+  end
 end
-return 1
+return out
 "#;
+
+/// Most keys one compare-and-set call carries.
+const CAS_KEYS_PER_CALL: usize = 64;
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text inside the
+/// first `{...}`, when not empty) or of the whole key, modulo 16384.
+pub fn hash_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter()
+                .position(|b| *b == b'}')
+                .filter(|close| *close > 0)
+                .map(|close| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for b in tagged {
+        crc ^= (*b as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
 
 /// Redis, through an auto-reconnecting connection with bounded timeouts.
 #[derive(Clone)]
@@ -346,30 +388,46 @@ impl StateStore for RedisStore {
         if writes.is_empty() {
             return Ok(vec![]);
         }
+        // One script call per group of keys sharing a hash slot, all in one pipeline.
+        let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (i, w) in writes.iter().enumerate() {
+            by_slot
+                .entry(hash_slot(w.key.as_bytes()))
+                .or_default()
+                .push(i);
+        }
+        let calls: Vec<&[usize]> = by_slot
+            .values()
+            .flat_map(|group| group.chunks(CAS_KEYS_PER_CALL))
+            .collect();
         let mut pipe = redis::pipe();
-        for w in writes {
-            let expected = w
-                .expected
-                .map(|v| v.to_be_bytes().to_vec())
-                .unwrap_or_default();
-            let value = match &w.value {
-                Some(bytes) => {
-                    let mut v = (w.expected.unwrap_or(0) + 1).to_be_bytes().to_vec();
-                    v.extend_from_slice(bytes);
-                    v
-                }
-                None => Vec::new(),
-            };
-            pipe.invoke_script(
-                self.script
+        for call in &calls {
+            let mut invocation = self.script.prepare_invoke();
+            for &i in *call {
+                let w = &writes[i];
+                let expected = w
+                    .expected
+                    .map(|v| v.to_be_bytes().to_vec())
+                    .unwrap_or_default();
+                let value = match &w.value {
+                    Some(bytes) => {
+                        let mut v = Vec::with_capacity(8 + bytes.len());
+                        v.extend_from_slice(&(w.expected.unwrap_or(0) + 1).to_be_bytes());
+                        v.extend_from_slice(bytes);
+                        v
+                    }
+                    None => Vec::new(),
+                };
+                invocation
                     .key(&w.key)
                     .arg(expected)
                     .arg(value)
-                    .arg(w.ttl_ms.max(1)),
-            );
+                    .arg(w.ttl_ms.max(1));
+            }
+            pipe.invoke_script(&invocation);
         }
         let mut con = self.connection()?;
-        let applied: Vec<i64> = match pipe.query_async(&mut con).await {
+        let replies: Vec<Vec<i64>> = match pipe.query_async(&mut con).await {
             Ok(a) => a,
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // Redis restarted and forgot the script: load it and try once more.
@@ -380,7 +438,21 @@ impl StateStore for RedisStore {
             }
             Err(e) => return Err(redis_err(&self.url, e)),
         };
-        Ok(applied.into_iter().map(|a| a == 1).collect())
+        let mut applied = vec![false; writes.len()];
+        for (call, reply) in calls.iter().zip(replies) {
+            if reply.len() != call.len() {
+                return Err(Error::Redis(format!(
+                    "{}: compare-and-set answered {} results for {} keys",
+                    self.url,
+                    reply.len(),
+                    call.len()
+                )));
+            }
+            for (&i, ok) in call.iter().zip(reply) {
+                applied[i] = ok == 1;
+            }
+        }
+        Ok(applied)
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
@@ -555,5 +627,24 @@ impl StateStore for AnyStore {
     }
     async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
         both!(self, s => s.set_fields(hash, fields).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hash_slot;
+
+    #[test]
+    fn hash_slots_match_redis_cluster() {
+        // CLUSTER KEYSLOT answers and the CRC16 check value of the Redis Cluster specification.
+        assert_eq!(hash_slot(b"123456789"), 0x31C3);
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(
+            hash_slot(b"{user1000}.following"),
+            hash_slot(b"{user1000}.followers")
+        );
+        assert_eq!(hash_slot(b"foo{}{bar}"), hash_slot(b"foo{}{bar}"));
+        assert_ne!(hash_slot(b"foo{}{bar}"), hash_slot(b"bar"));
+        assert_eq!(hash_slot(b"foo{{bar}}zap"), hash_slot(b"{bar"));
     }
 }

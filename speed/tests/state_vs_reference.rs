@@ -112,7 +112,7 @@ proptest! {
         let mut cut = cuts.iter().cycle();
         while !rest.is_empty() {
             let n = (*cut.next().unwrap()).min(rest.len());
-            let outcome = rt.block_on(processor.process(rest[..n].to_vec(), T0 + 24 * 60 * MIN)).unwrap();
+            let outcome = rt.block_on(processor.process(&rest[..n], T0 + 24 * 60 * MIN)).unwrap();
             prop_assert_eq!(outcome.late, 0);
             processor.committed(&outcome);
             rest = &rest[n..];

@@ -134,6 +134,64 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         (f["0.prev"].as_str(), f["0.last"].as_str()),
         ("5:100", "9:200")
     );
+    // Many writes at once, some sharing a hash slot (more than one call's worth), some not:
+    // each answer belongs to its own write.
+    let many: Vec<String> = (0..300)
+        .map(|i| {
+            if i % 2 == 0 {
+                k(&format!("{{slot}}:m{i}"))
+            } else {
+                k(&format!("m{i}"))
+            }
+        })
+        .collect();
+    let first: Vec<CasWrite> = many
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 3 == 0)
+        .map(|(_, key)| w(key.clone(), None, Some(b"v1"), 60_000))
+        .collect();
+    assert!(store.put_many(&first).await.unwrap().iter().all(|ok| *ok));
+    // Keys written above expect version 1; the rest must be absent, so every third write of
+    // this mix is stale in one way or the other.
+    let mixed: Vec<CasWrite> = many
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let expected = match i % 6 {
+                0 => Some(1),
+                3 => None,
+                1 | 4 => None,
+                _ => Some(7),
+            };
+            w(
+                key.clone(),
+                expected,
+                Some(format!("v{i}").as_bytes()),
+                60_000,
+            )
+        })
+        .collect();
+    let answers = store.put_many(&mixed).await.unwrap();
+    for (i, ok) in answers.iter().enumerate() {
+        let should = match i % 6 {
+            0 => true,
+            3 => false,
+            1 | 4 => true,
+            _ => false,
+        };
+        assert_eq!(*ok, should, "write {i} to {}", many[i]);
+    }
+    let got = store.get_many(&many).await.unwrap();
+    for (i, v) in got.iter().enumerate() {
+        let bytes = v.as_ref().map(|v| v.bytes.clone());
+        let want: Option<Vec<u8>> = match i % 6 {
+            0 | 1 | 4 => Some(format!("v{i}").into_bytes()),
+            3 => Some(b"v1".to_vec()),
+            _ => None,
+        };
+        assert_eq!(bytes, want, "key {}", many[i]);
+    }
 }
 
 #[tokio::test]
