@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::Archive;
-use crate::flush::{Checkpoints, Sinks, WM_PREFIX, flush};
+use crate::flush::{Checkpoints, Committed, Prepared, Sinks, WM_PREFIX, commit, flush, prepare};
 use crate::metrics::SpeedMetrics;
 use crate::plan::SpeedPlan;
 use crate::processor::{Message, Processor};
@@ -220,10 +221,7 @@ pub async fn run<S: StateStore + Clone>(
         config,
     });
     let config = &sinks.config;
-    // The processor and archive are here when no flush runs, and lent to the flush task while
-    // one does.
-    let mut home: Option<(Processor<S>, Option<Archive>)> = Some((processor, archive));
-    let mut running: Option<tokio::task::JoinHandle<FlushResult<S>>> = None;
+    let mut stages = Stages::new(processor, archive);
     let mut buffer: Vec<Message> = Vec::new();
     let mut oldest: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.flush_interval.min(Duration::from_millis(50)));
@@ -237,30 +235,45 @@ pub async fn run<S: StateStore + Clone>(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            done = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
-                running = None;
-                home = Some(returned(done)?);
+            done = async { stages.preparing.as_mut().expect("guarded").await }, if stages.preparing.is_some() => {
+                stages.preparing = None;
+                stages.prepared(done)?;
+            }
+            done = async { stages.committing.as_mut().expect("guarded").await }, if stages.committing.is_some() => {
+                stages.committing = None;
+                stages.committed(done)?;
             }
             received = consumer.recv(), if room => {
-                match received {
-                    Ok(m) => {
-                        at_end.remove(&m.partition());
-                        buffer.push(Message {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            payload: m.payload().map(<[u8]>::to_vec),
-                            timestamp_ms: match m.timestamp() {
-                                Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => Some(t),
-                                Timestamp::NotAvailable => None,
-                            },
-                        });
-                        oldest.get_or_insert_with(Instant::now);
-                        caught_up_since = None;
+                let mut next = Some(received);
+                let mut taken = 0;
+                // Take what is already waiting without going around the select each time.
+                while let Some(received) = next.take() {
+                    taken += 1;
+                    match received {
+                        Ok(m) => {
+                            at_end.remove(&m.partition());
+                            buffer.push(Message {
+                                partition: m.partition(),
+                                offset: m.offset(),
+                                payload: m.payload().map(<[u8]>::to_vec),
+                                timestamp_ms: match m.timestamp() {
+                                    Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => Some(t),
+                                    Timestamp::NotAvailable => None,
+                                },
+                            });
+                        }
+                        Err(KafkaError::PartitionEOF(p)) => {
+                            at_end.insert(p);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "consumer error"),
                     }
-                    Err(KafkaError::PartitionEOF(p)) => {
-                        at_end.insert(p);
+                    if buffer.len() < config.max_batch && taken < DRAIN {
+                        next = consumer.recv().now_or_never();
                     }
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                }
+                if !buffer.is_empty() {
+                    oldest.get_or_insert_with(Instant::now);
+                    caught_up_since = None;
                 }
             }
             _ = tick.tick() => {}
@@ -274,7 +287,7 @@ pub async fn run<S: StateStore + Clone>(
                         .keys()
                         .all(|p| at_end.contains(p) || lag.get(p) == Some(&0))
                 };
-                if caught_up && buffer.is_empty() && running.is_none() {
+                if caught_up && buffer.is_empty() && stages.idle() {
                     caught_up_since.get_or_insert_with(Instant::now);
                 } else {
                     caught_up_since = None;
@@ -287,21 +300,17 @@ pub async fn run<S: StateStore + Clone>(
                 }
             }
         }
+        stages.start_commit(&store, &sinks);
         if !rebalances.is_empty() {
-            // Partitions change hands only between flushes.
-            if let Some(h) = running.take() {
-                home = Some(returned(h.await)?);
-            }
-            let (processor, archive) = home.as_mut().expect("no flush runs");
+            // Partitions change hands only between batches.
+            let (processor, archive) = stages.drain(&store, &sinks).await?;
             for (p, committed) in handle_rebalances(
                 &mut rebalances,
-                &consumer,
-                &config.topic,
+                &sinks,
                 processor,
                 &mut buffer,
                 &mut assigned,
                 &mut at_end,
-                &sinks.checkpoints,
             )
             .await?
             {
@@ -311,51 +320,143 @@ pub async fn run<S: StateStore + Clone>(
             }
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= config.flush_interval);
-        if running.is_none() && !buffer.is_empty() && (!room || due) {
-            let (mut processor, mut archive) = home.take().expect("no flush runs");
-            let messages = std::mem::take(&mut buffer);
-            let sinks = sinks.clone();
-            running = Some(tokio::spawn(async move {
-                let result = flush(&mut processor, &sinks, messages, archive.as_mut()).await;
-                (processor, archive, result)
-            }));
+        if !buffer.is_empty() && (!room || due) && stages.can_prepare() {
+            stages.start_prepare(std::mem::take(&mut buffer));
             oldest = None;
         }
     }
-    if let Some(h) = running.take() {
-        home = Some(returned(h.await)?);
-    }
-    let (mut processor, mut archive) = home.take().expect("no flush runs");
+    let (processor, archive) = stages.drain(&store, &sinks).await?;
     handle_rebalances(
         &mut rebalances,
-        &consumer,
-        &config.topic,
-        &mut processor,
+        &sinks,
+        processor,
         &mut buffer,
         &mut assigned,
         &mut at_end,
-        &sinks.checkpoints,
     )
     .await?;
     if !buffer.is_empty() {
-        flush(&mut processor, &sinks, buffer, archive.as_mut()).await?;
+        flush(processor, &sinks, buffer, archive.as_mut()).await?;
     }
     tracing::info!("speed layer stopped after a final flush and commit");
     Ok(())
 }
 
-/// What a flush task hands back: the processor and archive it was lent, and how it went.
-type FlushResult<S> = (Processor<S>, Option<Archive>, Result<()>);
-
-/// The processor and archive back from a finished flush task, or the flush's error.
-fn returned<S: StateStore>(
-    joined: std::result::Result<FlushResult<S>, tokio::task::JoinError>,
-) -> Result<(Processor<S>, Option<Archive>)> {
-    let (processor, archive, result) =
-        joined.map_err(|e| Error::Internal(format!("the flush task failed: {e}")))?;
-    result?;
-    Ok((processor, archive))
+/// The two stages of the batches in flight: at most one being prepared (it holds the
+/// processor), one prepared and waiting, and one being committed (it holds the archive).
+/// Preparing the next batch overlaps with committing the previous one; commits happen one at a
+/// time, in order, and what each tells the processor reaches it before its next batch.
+struct Stages<S: StateStore> {
+    processor: Option<Processor<S>>,
+    archive: Option<Option<Archive>>,
+    preparing: Option<tokio::task::JoinHandle<(Processor<S>, Result<Prepared>)>>,
+    waiting: Option<Prepared>,
+    committing: Option<tokio::task::JoinHandle<(Option<Archive>, Result<Committed>)>>,
+    settled: Vec<Committed>,
 }
+
+fn joined<T>(r: std::result::Result<T, tokio::task::JoinError>) -> Result<T> {
+    r.map_err(|e| Error::Internal(format!("a flush task failed: {e}")))
+}
+
+impl<S: StateStore + Clone> Stages<S> {
+    fn new(processor: Processor<S>, archive: Option<Archive>) -> Self {
+        Stages {
+            processor: Some(processor),
+            archive: Some(archive),
+            preparing: None,
+            waiting: None,
+            committing: None,
+            settled: Vec::new(),
+        }
+    }
+
+    /// Nothing in flight.
+    fn idle(&self) -> bool {
+        self.preparing.is_none() && self.waiting.is_none() && self.committing.is_none()
+    }
+
+    /// A new batch can be prepared: the processor is here and no prepared batch waits.
+    fn can_prepare(&self) -> bool {
+        self.processor.is_some() && self.waiting.is_none()
+    }
+
+    fn prepared(
+        &mut self,
+        done: std::result::Result<(Processor<S>, Result<Prepared>), tokio::task::JoinError>,
+    ) -> Result<()> {
+        let (mut processor, result) = joined(done)?;
+        for c in self.settled.drain(..) {
+            c.settle(&mut processor);
+        }
+        self.processor = Some(processor);
+        self.waiting = Some(result?);
+        Ok(())
+    }
+
+    fn committed(
+        &mut self,
+        done: std::result::Result<(Option<Archive>, Result<Committed>), tokio::task::JoinError>,
+    ) -> Result<()> {
+        let (archive, result) = joined(done)?;
+        self.archive = Some(archive);
+        let c = result?;
+        match &mut self.processor {
+            Some(p) => c.settle(p),
+            None => self.settled.push(c),
+        }
+        Ok(())
+    }
+
+    fn start_prepare(&mut self, messages: Vec<Message>) {
+        let mut processor = self.processor.take().expect("can_prepare");
+        self.preparing = Some(tokio::spawn(async move {
+            let result = prepare(&mut processor, messages).await;
+            (processor, result)
+        }));
+    }
+
+    /// Starts committing the waiting batch when no commit runs.
+    fn start_commit(&mut self, store: &S, sinks: &Arc<Sinks>) {
+        if self.committing.is_some() || self.waiting.is_none() {
+            return;
+        }
+        let prepared = self.waiting.take().expect("checked");
+        let mut archive = self.archive.take().expect("no commit runs");
+        let (store, sinks) = (store.clone(), sinks.clone());
+        self.committing = Some(tokio::spawn(async move {
+            let result = commit(&store, &sinks, prepared, archive.as_mut()).await;
+            (archive, result)
+        }));
+    }
+
+    /// Waits for every batch in flight to be committed; the processor and archive are home
+    /// afterwards.
+    async fn drain(
+        &mut self,
+        store: &S,
+        sinks: &Arc<Sinks>,
+    ) -> Result<(&mut Processor<S>, &mut Option<Archive>)> {
+        loop {
+            if let Some(h) = self.preparing.take() {
+                self.prepared(h.await)?;
+            }
+            self.start_commit(store, sinks);
+            match self.committing.take() {
+                Some(h) => self.committed(h.await)?,
+                None => break,
+            }
+        }
+        Ok((
+            self.processor.as_mut().expect("home"),
+            self.archive.as_mut().expect("home"),
+        ))
+    }
+}
+
+/// Most messages taken in one turn of the receiving loop (the loop then looks at flushes,
+/// rebalances and the shutdown token again).
+const DRAIN: usize = 4096;
 
 async fn check_topic(
     consumer: &Arc<StreamConsumer<GroupContext>>,
@@ -413,14 +514,13 @@ async fn ensure_topic(brokers: &str, topic: &str) -> Result<()> {
 
 async fn handle_rebalances(
     rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
-    consumer: &Arc<StreamConsumer<GroupContext>>,
-    topic: &str,
+    sinks: &Sinks,
     processor: &mut Processor<impl StateStore>,
     buffer: &mut Vec<Message>,
     assigned: &mut BTreeMap<i32, ()>,
     at_end: &mut BTreeSet<i32>,
-    checkpoints: &Checkpoints,
 ) -> Result<Vec<(i32, Option<i64>)>> {
+    let (consumer, topic, checkpoints) = (&sinks.consumer, &sinks.config.topic, &sinks.checkpoints);
     let mut newly = Vec::new();
     while let Ok(event) = rebalances.try_recv() {
         match event {

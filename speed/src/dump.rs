@@ -8,7 +8,7 @@ use arrow::record_batch::RecordBatch;
 use duet_spec::{Value, ValueType};
 
 use crate::plan::SpeedPlan;
-use crate::processor::{entity_of, state_key};
+use crate::processor::{entity_of, state_key_prefix};
 use crate::state::EntityState;
 use crate::store::StateStore;
 use crate::{Error, Result};
@@ -32,7 +32,9 @@ pub async fn dump<S: StateStore>(
     prefix: &str,
     t: i64,
 ) -> Result<Dump> {
-    let keys = store.keys(&state_key(prefix, "")).await?;
+    let mut keys = store.keys(&state_key_prefix(prefix)).await?;
+    // Keys start with their hash tag; entities come out sorted by themselves.
+    keys.sort_by(|a, b| entity_of(prefix, a).cmp(&entity_of(prefix, b)));
     let mut out = Dump {
         entities: Vec::new(),
         values: Vec::new(),

@@ -1,9 +1,11 @@
-//! One flush of the speed layer: a batch of messages through the [`Processor`] into the state
-//! store, then its dead letters, archive files and watermark checkpoints, and last its offsets.
-//! A crash anywhere before the commit replays the batch, which the states' event-id
-//! deduplication makes harmless.
+//! One flush of the speed layer, in two stages that can overlap with the neighbouring
+//! batches': [`prepare`] runs a batch through the [`Processor`] (parsing, lateness, new entity
+//! states: CPU), and [`commit`] writes its states to the store, then its dead letters, archive
+//! files and watermark checkpoints, and last its offsets (I/O). Batches are committed one at a
+//! time and in order. A crash anywhere before the offsets are committed replays the batch,
+//! which the states' event-id deduplication makes harmless.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use crate::consumer::{GroupContext, SpeedConfig, kafka};
 use crate::metrics::SpeedMetrics;
 use crate::processor::{BatchOutcome, Message, Processor, stats_key};
 use crate::store::StateStore;
+use crate::writes::StateWrites;
 use crate::{Error, Result};
 
 /// Commit metadata carrying a partition's watermark.
@@ -96,15 +99,72 @@ pub(crate) struct Sinks {
     pub(crate) owned: Arc<Mutex<BTreeSet<i32>>>,
 }
 
-/// Processes one batch: states first (compare-and-set), then dead letters, archive and
-/// watermark checkpoints, and only then the offsets. A failed state write retries the whole
-/// batch (states deduplicate events by id, so a retry never counts twice).
-pub(crate) async fn flush<S: StateStore>(
+/// A batch through the processor, its states not yet written.
+pub(crate) struct Prepared {
+    outcome: BatchOutcome,
+    writes: StateWrites,
+    /// Producer timestamps of its messages, for the produce-to-visible latency.
+    stamps: Vec<i64>,
+    /// Every owned partition's watermark after the batch.
+    watermarks: Vec<(i32, i64)>,
+    started: Instant,
+}
+
+/// What a committed batch tells the processor: its committed offsets and watermarks, and the
+/// entities whose cached states are stale.
+pub(crate) struct Committed {
+    commit: BTreeMap<i32, (i64, i64)>,
+    reloaded: Vec<String>,
+}
+
+impl Committed {
+    /// Tells the processor.
+    pub(crate) fn settle<S: StateStore>(self, processor: &mut Processor<S>) {
+        processor.committed(&self.commit);
+        processor.forget(&self.reloaded);
+    }
+}
+
+/// Runs a batch through the processor. A state store that fails while states are loaded is
+/// retried with a growing pause (the processor keeps its watermarks as before a failure).
+pub(crate) async fn prepare<S: StateStore>(
     processor: &mut Processor<S>,
-    sinks: &Sinks,
     messages: Vec<Message>,
+) -> Result<Prepared> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    let (outcome, writes) = loop {
+        match processor.prepare(&messages, crate::now_ms()).await {
+            Ok(o) => break o,
+            Err(Error::Redis(e)) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "state store failed; retrying the batch");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(Prepared {
+        outcome,
+        writes,
+        stamps: messages.iter().filter_map(|m| m.timestamp_ms).collect(),
+        watermarks: processor
+            .watermarks()
+            .iter()
+            .map(|(p, w)| (*p, *w))
+            .collect(),
+        started,
+    })
+}
+
+/// Writes a prepared batch's states, then its dead letters, archive files and checkpoints, and
+/// last its offsets.
+pub(crate) async fn commit<S: StateStore>(
+    store: &S,
+    sinks: &Sinks,
+    prepared: Prepared,
     archive: Option<&mut Archive>,
-) -> Result<()> {
+) -> Result<Committed> {
     let Sinks {
         consumer,
         producer,
@@ -113,38 +173,31 @@ pub(crate) async fn flush<S: StateStore>(
         checkpoints,
         owned,
     } = sinks;
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    let mut outcome = loop {
-        match processor.process(&messages, crate::now_ms()).await {
-            Ok(o) => break o,
-            Err(Error::Redis(e)) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "state store failed; retrying the batch");
-                processor.forget_cache();
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let Prepared {
+        mut outcome,
+        writes,
+        stamps,
+        watermarks,
+        started,
+    } = prepared;
+    let reloaded = writes.apply(store, &mut outcome).await?;
     let visible = crate::now_ms();
-    for t in messages.iter().filter_map(|m| m.timestamp_ms) {
+    for t in stamps {
         metrics
             .freshness_seconds
             .observe((visible - t) as f64 / 1000.0);
     }
-    drop(messages);
     send_dead_letters(producer.as_ref(), config, &outcome).await?;
     if let Some(archive) = archive {
         archive.write(&outcome).await?;
     }
-    checkpoints.save(processor.store(), &outcome).await?;
+    checkpoints.save(store, &outcome).await?;
     {
         let owned = owned.lock().expect("not poisoned");
         outcome.commit.retain(|p, _| owned.contains(p));
     }
     let mut backoff = Duration::from_millis(100);
-    while let Err(e) = commit(consumer, &config.topic, &outcome).await {
+    while let Err(e) = commit_offsets(consumer, &config.topic, &outcome).await {
         if backoff > Duration::from_secs(30) {
             return Err(e);
         }
@@ -152,11 +205,26 @@ pub(crate) async fn flush<S: StateStore>(
         tokio::time::sleep(backoff).await;
         backoff *= 2;
     }
-    processor.committed(&outcome);
-    record(processor, config, metrics, &outcome).await;
+    record(store, config, metrics, &outcome, &watermarks).await;
     metrics
         .flush_seconds
         .observe(started.elapsed().as_secs_f64());
+    Ok(Committed {
+        commit: outcome.commit,
+        reloaded,
+    })
+}
+
+/// Both stages at once, for the last batch before stopping.
+pub(crate) async fn flush<S: StateStore>(
+    processor: &mut Processor<S>,
+    sinks: &Sinks,
+    messages: Vec<Message>,
+    archive: Option<&mut Archive>,
+) -> Result<()> {
+    let prepared = prepare(processor, messages).await?;
+    let committed = commit(processor.store(), sinks, prepared, archive).await?;
+    committed.settle(processor);
     Ok(())
 }
 
@@ -200,7 +268,7 @@ async fn send_dead_letters(
     Ok(())
 }
 
-async fn commit(
+async fn commit_offsets(
     consumer: &Arc<StreamConsumer<GroupContext>>,
     topic: &str,
     outcome: &BatchOutcome,
@@ -221,10 +289,11 @@ async fn commit(
 }
 
 async fn record<S: StateStore>(
-    processor: &Processor<S>,
+    store: &S,
     config: &SpeedConfig,
     metrics: &SpeedMetrics,
     o: &BatchOutcome,
+    watermarks: &[(i32, i64)],
 ) {
     metrics.events.add(o.applied);
     metrics.duplicates.add(o.duplicates);
@@ -239,7 +308,7 @@ async fn record<S: StateStore>(
     }
     {
         let mut wm = metrics.watermark.lock().expect("not poisoned");
-        for (p, w) in processor.watermarks() {
+        for (p, w) in watermarks {
             wm.insert(*p, *w);
         }
     }
@@ -255,8 +324,7 @@ async fn record<S: StateStore>(
             .map(|(k, v)| (format!("invalid_{k}"), *v as i64)),
     );
     counts.retain(|(_, v)| *v != 0);
-    if let Err(e) = processor
-        .store()
+    if let Err(e) = store
         .add_counters(&stats_key(&config.prefix), &counts)
         .await
     {

@@ -16,6 +16,7 @@ pub mod plan;
 pub mod processor;
 pub mod state;
 pub mod store;
+pub mod writes;
 
 /// What can go wrong in the speed layer.
 #[derive(Debug, thiserror::Error)]

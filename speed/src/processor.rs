@@ -1,27 +1,29 @@
 //! The speed layer's engine, independent of Kafka: it takes a batch of messages in partition
-//! order, keeps watermarks, drops late events, and applies the rest to entity states with
-//! compare-and-set writes. Applying the same messages twice changes nothing (events are
-//! deduplicated by id inside each state), so replaying after a crash is harmless.
+//! order, keeps watermarks, drops late events, and applies the rest to entity states, whose
+//! new versions it hands out as compare-and-set writes ([`StateWrites`]). Applying the same
+//! messages twice changes nothing (events are deduplicated by id inside each state), so
+//! replaying after a crash is harmless.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use duet_spec::event::{DeadLetter, Event, InvalidCounts, parse_json_event};
 
+use crate::Result;
 use crate::plan::SpeedPlan;
-use crate::state::{EntityState, Outcome};
-use crate::store::{CasWrite, StateStore, Versioned};
-use crate::{Error, Result};
+use crate::state::EntityState;
+use crate::store::{CasWrite, StateStore};
+use crate::writes::{Settle, StateWrites};
 
 /// Events this far ahead of the wall clock still count but do not advance the watermark, so
 /// one producer with a broken clock cannot make every other event late.
 pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 
-/// Extra time a key lives beyond the last instant its state can matter.
-const KEY_GRACE_MS: i64 = 60_000;
-
 /// How many entity states the processor keeps decoded between batches.
 const CACHE_LIMIT: usize = 500_000;
+
+/// A batch's accepted events grouped by entity.
+pub(crate) type ByEntity = HashMap<String, Vec<Event>, foldhash::fast::RandomState>;
 
 /// One consumed message.
 #[derive(Debug, Clone)]
@@ -69,7 +71,7 @@ pub struct Processor<S: StateStore> {
     topic: String,
     watermarks: HashMap<i32, i64>,
     committed: HashMap<i32, i64>,
-    cache: HashMap<String, (u64, EntityState)>,
+    cache: HashMap<String, (u64, EntityState), foldhash::fast::RandomState>,
     archive: bool,
     /// Partitions owned (when a consumer manages assignment) and when each last had a message.
     owned: Option<HashMap<i32, std::time::Instant>>,
@@ -78,14 +80,36 @@ pub struct Processor<S: StateStore> {
 /// A partition without messages for this long stops holding the state boundary back.
 pub const IDLE_PARTITION: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The Redis key of an entity's state.
+/// Entity states are spread over this many hash tags (`{0}` to `{1023}`): a flush writes
+/// the states of one tag with one compare-and-set call, which Redis Cluster allows because
+/// keys of one tag share a hash slot, while the tags still spread over a cluster's nodes.
+pub const STATE_TAGS: u64 = 1024;
+
+/// The hash tag of an entity: FNV-1a of its key, so every process and version agrees.
+fn state_tag(entity: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in entity.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % STATE_TAGS
+}
+
+/// The Redis key of an entity's state: `<prefix>s:{<tag>}<entity>`.
 pub fn state_key(prefix: &str, entity: &str) -> String {
-    format!("{prefix}s:{entity}")
+    format!("{prefix}s:{{{}}}{entity}", state_tag(entity))
+}
+
+/// The prefix every state key under `prefix` starts with.
+pub fn state_key_prefix(prefix: &str) -> String {
+    format!("{prefix}s:")
 }
 
 /// The entity of a state key.
 pub fn entity_of<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
-    key.strip_prefix(prefix)?.strip_prefix("s:")
+    let tagged = key.strip_prefix(prefix)?.strip_prefix("s:{")?;
+    let (tag, entity) = tagged.split_once('}')?;
+    tag.bytes().all(|b| b.is_ascii_digit()).then_some(entity)
 }
 
 /// The counters hash the speed layer keeps beside its state.
@@ -103,7 +127,7 @@ impl<S: StateStore> Processor<S> {
             topic: topic.to_string(),
             watermarks: HashMap::new(),
             committed: HashMap::new(),
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             archive: false,
             owned: None,
         }
@@ -153,10 +177,18 @@ impl<S: StateStore> Processor<S> {
         self.cache.clear();
     }
 
-    /// Records that the offsets and watermarks of `outcome` are now committed.
-    pub fn committed(&mut self, outcome: &BatchOutcome) {
-        for (p, (_, wm)) in &outcome.commit {
+    /// Records that the offsets and watermarks of a batch (its [`BatchOutcome::commit`]) are
+    /// now committed.
+    pub fn committed(&mut self, commit: &BTreeMap<i32, (i64, i64)>) {
+        for (p, (_, wm)) in commit {
             self.committed.insert(*p, *wm);
+        }
+    }
+
+    /// Drops the cached states of `entities` (their stored versions moved on).
+    pub fn forget(&mut self, entities: &[String]) {
+        for e in entities {
+            self.cache.remove(e);
         }
     }
 
@@ -185,21 +217,50 @@ impl<S: StateStore> Processor<S> {
             .map(|wm| wm.saturating_sub(self.plan.lateness))
     }
 
-    /// Processes messages (in offset order within each partition).
+    /// Processes messages (in offset order within each partition) and writes the states.
     /// On failure the watermarks are as before, so processing the same messages again makes
     /// the same lateness decisions.
     pub async fn process(&mut self, messages: &[Message], now_ms: i64) -> Result<BatchOutcome> {
+        let (mut outcome, writes) = self.prepare(messages, now_ms).await?;
+        match writes.apply(&self.store, &mut outcome).await {
+            Ok(reloaded) => {
+                self.forget(&reloaded);
+                Ok(outcome)
+            }
+            Err(e) => {
+                self.cache.clear();
+                Err(e)
+            }
+        }
+    }
+
+    /// Processes messages (in offset order within each partition) up to the state writes,
+    /// which the caller applies ([`StateWrites::apply`]) before the batch's offsets are
+    /// committed. The cache already holds the written states, as if every write succeeds; the
+    /// entities [`StateWrites::apply`] reports must be [forgotten](Processor::forget). On
+    /// failure the watermarks are as before.
+    pub async fn prepare(
+        &mut self,
+        messages: &[Message],
+        now_ms: i64,
+    ) -> Result<(BatchOutcome, StateWrites)> {
         let saved = self.watermarks.clone();
         let result = self.process_inner(messages, now_ms).await;
         if result.is_err() {
             self.watermarks = saved;
+            self.cache.clear();
         }
         result
     }
 
-    async fn process_inner(&mut self, messages: &[Message], now_ms: i64) -> Result<BatchOutcome> {
+    async fn process_inner(
+        &mut self,
+        messages: &[Message],
+        now_ms: i64,
+    ) -> Result<(BatchOutcome, StateWrites)> {
+        let t0 = std::time::Instant::now();
         let mut out = BatchOutcome::default();
-        let mut by_entity: BTreeMap<String, Vec<Event>> = BTreeMap::new();
+        let mut by_entity: ByEntity = ByEntity::default();
         let parsed_all = par_map(messages.iter().collect(), |m: &Message| match &m.payload {
             Some(p) => parse_json_event(p).map(|e| Event {
                 event_id: e.event_id.into_owned(),
@@ -214,6 +275,7 @@ impl<S: StateStore> Processor<S> {
             )),
         });
         let now = std::time::Instant::now();
+        let t_parse = t0.elapsed();
         for (m, parsed) in messages.iter().zip(parsed_all) {
             if let Some(seen) = self.owned.as_mut().and_then(|o| o.get_mut(&m.partition)) {
                 *seen = now;
@@ -250,160 +312,107 @@ impl<S: StateStore> Processor<S> {
             if self.archive {
                 out.accepted.push((m.partition, event.clone()));
             }
-            by_entity
-                .entry(event.user_id.clone())
-                .or_default()
-                .push(event);
+            // The key is copied once per entity, not once per event.
+            match by_entity.get_mut(event.user_id.as_str()) {
+                Some(events) => events.push(event),
+                None => {
+                    by_entity.insert(event.user_id.clone(), vec![event]);
+                }
+            }
         }
         for (p, entry) in out.commit.iter_mut() {
             entry.1 = self.watermarks.get(p).copied().unwrap_or(i64::MIN);
         }
-        if !by_entity.is_empty() {
-            self.write(by_entity, &mut out).await?;
-        }
-        Ok(out)
+        let t_group = t0.elapsed();
+        let entities = by_entity.len();
+        let writes = self.states(by_entity, &mut out).await?;
+        tracing::debug!(
+            messages = messages.len(),
+            entities,
+            writes = writes.len(),
+            parse = ?t_parse,
+            group = ?(t_group - t_parse),
+            states = ?(t0.elapsed() - t_group),
+            "batch prepared"
+        );
+        Ok((out, writes))
     }
 
-    async fn write(
-        &mut self,
-        by_entity: BTreeMap<String, Vec<Event>>,
-        out: &mut BatchOutcome,
-    ) -> Result<()> {
-        let target = self.boundary_target();
-        let reference_now = self.watermarks.values().copied().max().unwrap_or(i64::MIN);
-        let mut pending: Vec<String> = by_entity.keys().cloned().collect();
-        for attempt in 0..8 {
-            let missing: Vec<String> = pending
-                .iter()
-                .filter(|e| !self.cache.contains_key(*e))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                let keys: Vec<String> =
-                    missing.iter().map(|e| state_key(&self.prefix, e)).collect();
-                let loaded = self.store.get_many(&keys).await?;
-                for (entity, value) in missing.into_iter().zip(loaded) {
-                    let state = self.decode(&entity, value, target);
-                    self.cache.insert(entity, state);
-                }
+    /// The batch's new entity states, from the cache (loading the missing ones), as writes.
+    async fn states(&mut self, by_entity: ByEntity, out: &mut BatchOutcome) -> Result<StateWrites> {
+        let settle = Settle {
+            plan: self.plan.clone(),
+            target: self.boundary_target(),
+            reference_now: self.watermarks.values().copied().max().unwrap_or(i64::MIN),
+        };
+        let missing: Vec<&String> = by_entity
+            .keys()
+            .filter(|e| !self.cache.contains_key(*e))
+            .collect();
+        if !missing.is_empty() {
+            let keys: Vec<String> = missing.iter().map(|e| state_key(&self.prefix, e)).collect();
+            let loaded = self.store.get_many(&keys).await?;
+            for (entity, value) in missing.into_iter().zip(loaded) {
+                let state = settle.decode(entity, value);
+                self.cache.insert(entity.clone(), state);
             }
-            let mut writes = Vec::with_capacity(pending.len());
-            let mut next_states = Vec::with_capacity(pending.len());
-            // Taken out of the cache: put back once written, reloaded if the write loses.
-            let work: Vec<(String, u64, EntityState)> = pending
-                .iter()
-                .map(|e| {
-                    let (version, state) = self.cache.remove(e).expect("loaded above");
-                    (e.clone(), version, state)
-                })
-                .collect();
-            let plan = &self.plan;
-            let prepared = par_map(work, |(entity, version, mut state)| {
-                let mut counts = [0u64; 3];
-                for e in &by_entity[&entity] {
-                    counts[match state.apply(e) {
-                        Outcome::Applied => 0,
-                        Outcome::Duplicate => 1,
-                        Outcome::Late => 2,
-                    }] += 1;
-                }
-                if let Some(t) = target {
-                    state.advance(plan, t);
-                }
-                let (value, ttl_ms) = match state.relevant_until(plan) {
-                    None => (None, 1),
-                    Some(until) => {
-                        let left = until
-                            .saturating_add(plan.lateness)
-                            .saturating_sub(reference_now)
-                            .max(0);
-                        (Some(state.encode(plan)), (left + KEY_GRACE_MS) as u64)
-                    }
-                };
-                (entity, version, state, counts, value, ttl_ms)
-            });
-            for (entity, version, state, counts, value, ttl_ms) in prepared {
-                let expected = (version > 0).then_some(version);
-                if value.is_none() && expected.is_none() {
+        }
+        if self.cache.len() > CACHE_LIMIT + by_entity.len() {
+            // Keep this batch's entities; the others are read again when next needed.
+            self.cache.retain(|e, _| by_entity.contains_key(e));
+        }
+        let work: Vec<(String, u64, EntityState)> = by_entity
+            .keys()
+            .map(|e| {
+                let (version, state) = self.cache.remove(e).expect("loaded above");
+                (e.clone(), version, state)
+            })
+            .collect();
+        let settled = par_map(work, |(entity, version, mut state)| {
+            let s = settle.settle(&mut state, &by_entity[&entity]);
+            (entity, version, state, s)
+        });
+        let mut writes = Vec::with_capacity(settled.len());
+        let mut entries = Vec::with_capacity(settled.len());
+        for (entity, version, state, s) in settled {
+            let expected = (version > 0).then_some(version);
+            match (&s.value, expected) {
+                (None, None) => {
+                    // Nothing stored and nothing to store.
+                    out.applied += s.counts[0];
+                    out.duplicates += s.counts[1];
+                    out.late += s.counts[2];
                     self.cache.insert(entity, (0, state));
-                    out.applied += counts[0];
-                    out.duplicates += counts[1];
-                    out.late += counts[2];
                     continue;
                 }
-                let deleted = value.is_none();
-                writes.push(CasWrite {
-                    key: state_key(&self.prefix, &entity),
-                    expected,
-                    value,
-                    ttl_ms,
-                });
-                next_states.push((entity, state, counts, deleted, version));
-            }
-            let results = self.store.put_many(&writes).await?;
-            let mut retry = Vec::new();
-            for ((entity, state, counts, deleted, version), ok) in
-                next_states.into_iter().zip(results)
-            {
-                if ok {
-                    out.applied += counts[0];
-                    out.duplicates += counts[1];
-                    out.late += counts[2];
-                    out.written += 1;
-                    if self.cache.len() > CACHE_LIMIT {
-                        self.cache.clear();
-                    }
-                    if deleted {
-                        self.cache
-                            .insert(entity, (0, EntityState::new(&self.plan, state.boundary)));
-                    } else {
-                        self.cache.insert(entity, (version + 1, state));
-                    }
-                } else {
-                    retry.push(entity);
+                (None, Some(_)) => {
+                    let fresh = EntityState::new(&self.plan, state.boundary);
+                    self.cache.insert(entity.clone(), (0, fresh));
+                }
+                (Some(_), _) => {
+                    self.cache.insert(entity.clone(), (version + 1, state));
                 }
             }
-            if retry.is_empty() {
-                return Ok(());
-            }
-            out.conflicts += retry.len() as u64;
-            tracing::debug!(
-                attempt,
-                entities = retry.len(),
-                "state changed underneath; reloading"
-            );
-            pending = retry;
+            writes.push(CasWrite {
+                key: state_key(&self.prefix, &entity),
+                expected,
+                value: s.value,
+                ttl_ms: s.ttl_ms,
+            });
+            entries.push((entity, s.counts));
         }
-        Err(Error::Redis(format!(
-            "{} entity states kept changing underneath this process (another writer?)",
-            pending.len()
-        )))
-    }
-
-    fn decode(
-        &self,
-        entity: &str,
-        value: Option<Versioned>,
-        target: Option<i64>,
-    ) -> (u64, EntityState) {
-        match value {
-            None => (0, EntityState::new(&self.plan, target.unwrap_or(i64::MIN))),
-            Some(v) => match EntityState::decode(&self.plan, entity, &v.bytes) {
-                Ok(state) => (v.version, state),
-                Err(e) => {
-                    tracing::error!(entity, error = %e, "unreadable state; starting the entity over");
-                    (
-                        v.version,
-                        EntityState::new(&self.plan, target.unwrap_or(i64::MIN)),
-                    )
-                }
-            },
-        }
+        Ok(StateWrites {
+            settle,
+            prefix: self.prefix.clone(),
+            by_entity,
+            writes,
+            entries,
+        })
     }
 }
 
 /// Maps `f` over `items` on every core, keeping the order; small inputs stay on this thread.
-fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
+pub(crate) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cores < 2 || items.len() < 4096 {
         return items.into_iter().map(f).collect();

@@ -216,6 +216,17 @@ pub struct SessionSummary {
     pub partials: Vec<Partial>,
 }
 
+/// What applying several events did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyCounts {
+    /// Events that now count.
+    pub applied: u64,
+    /// Events whose id already counts.
+    pub duplicates: u64,
+    /// Events older than the state can still take.
+    pub late: u64,
+}
+
 /// What applying an event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -264,17 +275,61 @@ impl EntityState {
 
     /// Applies one valid event (its `user_id` is this entity).
     pub fn apply(&mut self, e: &Event) -> Outcome {
-        if e.ts < self.boundary {
-            return Outcome::Late;
+        let c = self.apply_all(std::slice::from_ref(e));
+        if c.applied == 1 {
+            Outcome::Applied
+        } else if c.duplicates == 1 {
+            Outcome::Duplicate
+        } else {
+            Outcome::Late
         }
-        if self.records.iter().any(|r| r.event_id == e.event_id) {
-            return Outcome::Duplicate;
+    }
+
+    /// Applies many valid events of this entity at once, as applying them one by one in order
+    /// would (the first copy of an id counts), in O(n log n): returns how many were applied,
+    /// duplicates and late.
+    pub fn apply_all(&mut self, events: &[Event]) -> ApplyCounts {
+        let mut counts = ApplyCounts::default();
+        let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
+        if self.records.len() + events.len() <= 32 {
+            // Few ids: comparing them directly beats hashing.
+            for e in events {
+                if e.ts < self.boundary {
+                    counts.late += 1;
+                } else if self.records.iter().any(|r| r.event_id == e.event_id)
+                    || fresh.iter().any(|f| f.event_id == e.event_id)
+                {
+                    counts.duplicates += 1;
+                } else {
+                    fresh.push(e);
+                }
+            }
+        } else {
+            let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+                std::collections::HashSet::with_capacity_and_hasher(
+                    self.records.len() + events.len(),
+                    Default::default(),
+                );
+            for r in &self.records {
+                seen.insert(r.event_id.as_str());
+            }
+            for e in events {
+                if e.ts < self.boundary {
+                    counts.late += 1;
+                } else if !seen.insert(e.event_id.as_str()) {
+                    counts.duplicates += 1;
+                } else {
+                    fresh.push(e);
+                }
+            }
         }
-        let at = self
-            .records
-            .partition_point(|r| (r.ts, r.event_id.as_str()) < (e.ts, e.event_id.as_str()));
-        self.records.insert(at, e.clone());
-        Outcome::Applied
+        counts.applied = fresh.len() as u64;
+        if !fresh.is_empty() {
+            self.records.extend(fresh.into_iter().cloned());
+            self.records
+                .sort_by(|a, b| (a.ts, a.event_id.as_str()).cmp(&(b.ts, b.event_id.as_str())));
+        }
+        counts
     }
 
     /// Moves the boundary forward to `to` (aligned down to the plan's alignment), folding older

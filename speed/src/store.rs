@@ -205,16 +205,14 @@ impl StateStore for MemoryStore {
 }
 
 /// Compare-and-set on each of its keys, independently: the value is an 8-byte big-endian
-/// version followed by the state; `ARGV` holds `(expected version, new value, expiry ms)` per
+/// version followed by the state (only the version is read: GETRANGE of an absent key is empty); `ARGV` holds `(expected version, new value, expiry ms)` per
 /// key, an empty value deleting the key. Returns 1 or 0 per key. The keys of one call always
 /// share a Redis Cluster hash slot, so the script runs on Cluster too.
 const CAS_SCRIPT: &str = r#"
 local out = {}
 for i = 1, #KEYS do
   local j = 3 * i - 2
-  local cur = redis.call('GET', KEYS[i])
-  local ver = ''
-  if cur then ver = string.sub(cur, 1, 8) end
+  local ver = redis.call('GETRANGE', KEYS[i], 0, 7)
   if ver ~= ARGV[j] then
     out[i] = 0
   else

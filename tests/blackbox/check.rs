@@ -215,7 +215,7 @@ async fn check_names_injected_faults_and_passes_clean_data() {
     let mut garbage = 1u64.to_be_bytes().to_vec();
     garbage.extend_from_slice(b"\x07not a state");
     let _: () = redis::cmd("SET")
-        .arg(format!("{prefix}s:{b}"))
+        .arg(duet_speed::processor::state_key(&prefix, &b))
         .arg(garbage)
         .query(&mut con)
         .unwrap();

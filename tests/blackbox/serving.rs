@@ -293,7 +293,7 @@ fn feast_client_format_and_errors() {
         let mut garbage = 1u64.to_be_bytes().to_vec();
         garbage.extend_from_slice(b"\x07not a state");
         let _: () = redis::cmd("SET")
-            .arg(format!("{prefix}s:u0000071"))
+            .arg(duet_speed::processor::state_key(&prefix, "u0000071"))
             .arg(garbage)
             .query(&mut con)
             .unwrap();

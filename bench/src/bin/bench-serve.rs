@@ -9,108 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use duet_bench::{ms, quantile};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn duet(bin: &str, args: &[&str]) {
-    let out = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "duet {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A keep-alive HTTP/1.1 connection.
-struct Conn {
-    s: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn open(addr: &str) -> Conn {
-        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.set_nodelay(true).unwrap();
-        Conn {
-            s,
-            buf: Vec::with_capacity(64 * 1024),
-        }
-    }
-
-    async fn post(&mut self, req: &[u8]) -> u16 {
-        self.s.write_all(req).await.unwrap();
-        self.buf.clear();
-        let (head_end, len) = loop {
-            let mut chunk = [0u8; 16384];
-            let n = self.s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "server closed the connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                break (i + 4, len);
-            }
-        };
-        while self.buf.len() < head_end + len {
-            let mut chunk = [0u8; 65536];
-            let n = self.s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-        std::str::from_utf8(&self.buf[9..12])
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
-
-fn request(addr: &str, users: &[String]) -> Vec<u8> {
-    let features = [
-        "user_realtime:txn_count_1h",
-        "user_realtime:txn_sum_1h",
-        "user_realtime:event_count_10m",
-        "user_realtime:session_event_count",
-        "user_realtime:session_duration_s",
-        "user_realtime:last_purchase_amount",
-        "user_batch:txn_count_90d",
-        "user_batch:avg_txn_amount_30d_v1",
-        "user_batch:avg_txn_amount_30d_v2",
-        "user_batch:max_txn_amount_90d",
-        "user_batch:refund_rate_90d",
-        "user_batch:active_days_30d",
-        "user_batch:account_age_days",
-        "user_batch:spend_pct_rank_30d",
-    ];
-    let body =
-        serde_json::json!({"features": features, "entities": {"user_id": users}}).to_string();
-    format!("POST /get-online-features HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}", body.len()).into_bytes()
-}
+use duet_bench::{Conn, arg, duet, ms, now_ms, quantile, request, speed_until_idle, start_serve};
 
 /// Runs `connections` loops for `secs`; each waits `pace` between requests (None: closed loop).
 async fn load(
@@ -284,53 +183,10 @@ async fn main() {
         p.flush(Duration::from_secs(60)).unwrap();
     }
     let prefix = format!("benchserve{}:", now_ms());
-    duet(
-        &bin,
-        &[
-            "speed",
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            &topic,
-            "--group",
-            &topic,
-            "--redis",
-            &redis,
-            "--prefix",
-            &prefix,
-            "--exit-when-idle",
-            "2",
-            "--dead-letter-topic",
-            "none",
-        ],
-    );
+    speed_until_idle(&bin, &brokers, &topic, &redis, &prefix);
 
     let addr = "127.0.0.1:18080";
-    let mut server = Command::new(&bin)
-        .args([
-            "serve",
-            "--store",
-            &d("store"),
-            "--redis",
-            &redis,
-            "--prefix",
-            &prefix,
-            "--listen",
-            addr,
-            "--log-sample",
-            "0",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut server = start_serve(&bin, [&d("store"), &redis, &prefix, addr], "0");
     let ids: Vec<String> = (0..users).map(|u| format!("u{u:07}")).collect();
     let one: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..20_000)

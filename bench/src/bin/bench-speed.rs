@@ -8,71 +8,14 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use duet_bench::kafka::{create_topic, preload, producer, send};
+use duet_bench::{arg, delete_prefix, metric, metrics, now_ms, speed_command};
 use duet_spec::event::parse_json_event;
 use duet_spec::generate::{GenerateOptions, generate, write_jsonl};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-}
-
-fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .set("queue.buffering.max.messages", "2000000")
-        .set("compression.type", "none")
-        .create()
-        .unwrap()
-}
-
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, line: &[u8]) {
-    let mut record = BaseRecord::to(topic).key(key).payload(line);
-    loop {
-        match p.send(record) {
-            Ok(()) => return,
-            Err((_, r)) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
-}
+use rdkafka::producer::Producer;
 
 /// Consumes `n` messages from the start of `topic`, parsing each; returns the time from the
 /// first message to the last.
@@ -101,30 +44,6 @@ fn raw_consume(brokers: &str, topic: &str, n: u64) -> Duration {
     }
     std::hint::black_box(valid);
     first.unwrap().elapsed()
-}
-
-/// Scrapes a counter or histogram line from the speed layer's admin endpoint.
-async fn metrics(admin: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else {
-        return String::new();
-    };
-    let _ = s
-        .write_all(
-            format!("GET /metrics HTTP/1.1\r\nhost: {admin}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await;
-    let mut buf = String::new();
-    let _ = s.read_to_string(&mut buf).await;
-    buf
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
@@ -157,33 +76,20 @@ fn speed_run(
     admin: &str,
     idle: Option<&str>,
 ) -> std::process::Child {
-    let mut c = Command::new(duet);
-    c.args([
-        "speed",
-        "run",
-        "--brokers",
-        brokers,
-        "--topic",
-        topic,
-        "--group",
-        &format!("bench-{}", now_ms()),
-        "--redis",
-        redis,
-        "--prefix",
-        prefix,
-        "--admin",
-        admin,
-        "--dead-letter-topic",
-        "none",
-    ]);
-    if let Some(i) = idle {
-        c.args(["--exit-when-idle", i]);
-    }
-    c.env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("duet runs")
+    speed_command(
+        duet,
+        [
+            brokers,
+            topic,
+            &format!("bench-{}", now_ms()),
+            redis,
+            prefix,
+        ],
+        Some(admin),
+        idle,
+    )
+    .spawn()
+    .expect("duet runs")
 }
 
 #[tokio::main]
@@ -215,15 +121,8 @@ async fn main() {
 
     let topic = format!("bench-speed-{run}");
     create_topic(&brokers, &topic, partitions).await;
-    let p = producer(&brokers);
     let t = Instant::now();
-    for line in &lines {
-        let key = parse_json_event(line)
-            .map(|e| e.user_id.into_owned())
-            .unwrap_or_default();
-        send(&p, &topic, &key, line);
-    }
-    p.flush(Duration::from_secs(120)).unwrap();
+    preload(&brokers, &topic, &lines);
     eprintln!(
         "preloaded {} messages in {:.1}s",
         lines.len(),
@@ -334,16 +233,8 @@ async fn main() {
     let p99 = histogram_quantile(&m, "duet_speed_freshness_seconds", 0.99);
     let _ = steady.kill();
     let _ = steady.wait();
-    let _ = redis::cmd("EVAL")
-        .arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0")
-        .arg(0)
-        .arg(format!("{prefix}*"))
-        .query::<()>(&mut con);
-    let _ = redis::cmd("EVAL")
-        .arg("for _,k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0")
-        .arg(0)
-        .arg(format!("{steady_prefix}*"))
-        .query::<()>(&mut con);
+    delete_prefix(&mut con, &prefix);
+    delete_prefix(&mut con, &steady_prefix);
 
     println!(
         "speed layer benchmark ({} events, {users} users, {partitions} partitions, {} cores)",

@@ -1,0 +1,216 @@
+//! A batch's entity-state writes: computed by the [`crate::processor::Processor`] from its
+//! cached states, then applied to the store with compare-and-set. A write that loses (another
+//! writer, or a retry after a failure, changed the key) is recomputed from the stored state and
+//! the batch's events of that entity, and tried again; states deduplicate events by id, so
+//! recomputing never counts an event twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::plan::SpeedPlan;
+use crate::processor::{BatchOutcome, ByEntity, par_map, state_key};
+use crate::state::EntityState;
+use crate::store::{CasWrite, StateStore, Versioned};
+use crate::{Error, Result};
+
+/// Extra time a key lives beyond the last instant its state can matter.
+const KEY_GRACE_MS: i64 = 60_000;
+
+/// Attempts at a write that keeps losing before the batch fails.
+const ATTEMPTS: usize = 8;
+
+/// How one batch moves entity states forward.
+#[derive(Clone)]
+pub(crate) struct Settle {
+    pub(crate) plan: Arc<SpeedPlan>,
+    /// The boundary states fold up to, when one is known.
+    pub(crate) target: Option<i64>,
+    /// The newest watermark: key expiries count from it.
+    pub(crate) reference_now: i64,
+}
+
+/// A state after a batch: applied/duplicate/late counts, and the bytes to store with their
+/// expiry (`None`: nothing in the state can count any more; the key goes).
+pub(crate) struct Settled {
+    pub(crate) counts: [u64; 3],
+    pub(crate) value: Option<Vec<u8>>,
+    pub(crate) ttl_ms: u64,
+}
+
+impl Settle {
+    /// Applies an entity's events of the batch to its state and encodes the result.
+    pub(crate) fn settle(
+        &self,
+        state: &mut EntityState,
+        events: &[duet_spec::event::Event],
+    ) -> Settled {
+        let plan = &self.plan;
+        let c = state.apply_all(events);
+        if let Some(t) = self.target {
+            state.advance(plan, t);
+        }
+        let (value, ttl_ms) = match state.relevant_until(plan) {
+            None => (None, 1),
+            Some(until) => {
+                let left = until
+                    .saturating_add(plan.lateness)
+                    .saturating_sub(self.reference_now)
+                    .max(0);
+                (Some(state.encode(plan)), (left + KEY_GRACE_MS) as u64)
+            }
+        };
+        Settled {
+            counts: [c.applied, c.duplicates, c.late],
+            value,
+            ttl_ms,
+        }
+    }
+
+    /// The state stored for `entity` (a fresh one when absent or unreadable) and its version.
+    pub(crate) fn decode(&self, entity: &str, value: Option<Versioned>) -> (u64, EntityState) {
+        let fresh = || EntityState::new(&self.plan, self.target.unwrap_or(i64::MIN));
+        match value {
+            None => (0, fresh()),
+            Some(v) => match EntityState::decode(&self.plan, entity, &v.bytes) {
+                Ok(state) => (v.version, state),
+                Err(e) => {
+                    tracing::error!(entity, error = %e, "unreadable state; starting the entity over");
+                    (v.version, fresh())
+                }
+            },
+        }
+    }
+}
+
+/// A batch's state writes, computed but not yet applied.
+pub struct StateWrites {
+    pub(crate) settle: Settle,
+    pub(crate) prefix: String,
+    pub(crate) by_entity: ByEntity,
+    pub(crate) writes: Vec<CasWrite>,
+    /// Per write: its entity and counts.
+    pub(crate) entries: Vec<(String, [u64; 3])>,
+}
+
+impl StateWrites {
+    /// Entity states to write.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// True when the batch changes no stored state.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    /// Applies the writes, recomputing those that lose; counts go into `out`. Store failures
+    /// are retried with a growing pause (a write that landed before the failure then loses, and
+    /// its recomputation finds its events already counted). Returns the entities whose state was
+    /// reloaded: cached copies of them are stale.
+    pub async fn apply<S: StateStore>(
+        self,
+        store: &S,
+        out: &mut BatchOutcome,
+    ) -> Result<Vec<String>> {
+        let StateWrites {
+            settle,
+            prefix,
+            by_entity,
+            mut writes,
+            mut entries,
+        } = self;
+        let mut reloaded = Vec::new();
+        for attempt in 0..ATTEMPTS {
+            let results = put_with_retries(store, &writes).await?;
+            let mut lost = Vec::new();
+            for ((entity, counts), ok) in entries.into_iter().zip(results) {
+                if ok {
+                    out.applied += counts[0];
+                    out.duplicates += counts[1];
+                    out.late += counts[2];
+                    out.written += 1;
+                } else {
+                    lost.push(entity);
+                }
+            }
+            if lost.is_empty() {
+                return Ok(reloaded);
+            }
+            out.conflicts += lost.len() as u64;
+            tracing::debug!(
+                attempt,
+                entities = lost.len(),
+                "state changed underneath; reloading"
+            );
+            let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
+            let stored = get_with_retries(store, &keys).await?;
+            let work: Vec<(String, Option<Versioned>)> = lost.into_iter().zip(stored).collect();
+            let recomputed = par_map(work, |(entity, value)| {
+                let (version, mut state) = settle.decode(&entity, value);
+                let s = settle.settle(&mut state, &by_entity[&entity]);
+                (entity, version, s)
+            });
+            writes = Vec::with_capacity(recomputed.len());
+            entries = Vec::with_capacity(recomputed.len());
+            for (entity, version, s) in recomputed {
+                let expected = (version > 0).then_some(version);
+                if s.value.is_none() && expected.is_none() {
+                    out.applied += s.counts[0];
+                    out.duplicates += s.counts[1];
+                    out.late += s.counts[2];
+                } else {
+                    writes.push(CasWrite {
+                        key: state_key(&prefix, &entity),
+                        expected,
+                        value: s.value,
+                        ttl_ms: s.ttl_ms,
+                    });
+                    entries.push((entity.clone(), s.counts));
+                }
+                reloaded.push(entity);
+            }
+            if writes.is_empty() {
+                return Ok(reloaded);
+            }
+        }
+        Err(Error::Redis(format!(
+            "{} entity states kept changing underneath this process (another writer?)",
+            writes.len()
+        )))
+    }
+}
+
+/// Pause before the first retry of a failed store call; it doubles up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+async fn put_with_retries<S: StateStore>(store: &S, writes: &[CasWrite]) -> Result<Vec<bool>> {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match store.put_many(writes).await {
+            Err(Error::Redis(e)) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "state store failed; retrying the writes");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn get_with_retries<S: StateStore>(
+    store: &S,
+    keys: &[String],
+) -> Result<Vec<Option<Versioned>>> {
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match store.get_many(keys).await {
+            Err(Error::Redis(e)) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "state store failed; retrying the reads");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
