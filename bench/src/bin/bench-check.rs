@@ -6,8 +6,8 @@
 //! Usage: bench-check --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--users 1000000] [--events 5000000]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 use duet_bench::kafka::{create_topic, preload};
 use duet_bench::{

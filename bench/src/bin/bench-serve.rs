@@ -4,7 +4,7 @@
 //! Usage: bench-serve --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--users 100000] [--connections 16]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};

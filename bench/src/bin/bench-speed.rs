@@ -5,7 +5,6 @@
 //! Usage: bench-speed --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--events 5000000] [--users 200000]
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use duet_bench::kafka::{create_topic, preload, producer, send};
