@@ -35,7 +35,7 @@ fn arb_spec() -> impl Strategy<Value = String> {
             let session = format!("session_gap = \"{gap}m\"\n");
             let body = match kind {
                 0 => format!("aggregation = \"count\"\n{}{window}", filters[filt]),
-                1 => format!("aggregation = \"sum\"\nvalue = \"amount\"\n{}{window}", filters[2 - filt.min(1) * 1]),
+                1 => format!("aggregation = \"sum\"\nvalue = \"amount\"\n{}{window}", filters[2 - filt.min(1)]),
                 2 => format!("aggregation = \"mean\"\nvalue = \"min(amount, 50)\"\n{}{window}", filters[1]),
                 3 => format!("aggregation = \"max\"\nvalue = \"amount\"\n{}{window}", filters[3]),
                 4 => format!("aggregation = \"count_distinct\"\nvalue = \"event_type\"\n{}{window}", filters[filt]),

@@ -188,7 +188,7 @@ async fn main() {
             .unwrap();
         sampled += bytes.unwrap_or(0);
     }
-    let per_user_usage = sampled as f64 / keys.len().min(2000).max(1) as f64;
+    let per_user_usage = sampled as f64 / keys.len().clamp(1, 2000) as f64;
     let per_user_delta = (after - before) / keys.len().max(1) as f64;
 
     // Steady 10k events/s: produce-to-visible latency from the speed layer's freshness histogram.
