@@ -125,25 +125,14 @@ impl Committed {
     }
 }
 
-/// Runs a batch through the processor. A state store that fails while states are loaded is
-/// retried with a growing pause (the processor keeps its watermarks as before a failure).
+/// Runs a batch through the processor (which retries a failing state store with a growing
+/// pause while it loads states).
 pub(crate) async fn prepare<S: StateStore>(
     processor: &mut Processor<S>,
     messages: Vec<Message>,
 ) -> Result<Prepared> {
     let started = Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    let (outcome, writes) = loop {
-        match processor.prepare(&messages, crate::now_ms()).await {
-            Ok(o) => break o,
-            Err(Error::Redis(e)) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "state store failed; retrying the batch");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    };
+    let (outcome, writes) = processor.prepare(&messages, crate::now_ms()).await?;
     Ok(Prepared {
         outcome,
         writes,

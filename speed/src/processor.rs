@@ -11,9 +11,9 @@ use duet_spec::event::{DeadLetter, Event, InvalidCounts, parse_json_event};
 
 use crate::Result;
 use crate::plan::SpeedPlan;
-use crate::state::EntityState;
+use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore};
-use crate::writes::{Settle, StateWrites};
+use crate::writes::{Settle, StateWrites, retrying};
 
 /// Events this far ahead of the wall clock still count but do not advance the watermark, so
 /// one producer with a broken clock cannot make every other event late.
@@ -61,6 +61,15 @@ pub struct BatchOutcome {
     pub written: u64,
     /// Compare-and-set conflicts resolved by reloading.
     pub conflicts: u64,
+}
+
+impl BatchOutcome {
+    /// Adds what applying one entity's events did.
+    pub(crate) fn count(&mut self, c: ApplyCounts) {
+        self.applied += c.applied;
+        self.duplicates += c.duplicates;
+        self.late += c.late;
+    }
 }
 
 /// Watermarks and cached states of the partitions this process owns.
@@ -159,11 +168,6 @@ impl<S: StateStore> Processor<S> {
             }
         }
         // Another process may have written these entities meanwhile.
-        self.cache.clear();
-    }
-
-    /// Drops cached states (after a failed write their versions may be stale).
-    pub fn forget_cache(&mut self) {
         self.cache.clear();
     }
 
@@ -351,7 +355,7 @@ impl<S: StateStore> Processor<S> {
             .collect();
         if !missing.is_empty() {
             let keys: Vec<String> = missing.iter().map(|e| state_key(&self.prefix, e)).collect();
-            let loaded = self.store.get_many(&keys).await?;
+            let loaded = retrying("the state reads", || self.store.get_many(&keys)).await?;
             for (entity, value) in missing.into_iter().zip(loaded) {
                 let state = settle.decode(entity, value);
                 self.cache.insert(entity.clone(), state);
@@ -379,9 +383,7 @@ impl<S: StateStore> Processor<S> {
             match (&s.value, expected) {
                 (None, None) => {
                     // Nothing stored and nothing to store.
-                    out.applied += s.counts[0];
-                    out.duplicates += s.counts[1];
-                    out.late += s.counts[2];
+                    out.count(s.counts);
                     self.cache.insert(entity, (0, state));
                     continue;
                 }

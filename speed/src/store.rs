@@ -205,8 +205,9 @@ impl StateStore for MemoryStore {
 }
 
 /// Compare-and-set on each of its keys, independently: the value is an 8-byte big-endian
-/// version followed by the state (only the version is read: GETRANGE of an absent key is empty); `ARGV` holds `(expected version, new value, expiry ms)` per
-/// key, an empty value deleting the key. Returns 1 or 0 per key. The keys of one call always
+/// version followed by the state (only the version is read: GETRANGE of an absent key is
+/// empty); `ARGV` holds `(expected version, new value, expiry ms)` per key, an empty value
+/// deleting the key. Returns 1 or 0 per key. The keys of one call always
 /// share a Redis Cluster hash slot, so the script runs on Cluster too.
 const CAS_SCRIPT: &str = r#"
 local out = {}

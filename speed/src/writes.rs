@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::plan::SpeedPlan;
 use crate::processor::{BatchOutcome, ByEntity, par_map, state_key};
-use crate::state::EntityState;
+use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore, Versioned};
 use crate::{Error, Result};
 
@@ -32,7 +32,7 @@ pub(crate) struct Settle {
 /// A state after a batch: applied/duplicate/late counts, and the bytes to store with their
 /// expiry (`None`: nothing in the state can count any more; the key goes).
 pub(crate) struct Settled {
-    pub(crate) counts: [u64; 3],
+    pub(crate) counts: ApplyCounts,
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) ttl_ms: u64,
 }
@@ -45,7 +45,7 @@ impl Settle {
         events: &[duet_spec::event::Event],
     ) -> Settled {
         let plan = &self.plan;
-        let c = state.apply_all(events);
+        let counts = state.apply_all(events);
         if let Some(t) = self.target {
             state.advance(plan, t);
         }
@@ -60,7 +60,7 @@ impl Settle {
             }
         };
         Settled {
-            counts: [c.applied, c.duplicates, c.late],
+            counts,
             value,
             ttl_ms,
         }
@@ -89,7 +89,7 @@ pub struct StateWrites {
     pub(crate) by_entity: ByEntity,
     pub(crate) writes: Vec<CasWrite>,
     /// Per write: its entity and counts.
-    pub(crate) entries: Vec<(String, [u64; 3])>,
+    pub(crate) entries: Vec<(String, ApplyCounts)>,
 }
 
 impl StateWrites {
@@ -121,13 +121,11 @@ impl StateWrites {
         } = self;
         let mut reloaded = Vec::new();
         for attempt in 0..ATTEMPTS {
-            let results = put_with_retries(store, &writes).await?;
+            let results = retrying("the writes", || store.put_many(&writes)).await?;
             let mut lost = Vec::new();
             for ((entity, counts), ok) in entries.into_iter().zip(results) {
                 if ok {
-                    out.applied += counts[0];
-                    out.duplicates += counts[1];
-                    out.late += counts[2];
+                    out.count(counts);
                     out.written += 1;
                 } else {
                     lost.push(entity);
@@ -143,7 +141,7 @@ impl StateWrites {
                 "state changed underneath; reloading"
             );
             let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
-            let stored = get_with_retries(store, &keys).await?;
+            let stored = retrying("the reads", || store.get_many(&keys)).await?;
             let work: Vec<(String, Option<Versioned>)> = lost.into_iter().zip(stored).collect();
             let recomputed = par_map(work, |(entity, value)| {
                 let (version, mut state) = settle.decode(&entity, value);
@@ -155,9 +153,7 @@ impl StateWrites {
             for (entity, version, s) in recomputed {
                 let expected = (version > 0).then_some(version);
                 if s.value.is_none() && expected.is_none() {
-                    out.applied += s.counts[0];
-                    out.duplicates += s.counts[1];
-                    out.late += s.counts[2];
+                    out.count(s.counts);
                 } else {
                     writes.push(CasWrite {
                         key: state_key(&prefix, &entity),
@@ -184,29 +180,17 @@ impl StateWrites {
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
-async fn put_with_retries<S: StateStore>(store: &S, writes: &[CasWrite]) -> Result<Vec<bool>> {
+/// Runs `call` until the state store stops failing (a Redis error), pausing longer each time;
+/// `what` names the retried work in the log. Other errors are returned at once.
+pub(crate) async fn retrying<T, F: Future<Output = Result<T>>>(
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> Result<T> {
     let mut pause = FIRST_PAUSE;
     loop {
-        match store.put_many(writes).await {
+        match call().await {
             Err(Error::Redis(e)) => {
-                tracing::warn!(error = %e, retry_in = ?pause, "state store failed; retrying the writes");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(MAX_PAUSE);
-            }
-            other => return other,
-        }
-    }
-}
-
-async fn get_with_retries<S: StateStore>(
-    store: &S,
-    keys: &[String],
-) -> Result<Vec<Option<Versioned>>> {
-    let mut pause = FIRST_PAUSE;
-    loop {
-        match store.get_many(keys).await {
-            Err(Error::Redis(e)) => {
-                tracing::warn!(error = %e, retry_in = ?pause, "state store failed; retrying the reads");
+                tracing::warn!(error = %e, retry_in = ?pause, "state store failed; retrying {what}");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(MAX_PAUSE);
             }

@@ -17,6 +17,14 @@ const MIN: i64 = 60_000;
 const T0: i64 = 1_780_000_020_000;
 
 /// A random streaming spec: windows, sessions and latest values over random filters.
+/// The speed layer's value agrees with the reference's: floats to 1e-9 relative, the rest exactly.
+fn agree(expected: Value, got: Value) -> bool {
+    match (expected, got) {
+        (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
+        (a, b) => a == b,
+    }
+}
+
 fn arb_spec() -> impl Strategy<Value = String> {
     let feature = (
         0usize..9,
@@ -157,12 +165,8 @@ fn stored_states_match_reference(
                 if std::env::var("DEBUG_PROP").is_ok() {
                     eprintln!("{} {user} {t} {expected:?} {v:?}", f.feature.name);
                 }
-                let agree = match (expected, *v) {
-                    (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
-                    (a, b) => a == b,
-                };
                 prop_assert!(
-                    agree,
+                    agree(expected, *v),
                     "{} for {user} at {t}: reference {expected:?}, speed {v:?}\n{spec_text}",
                     f.feature.name
                 );
@@ -294,12 +298,8 @@ fn edges_match_reference_at_every_boundary() {
             let got = state.evaluate(&plan, t);
             for (f, v) in plan.features.iter().zip(&got.values) {
                 let expected = reference.value(&f.feature, "u", t);
-                let agree = match (expected, *v) {
-                    (Value::Float(a), Value::Float(b)) => (a - b).abs() <= 1e-9 * a.abs().max(1.0),
-                    (a, b) => a == b,
-                };
                 assert!(
-                    agree,
+                    agree(expected, *v),
                     "{} at T0{:+}ms with boundary T0{:+}ms: reference {expected:?}, speed {v:?}",
                     f.feature.name,
                     t - T0,
