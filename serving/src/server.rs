@@ -26,7 +26,7 @@ use serde_json::Value as J;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    ApiError, FeastColumn, FeastRequest, FeastResponse, Metadata, Resolved, openapi, resolve,
+    ApiError, FeastColumn, FeastRequest, FeastResponse, Metadata, Resolved, Stamp, openapi, resolve,
 };
 use crate::served_log::{ServedLog, ServedRecord};
 use crate::snapshots::ViewSnapshots;
@@ -199,7 +199,7 @@ impl App {
                 event_timestamps: Vec::with_capacity(n),
             })
             .collect();
-        let now_text = format_ms(t);
+        let now_text = Stamp::new(&format_ms(t));
         if features.iter().any(|f| f.layer == Layer::Streaming) {
             let keys: Vec<String> = entities
                 .iter()
@@ -298,14 +298,24 @@ impl App {
                     .ttl
                     .is_some_and(|ttl| t - s.manifest.as_of_ms > ttl.as_ms())
             });
+            let snapshot_stamp = Stamp::new(
+                snapshot
+                    .as_ref()
+                    .map_or(EPOCH, |s| s.manifest.as_of.as_str()),
+            );
+            // Each entity's row is looked up once for all of the view's features.
+            let rows: Vec<Option<usize>> = match &snapshot {
+                Some(s) => entities.iter().map(|e| s.row(e)).collect(),
+                None => vec![None; n],
+            };
             for j in cols {
                 let f = &features[j];
                 let default = view.view.features[f.index].default;
-                for e in entities {
+                for row in &rows {
                     match &snapshot {
                         Some(s) => {
-                            let ts = &s.manifest.as_of;
-                            match s.value(e, f.index) {
+                            let ts = &snapshot_stamp;
+                            match row.map(|row| s.value_at(row, f.index)) {
                                 Some(v) => push(
                                     &mut columns[j],
                                     v,
@@ -322,7 +332,7 @@ impl App {
                         None => {
                             columns[j].values.push(json_value(default));
                             columns[j].statuses.push("NOT_FOUND");
-                            columns[j].event_timestamps.push(EPOCH.into());
+                            columns[j].event_timestamps.push(snapshot_stamp.clone());
                         }
                     }
                 }
@@ -417,7 +427,7 @@ fn json_value(v: Value) -> J {
 }
 
 /// Appends a value: `status` (PRESENT or OUTSIDE_MAX_AGE) unless a PRESENT value is null.
-fn push(col: &mut FeastColumn, v: Value, status: &'static str, ts: &str) {
+fn push(col: &mut FeastColumn, v: Value, status: &'static str, ts: &Stamp) {
     let j = json_value(v);
     col.statuses.push(if j.is_null() && status == "PRESENT" {
         "NULL_VALUE"
@@ -425,7 +435,7 @@ fn push(col: &mut FeastColumn, v: Value, status: &'static str, ts: &str) {
         status
     });
     col.values.push(j);
-    col.event_timestamps.push(ts.to_string());
+    col.event_timestamps.push(ts.clone());
 }
 
 fn entity_values(req: &FeastRequest, spec: &Spec, max: usize) -> Result<Vec<String>, ApiError> {
@@ -527,7 +537,7 @@ async fn online_features(
         let mut results = Vec::with_capacity(columns.len() + 1);
         results.push(FeastColumn {
             statuses: vec!["PRESENT"; entities.len()],
-            event_timestamps: vec![EPOCH.to_string(); entities.len()],
+            event_timestamps: vec![Stamp::new(EPOCH); entities.len()],
             // The join key as sent (a Feast client decodes an integer key back as an integer).
             values: match req.entities.values().next() {
                 Some(J::Array(sent)) => sent.clone(),
@@ -535,12 +545,14 @@ async fn online_features(
             },
         });
         results.extend(columns);
-        Ok::<_, ApiError>(axum::Json(FeastResponse {
+        let body = FeastResponse {
             metadata: Metadata {
                 feature_names: names,
             },
             results,
-        }))
+        }
+        .to_json();
+        Ok::<_, ApiError>(([(header::CONTENT_TYPE, "application/json")], body))
     }
     .await;
     finish(&app, started, result)

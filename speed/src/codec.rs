@@ -8,6 +8,13 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// A writer whose buffer holds `n` bytes before it grows.
+    pub fn with_capacity(n: usize) -> Self {
+        Writer {
+            buf: Vec::with_capacity(n),
+        }
+    }
+
     /// An unsigned varint.
     pub fn u(&mut self, mut v: u64) {
         while v >= 0x80 {

@@ -132,11 +132,12 @@ pub(crate) async fn prepare<S: StateStore>(
     messages: Vec<Message>,
 ) -> Result<Prepared> {
     let started = Instant::now();
-    let (outcome, writes) = processor.prepare(&messages, crate::now_ms()).await?;
+    let stamps = messages.iter().filter_map(|m| m.timestamp_ms).collect();
+    let (outcome, writes) = processor.prepare(messages, crate::now_ms()).await?;
     Ok(Prepared {
         outcome,
         writes,
-        stamps: messages.iter().filter_map(|m| m.timestamp_ms).collect(),
+        stamps,
         watermarks: processor
             .watermarks()
             .iter()
@@ -169,7 +170,10 @@ pub(crate) async fn commit<S: StateStore>(
         watermarks,
         started,
     } = prepared;
+    let t0 = Instant::now();
+    let states = writes.len();
     let reloaded = writes.apply(store, &mut outcome).await?;
+    let t_states = t0.elapsed();
     let visible = crate::now_ms();
     for t in stamps {
         metrics
@@ -195,6 +199,12 @@ pub(crate) async fn commit<S: StateStore>(
         backoff *= 2;
     }
     record(store, config, metrics, &outcome, &watermarks).await;
+    tracing::debug!(
+        states,
+        write = ?t_states,
+        rest = ?(t0.elapsed() - t_states),
+        "batch committed"
+    );
     metrics
         .flush_seconds
         .observe(started.elapsed().as_secs_f64());

@@ -224,7 +224,7 @@ impl<S: StateStore> Processor<S> {
     /// Processes messages (in offset order within each partition) and writes the states.
     /// On failure the watermarks are as before, so processing the same messages again makes
     /// the same lateness decisions.
-    pub async fn process(&mut self, messages: &[Message], now_ms: i64) -> Result<BatchOutcome> {
+    pub async fn process(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
         let (mut outcome, writes) = self.prepare(messages, now_ms).await?;
         match writes.apply(&self.store, &mut outcome).await {
             Ok(reloaded) => {
@@ -245,7 +245,7 @@ impl<S: StateStore> Processor<S> {
     /// failure the watermarks are as before.
     pub async fn prepare(
         &mut self,
-        messages: &[Message],
+        messages: Vec<Message>,
         now_ms: i64,
     ) -> Result<(BatchOutcome, StateWrites)> {
         let saved = self.watermarks.clone();
@@ -259,37 +259,36 @@ impl<S: StateStore> Processor<S> {
 
     async fn process_inner(
         &mut self,
-        messages: &[Message],
+        messages: Vec<Message>,
         now_ms: i64,
     ) -> Result<(BatchOutcome, StateWrites)> {
         let t0 = std::time::Instant::now();
         let mut out = BatchOutcome::default();
         let mut by_entity: ByEntity = ByEntity::default();
-        let parsed_all = par_map(messages.iter().collect(), |m: &Message| match &m.payload {
-            Some(p) => parse_json_event(p).map(|e| Event {
-                event_id: e.event_id.into_owned(),
-                user_id: e.user_id.into_owned(),
-                event_type: e.event_type.into_owned(),
-                amount: e.amount,
-                ts: e.ts,
-            }),
-            None => Err((
-                duet_spec::event::InvalidReason::Json,
-                Some("empty message".into()),
-            )),
-        });
+        let parsed_all = par_map(messages.iter().collect(), parse_message);
         let now = std::time::Instant::now();
         let t_parse = t0.elapsed();
-        for (m, parsed) in messages.iter().zip(parsed_all) {
-            if let Some(seen) = self.owned.as_mut().and_then(|o| o.get_mut(&m.partition)) {
-                *seen = now;
+        // Positions of the accepted events, to parse them again should a write lose.
+        let mut accepted = Vec::with_capacity(messages.len());
+        // Messages come in runs of one partition: its bookkeeping is looked up once per run.
+        let mut run: Option<Run> = None;
+        for (i, (m, parsed)) in messages.iter().zip(parsed_all).enumerate() {
+            if run.as_ref().is_none_or(|r| r.partition != m.partition) {
+                if let Some(r) = run.take() {
+                    self.end_run(r, &mut out);
+                }
+                if let Some(seen) = self.owned.as_mut().and_then(|o| o.get_mut(&m.partition)) {
+                    *seen = now;
+                }
+                out.first_offsets.entry(m.partition).or_insert(m.offset);
+                run = Some(Run {
+                    partition: m.partition,
+                    next: m.offset + 1,
+                    watermark: self.watermarks.get(&m.partition).copied(),
+                });
             }
-            out.first_offsets.entry(m.partition).or_insert(m.offset);
-            let entry = out
-                .commit
-                .entry(m.partition)
-                .or_insert((m.offset + 1, i64::MIN));
-            entry.0 = entry.0.max(m.offset + 1);
+            let r = run.as_mut().expect("set above");
+            r.next = r.next.max(m.offset + 1);
             let event = match parsed {
                 Ok(e) => e,
                 Err((reason, detail)) => {
@@ -305,7 +304,7 @@ impl<S: StateStore> Processor<S> {
                     continue;
                 }
             };
-            let wm = self.watermarks.entry(m.partition).or_insert(i64::MIN);
+            let wm = r.watermark.get_or_insert(i64::MIN);
             if *wm != i64::MIN && event.ts < wm.saturating_sub(self.plan.lateness) {
                 out.late += 1;
                 continue;
@@ -316,6 +315,7 @@ impl<S: StateStore> Processor<S> {
             if self.archive {
                 out.accepted.push((m.partition, event.clone()));
             }
+            accepted.push(i as u32);
             // The key is copied once per entity, not once per event.
             match by_entity.get_mut(event.user_id.as_str()) {
                 Some(events) => events.push(event),
@@ -324,14 +324,19 @@ impl<S: StateStore> Processor<S> {
                 }
             }
         }
+        if let Some(r) = run.take() {
+            self.end_run(r, &mut out);
+        }
         for (p, entry) in out.commit.iter_mut() {
             entry.1 = self.watermarks.get(p).copied().unwrap_or(i64::MIN);
         }
         let t_group = t0.elapsed();
         let entities = by_entity.len();
-        let writes = self.states(by_entity, &mut out).await?;
+        let writes = self
+            .states(by_entity, Replay { messages, accepted }, &mut out)
+            .await?;
         tracing::debug!(
-            messages = messages.len(),
+            messages = writes.replay.messages.len(),
             entities,
             writes = writes.len(),
             parse = ?t_parse,
@@ -342,8 +347,22 @@ impl<S: StateStore> Processor<S> {
         Ok((out, writes))
     }
 
+    /// Ends a run of one partition's messages: its watermark and next offset.
+    fn end_run(&mut self, r: Run, out: &mut BatchOutcome) {
+        if let Some(wm) = r.watermark {
+            self.watermarks.insert(r.partition, wm);
+        }
+        let entry = out.commit.entry(r.partition).or_insert((r.next, i64::MIN));
+        entry.0 = entry.0.max(r.next);
+    }
+
     /// The batch's new entity states, from the cache (loading the missing ones), as writes.
-    async fn states(&mut self, by_entity: ByEntity, out: &mut BatchOutcome) -> Result<StateWrites> {
+    async fn states(
+        &mut self,
+        by_entity: ByEntity,
+        replay: Replay,
+        out: &mut BatchOutcome,
+    ) -> Result<StateWrites> {
         let settle = Settle {
             plan: self.plan.clone(),
             target: self.boundary_target(),
@@ -365,15 +384,15 @@ impl<S: StateStore> Processor<S> {
             // Keep this batch's entities; the others are read again when next needed.
             self.cache.retain(|e, _| by_entity.contains_key(e));
         }
-        let work: Vec<(String, u64, EntityState)> = by_entity
-            .keys()
-            .map(|e| {
-                let (version, state) = self.cache.remove(e).expect("loaded above");
-                (e.clone(), version, state)
+        let work: Vec<(String, Vec<Event>, u64, EntityState)> = by_entity
+            .into_iter()
+            .map(|(e, events)| {
+                let (version, state) = self.cache.remove(&e).expect("loaded above");
+                (e, events, version, state)
             })
             .collect();
-        let settled = par_map(work, |(entity, version, mut state)| {
-            let s = settle.settle(&mut state, &by_entity[&entity]);
+        let settled = par_map(work, |(entity, events, version, mut state)| {
+            let s = settle.settle(&mut state, events);
             (entity, version, state, s)
         });
         let mut writes = Vec::with_capacity(settled.len());
@@ -406,10 +425,67 @@ impl<S: StateStore> Processor<S> {
         Ok(StateWrites {
             settle,
             prefix: self.prefix.clone(),
-            by_entity,
+            replay,
             writes,
             entries,
         })
+    }
+}
+
+/// One partition's bookkeeping while a batch runs through its messages.
+struct Run {
+    partition: i32,
+    /// The next offset to consume.
+    next: i64,
+    /// The watermark (`None` until the partition has had a valid event).
+    watermark: Option<i64>,
+}
+
+/// A batch's messages and the positions of its accepted events: a write that loses is
+/// recomputed from them (parsing is deterministic, so the same events come back).
+pub(crate) struct Replay {
+    pub(crate) messages: Vec<Message>,
+    pub(crate) accepted: Vec<u32>,
+}
+
+impl Replay {
+    /// The accepted events of `entities`, grouped by entity, in batch order.
+    pub(crate) fn events_of(&self, entities: &[String]) -> ByEntity {
+        let wanted: std::collections::HashSet<&str, foldhash::fast::RandomState> =
+            entities.iter().map(String::as_str).collect();
+        let mut out = ByEntity::default();
+        for &i in &self.accepted {
+            if let Ok(e) = parse_message(&self.messages[i as usize])
+                && wanted.contains(e.user_id.as_str())
+            {
+                match out.get_mut(e.user_id.as_str()) {
+                    Some(events) => events.push(e),
+                    None => {
+                        out.insert(e.user_id.clone(), vec![e]);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A message's event, or why it is invalid.
+fn parse_message(
+    m: &Message,
+) -> std::result::Result<Event, (duet_spec::event::InvalidReason, Option<String>)> {
+    match &m.payload {
+        Some(p) => parse_json_event(p).map(|e| Event {
+            event_id: e.event_id.into_owned(),
+            user_id: e.user_id.into_owned(),
+            event_type: e.event_type.into_owned(),
+            amount: e.amount,
+            ts: e.ts,
+        }),
+        None => Err((
+            duet_spec::event::InvalidReason::Json,
+            Some("empty message".into()),
+        )),
     }
 }
 

@@ -275,7 +275,7 @@ impl EntityState {
 
     /// Applies one valid event (its `user_id` is this entity).
     pub fn apply(&mut self, e: &Event) -> Outcome {
-        let c = self.apply_all(std::slice::from_ref(e));
+        let c = self.apply_all(vec![e.clone()]);
         if c.applied == 1 {
             Outcome::Applied
         } else if c.duplicates == 1 {
@@ -286,22 +286,26 @@ impl EntityState {
     }
 
     /// Applies many valid events of this entity at once, as applying them one by one in order
-    /// would (the first copy of an id counts), in O(n log n): returns how many were applied,
-    /// duplicates and late.
-    pub fn apply_all(&mut self, events: &[Event]) -> ApplyCounts {
+    /// would (the first copy of an id counts), in O(n log n); the events that count move into
+    /// the state. Returns how many were applied, duplicates and late.
+    pub fn apply_all(&mut self, events: Vec<Event>) -> ApplyCounts {
         let mut counts = ApplyCounts::default();
-        let mut fresh: Vec<&Event> = Vec::with_capacity(events.len());
-        if self.records.len() + events.len() <= 32 {
+        // Decide first (borrowing), then move the events that count.
+        let mut keep = vec![false; events.len()];
+        if self.records.len() + events.len() <= 16 {
             // Few ids: comparing them directly beats hashing.
-            for e in events {
+            for (i, e) in events.iter().enumerate() {
                 if e.ts < self.boundary {
                     counts.late += 1;
                 } else if self.records.iter().any(|r| r.event_id == e.event_id)
-                    || fresh.iter().any(|f| f.event_id == e.event_id)
+                    || events[..i]
+                        .iter()
+                        .zip(&keep)
+                        .any(|(f, k)| *k && f.event_id == e.event_id)
                 {
                     counts.duplicates += 1;
                 } else {
-                    fresh.push(e);
+                    keep[i] = true;
                 }
             }
         } else {
@@ -313,21 +317,38 @@ impl EntityState {
             for r in &self.records {
                 seen.insert(r.event_id.as_str());
             }
-            for e in events {
+            for (i, e) in events.iter().enumerate() {
                 if e.ts < self.boundary {
                     counts.late += 1;
                 } else if !seen.insert(e.event_id.as_str()) {
                     counts.duplicates += 1;
                 } else {
-                    fresh.push(e);
+                    keep[i] = true;
                 }
             }
         }
-        counts.applied = fresh.len() as u64;
-        if !fresh.is_empty() {
-            self.records.extend(fresh.into_iter().cloned());
-            self.records
-                .sort_by(|a, b| (a.ts, a.event_id.as_str()).cmp(&(b.ts, b.event_id.as_str())));
+        let fresh = keep.iter().filter(|k| **k).count();
+        counts.applied = fresh as u64;
+        if fresh > 0 {
+            let order = |a: &Event, b: &Event| {
+                (a.ts, a.event_id.as_str()).cmp(&(b.ts, b.event_id.as_str()))
+            };
+            let old = self.records.len();
+            self.records.reserve(fresh);
+            self.records.extend(
+                events
+                    .into_iter()
+                    .zip(keep)
+                    .filter_map(|(e, k)| k.then_some(e)),
+            );
+            // Events mostly arrive in time order: sort only when the new ones are not already
+            // in order after the kept ones.
+            let in_order = self.records[old.saturating_sub(1)..]
+                .windows(2)
+                .all(|w| order(&w[0], &w[1]).is_lt());
+            if !in_order {
+                self.records.sort_by(order);
+            }
         }
         counts
     }
@@ -381,7 +402,12 @@ impl EntityState {
         self.boundary = to;
         for (g, r) in plan.resolutions.iter().enumerate() {
             let oldest_needed = (to - plan.group_windows[g]).div_euclid(*r);
-            self.tiles[g] = self.tiles[g].split_off(&oldest_needed);
+            while let Some(oldest) = self.tiles[g].first_entry() {
+                if *oldest.key() >= oldest_needed {
+                    break;
+                }
+                oldest.remove();
+            }
         }
         for (g, gap) in plan.gaps.iter().enumerate() {
             if self.sessions[g]
@@ -549,7 +575,8 @@ impl EntityState {
 
     /// Encodes the state (a format byte, then its parts).
     pub fn encode(&self, plan: &SpeedPlan) -> Vec<u8> {
-        let mut w = Writer::default();
+        let tiles: usize = self.tiles.iter().map(BTreeMap::len).sum();
+        let mut w = Writer::with_capacity(96 + 48 * self.records.len() + 24 * tiles);
         w.u(FORMAT);
         w.i(self.boundary);
         w.u(self.records.len() as u64);

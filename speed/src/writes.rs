@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{BatchOutcome, ByEntity, par_map, state_key};
+use crate::processor::{BatchOutcome, Replay, par_map, state_key};
 use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore, Versioned};
 use crate::{Error, Result};
@@ -42,7 +42,7 @@ impl Settle {
     pub(crate) fn settle(
         &self,
         state: &mut EntityState,
-        events: &[duet_spec::event::Event],
+        events: Vec<duet_spec::event::Event>,
     ) -> Settled {
         let plan = &self.plan;
         let counts = state.apply_all(events);
@@ -86,7 +86,7 @@ impl Settle {
 pub struct StateWrites {
     pub(crate) settle: Settle,
     pub(crate) prefix: String,
-    pub(crate) by_entity: ByEntity,
+    pub(crate) replay: Replay,
     pub(crate) writes: Vec<CasWrite>,
     /// Per write: its entity and counts.
     pub(crate) entries: Vec<(String, ApplyCounts)>,
@@ -115,7 +115,7 @@ impl StateWrites {
         let StateWrites {
             settle,
             prefix,
-            by_entity,
+            replay,
             mut writes,
             mut entries,
         } = self;
@@ -142,10 +142,18 @@ impl StateWrites {
             );
             let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
             let stored = retrying("the reads", || store.get_many(&keys)).await?;
-            let work: Vec<(String, Option<Versioned>)> = lost.into_iter().zip(stored).collect();
-            let recomputed = par_map(work, |(entity, value)| {
+            let mut events = replay.events_of(&lost);
+            let work: Vec<(String, Vec<duet_spec::event::Event>, Option<Versioned>)> = lost
+                .into_iter()
+                .zip(stored)
+                .map(|(entity, value)| {
+                    let evs = events.remove(&entity).unwrap_or_default();
+                    (entity, evs, value)
+                })
+                .collect();
+            let recomputed = par_map(work, |(entity, events, value)| {
                 let (version, mut state) = settle.decode(&entity, value);
-                let s = settle.settle(&mut state, &by_entity[&entity]);
+                let s = settle.settle(&mut state, events);
                 (entity, version, s)
             });
             writes = Vec::with_capacity(recomputed.len());

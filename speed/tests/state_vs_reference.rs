@@ -120,7 +120,7 @@ proptest! {
         let mut cut = cuts.iter().cycle();
         while !rest.is_empty() {
             let n = (*cut.next().unwrap()).min(rest.len());
-            let outcome = rt.block_on(processor.process(&rest[..n], T0 + 24 * 60 * MIN)).unwrap();
+            let outcome = rt.block_on(processor.process(rest[..n].to_vec(), T0 + 24 * 60 * MIN)).unwrap();
             prop_assert_eq!(outcome.late, 0);
             processor.committed(&outcome.commit);
             rest = &rest[n..];
@@ -205,7 +205,7 @@ proptest! {
         let now = T0 + 24 * 60 * MIN;
         let mut in_flight = None;
         for (i, batch) in batches.iter().enumerate() {
-            let (outcome, writes) = rt.block_on(a.prepare(batch, now)).unwrap();
+            let (outcome, writes) = rt.block_on(a.prepare(batch.to_vec(), now)).unwrap();
             if let Some((mut prev_outcome, prev_writes, zombie_first)) = in_flight.take() {
                 apply(&rt, &mut a, &mut b, &store, &mut prev_outcome, prev_writes, zombie_first, batches[i - 1], now);
             }
@@ -233,7 +233,7 @@ fn apply(
     now: i64,
 ) {
     if zombie_first {
-        let z = rt.block_on(b.process(batch, now)).unwrap();
+        let z = rt.block_on(b.process(batch.to_vec(), now)).unwrap();
         b.committed(&z.commit);
     }
     let conflicts_before = outcome.conflicts;

