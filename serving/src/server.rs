@@ -312,23 +312,14 @@ impl App {
                 let f = &features[j];
                 let default = view.view.features[f.index].default;
                 for row in &rows {
-                    match &snapshot {
-                        Some(s) => {
-                            let ts = &snapshot_stamp;
-                            match row.map(|row| s.value_at(row, f.index)) {
-                                Some(v) => push(
-                                    &mut columns[j],
-                                    v,
-                                    if stale { "OUTSIDE_MAX_AGE" } else { "PRESENT" },
-                                    ts,
-                                ),
-                                None => {
-                                    columns[j].values.push(json_value(default));
-                                    columns[j].statuses.push("NOT_FOUND");
-                                    columns[j].event_timestamps.push(ts.clone());
-                                }
-                            }
-                        }
+                    // No row: the entity is not in the snapshot, or there is no snapshot.
+                    match row.zip(snapshot.as_ref()) {
+                        Some((row, s)) => push(
+                            &mut columns[j],
+                            s.value_at(row, f.index),
+                            if stale { "OUTSIDE_MAX_AGE" } else { "PRESENT" },
+                            &snapshot_stamp,
+                        ),
                         None => {
                             columns[j].values.push(json_value(default));
                             columns[j].statuses.push("NOT_FOUND");

@@ -137,7 +137,8 @@ impl LoadedSnapshot {
         if cells[index / 64] & (1u64 << (index % 64)) == 0 {
             return Value::Null;
         }
-        let v = cells[self.kinds.len().div_ceil(64) + index];
+        // The presence words come first (see `build`).
+        let v = cells[self.width - self.kinds.len() + index];
         match self.kinds[index] {
             Kind::Int => Value::Int(v as i64),
             Kind::Float => Value::Float(f64::from_bits(v)),

@@ -316,13 +316,7 @@ impl<S: StateStore> Processor<S> {
                 out.accepted.push((m.partition, event.clone()));
             }
             accepted.push(i as u32);
-            // The key is copied once per entity, not once per event.
-            match by_entity.get_mut(event.user_id.as_str()) {
-                Some(events) => events.push(event),
-                None => {
-                    by_entity.insert(event.user_id.clone(), vec![event]);
-                }
-            }
+            group(&mut by_entity, event);
         }
         if let Some(r) = run.take() {
             self.end_run(r, &mut out);
@@ -458,15 +452,20 @@ impl Replay {
             if let Ok(e) = parse_message(&self.messages[i as usize])
                 && wanted.contains(e.user_id.as_str())
             {
-                match out.get_mut(e.user_id.as_str()) {
-                    Some(events) => events.push(e),
-                    None => {
-                        out.insert(e.user_id.clone(), vec![e]);
-                    }
-                }
+                group(&mut out, e);
             }
         }
         out
+    }
+}
+
+/// Adds `event` to its entity's events; the key is copied once per entity, not once per event.
+fn group(by_entity: &mut ByEntity, event: Event) {
+    match by_entity.get_mut(event.user_id.as_str()) {
+        Some(events) => events.push(event),
+        None => {
+            by_entity.insert(event.user_id.clone(), vec![event]);
+        }
     }
 }
 
