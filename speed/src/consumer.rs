@@ -204,7 +204,10 @@ pub async fn run<S: StateStore + Clone>(
     consumer.subscribe(&[&config.topic]).map_err(kafka)?;
     tracing::info!(topic = %config.topic, group = %config.group, brokers = %config.brokers, "speed layer started");
 
-    let mut processor = Processor::new(plan.clone(), store.clone(), &config.prefix, &config.topic);
+    // The processor reads states through a connection of its own, so that the next batch's
+    // reads do not wait behind the previous batch's writes.
+    let reads = store.own_connection().await?;
+    let mut processor = Processor::new(plan.clone(), reads, &config.prefix, &config.topic);
     let archive = match &config.archive {
         Some(url) => {
             processor.keep_accepted(true);
@@ -321,7 +324,10 @@ pub async fn run<S: StateStore + Clone>(
         }
         let due = oldest.is_some_and(|t| t.elapsed() >= config.flush_interval);
         if !buffer.is_empty() && (!room || due) && stages.can_prepare() {
-            stages.start_prepare(std::mem::take(&mut buffer));
+            // The next batch is likely as large as this one: sized up front, its buffer is not
+            // copied over and over as it grows.
+            let next = Vec::with_capacity(buffer.len());
+            stages.start_prepare(std::mem::replace(&mut buffer, next));
             oldest = None;
         }
     }

@@ -5,7 +5,7 @@
 //! time and in order. A crash anywhere before the offsets are committed replays the batch,
 //! which the states' event-id deduplication makes harmless.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,17 +110,14 @@ pub(crate) struct Prepared {
     started: Instant,
 }
 
-/// What a committed batch tells the processor: its committed offsets and watermarks, and the
-/// entities whose cached states are stale.
+/// What a committed batch tells the processor: the entities whose cached states are stale.
 pub(crate) struct Committed {
-    commit: BTreeMap<i32, (i64, i64)>,
     reloaded: Vec<String>,
 }
 
 impl Committed {
     /// Tells the processor.
     pub(crate) fn settle<S: StateStore>(self, processor: &mut Processor<S>) {
-        processor.committed(&self.commit);
         processor.forget(&self.reloaded);
     }
 }
@@ -208,10 +205,7 @@ pub(crate) async fn commit<S: StateStore>(
     metrics
         .flush_seconds
         .observe(started.elapsed().as_secs_f64());
-    Ok(Committed {
-        commit: outcome.commit,
-        reloaded,
-    })
+    Ok(Committed { reloaded })
 }
 
 /// Both stages at once, for the last batch before stopping.

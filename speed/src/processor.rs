@@ -79,8 +79,9 @@ pub struct Processor<S: StateStore> {
     prefix: String,
     topic: String,
     watermarks: HashMap<i32, i64>,
-    committed: HashMap<i32, i64>,
     cache: HashMap<String, (u64, EntityState), foldhash::fast::RandomState>,
+    /// Entities in the last batch: the next batch's grouping is sized for as many.
+    last_entities: usize,
     archive: bool,
     /// Partitions owned (when a consumer manages assignment) and when each last had a message.
     owned: Option<HashMap<i32, std::time::Instant>>,
@@ -135,8 +136,8 @@ impl<S: StateStore> Processor<S> {
             prefix: prefix.to_string(),
             topic: topic.to_string(),
             watermarks: HashMap::new(),
-            committed: HashMap::new(),
             cache: HashMap::default(),
+            last_entities: 0,
             archive: false,
             owned: None,
         }
@@ -158,15 +159,9 @@ impl<S: StateStore> Processor<S> {
             .get_or_insert_with(HashMap::new)
             .insert(partition, std::time::Instant::now());
         match wm {
-            Some(wm) => {
-                self.watermarks.insert(partition, wm);
-                self.committed.insert(partition, wm);
-            }
-            None => {
-                self.watermarks.remove(&partition);
-                self.committed.remove(&partition);
-            }
-        }
+            Some(wm) => self.watermarks.insert(partition, wm),
+            None => self.watermarks.remove(&partition),
+        };
         // Another process may have written these entities meanwhile.
         self.cache.clear();
     }
@@ -177,16 +172,7 @@ impl<S: StateStore> Processor<S> {
             owned.remove(&partition);
         }
         self.watermarks.remove(&partition);
-        self.committed.remove(&partition);
         self.cache.clear();
-    }
-
-    /// Records that the offsets and watermarks of a batch (its [`BatchOutcome::commit`]) are
-    /// now committed.
-    pub fn committed(&mut self, commit: &BTreeMap<i32, (i64, i64)>) {
-        for (p, (_, wm)) in commit {
-            self.committed.insert(*p, *wm);
-        }
     }
 
     /// Drops the cached states of `entities` (their stored versions moved on).
@@ -201,21 +187,28 @@ impl<S: StateStore> Processor<S> {
         &self.watermarks
     }
 
-    /// The instant states may fold up to: behind every committed watermark by the lateness.
+    /// The instant a batch's states may fold up to: behind, by the lateness, every watermark
+    /// the partitions had before the batch (`before`).
     ///
-    /// Every owned partition holds the boundary back until its watermark is committed, unless it
-    /// has been idle for [`IDLE_PARTITION`]: a partition whose events lag would otherwise find
-    /// its entities' boundaries already past them.
-    fn boundary_target(&self) -> Option<i64> {
+    /// Those watermarks are committed before the batch's states are written: batches commit one
+    /// at a time and in order, and a batch whose commit fails stops the process before any later
+    /// batch writes. So a state never folds past what a replay from the committed offsets can
+    /// still accept. (With the last *committed* watermarks instead, a pipelined batch would keep
+    /// one more batch's worth of raw records in every state it writes.)
+    ///
+    /// Every owned partition holds the boundary back until it has a watermark, unless it has
+    /// been idle for [`IDLE_PARTITION`]: a partition whose events lag would otherwise find its
+    /// entities' boundaries already past them.
+    fn boundary_target(&self, before: &HashMap<i32, i64>) -> Option<i64> {
         if let Some(owned) = &self.owned {
-            let waiting = owned.iter().any(|(p, seen)| {
-                !self.committed.contains_key(p) && seen.elapsed() < IDLE_PARTITION
-            });
+            let waiting = owned
+                .iter()
+                .any(|(p, seen)| !before.contains_key(p) && seen.elapsed() < IDLE_PARTITION);
             if waiting {
                 return None;
             }
         }
-        self.committed
+        before
             .values()
             .min()
             .map(|wm| wm.saturating_sub(self.plan.lateness))
@@ -223,7 +216,9 @@ impl<S: StateStore> Processor<S> {
 
     /// Processes messages (in offset order within each partition) and writes the states.
     /// On failure the watermarks are as before, so processing the same messages again makes
-    /// the same lateness decisions.
+    /// the same lateness decisions. The batch's offsets and watermarks
+    /// ([`BatchOutcome::commit`]) must be committed before the next batch's states are written
+    /// (see [`Processor::prepare`]).
     pub async fn process(&mut self, messages: Vec<Message>, now_ms: i64) -> Result<BatchOutcome> {
         let (mut outcome, writes) = self.prepare(messages, now_ms).await?;
         match writes.apply(&self.store, &mut outcome).await {
@@ -243,13 +238,18 @@ impl<S: StateStore> Processor<S> {
     /// committed. The cache already holds the written states, as if every write succeeds; the
     /// entities [`StateWrites::apply`] reports must be [forgotten](Processor::forget). On
     /// failure the watermarks are as before.
+    ///
+    /// The states fold up to the watermarks the partitions had before this batch, minus the
+    /// lateness: the caller commits every earlier batch's offsets and watermarks before it
+    /// applies this batch's writes (or stops), so a replay from the committed offsets never
+    /// brings an unapplied event older than a state's boundary.
     pub async fn prepare(
         &mut self,
         messages: Vec<Message>,
         now_ms: i64,
     ) -> Result<(BatchOutcome, StateWrites)> {
         let saved = self.watermarks.clone();
-        let result = self.process_inner(messages, now_ms).await;
+        let result = self.process_inner(messages, now_ms, &saved).await;
         if result.is_err() {
             self.watermarks = saved;
             self.cache.clear();
@@ -261,10 +261,12 @@ impl<S: StateStore> Processor<S> {
         &mut self,
         messages: Vec<Message>,
         now_ms: i64,
+        before: &HashMap<i32, i64>,
     ) -> Result<(BatchOutcome, StateWrites)> {
         let t0 = std::time::Instant::now();
         let mut out = BatchOutcome::default();
-        let mut by_entity: ByEntity = ByEntity::default();
+        let mut by_entity =
+            ByEntity::with_capacity_and_hasher(self.last_entities, Default::default());
         let parsed_all = par_map(messages.iter().collect(), parse_message);
         let now = std::time::Instant::now();
         let t_parse = t0.elapsed();
@@ -326,8 +328,9 @@ impl<S: StateStore> Processor<S> {
         }
         let t_group = t0.elapsed();
         let entities = by_entity.len();
+        self.last_entities = entities;
         let writes = self
-            .states(by_entity, Replay { messages, accepted }, &mut out)
+            .states(by_entity, Replay { messages, accepted }, before, &mut out)
             .await?;
         tracing::debug!(
             messages = writes.replay.messages.len(),
@@ -355,11 +358,12 @@ impl<S: StateStore> Processor<S> {
         &mut self,
         by_entity: ByEntity,
         replay: Replay,
+        before: &HashMap<i32, i64>,
         out: &mut BatchOutcome,
     ) -> Result<StateWrites> {
         let settle = Settle {
             plan: self.plan.clone(),
-            target: self.boundary_target(),
+            target: self.boundary_target(before),
             reference_now: self.watermarks.values().copied().max().unwrap_or(i64::MIN),
         };
         let missing: Vec<&String> = by_entity
@@ -505,14 +509,18 @@ pub(crate) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync
         chunks.push(chunk);
     }
     let f = &f;
+    let total = chunks.iter().map(Vec::len).sum();
     std::thread::scope(|scope| {
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("workers do not panic"))
-            .collect()
+        // Sized up front: growing a vector of a whole batch's results by doubling copies it
+        // several times and touches fresh pages each time.
+        let mut out = Vec::with_capacity(total);
+        for h in handles {
+            out.extend(h.join().expect("workers do not panic"));
+        }
+        out
     })
 }

@@ -3,9 +3,9 @@
 //! Events at or after the entity's *boundary* `B` are kept as records; everything older is
 //! folded into partial aggregates: tiles at each resolution, the last session of each session
 //! gap, and the latest value of each `last` feature. `B` only moves forward, always stays at or
-//! behind the committed watermark minus the allowed lateness (so an event that can still be
-//! accepted, or replayed after a crash, is never older than `B`), and is aligned to every tile
-//! resolution. Evaluation as of any `T >= B` is therefore exact: complete tiles before `B`, plus
+//! behind the committed watermark minus the allowed lateness once the state is written (so an
+//! event that can still be accepted, or replayed after a crash, is never older than `B`), and is
+//! aligned to every tile resolution. Evaluation as of any `T >= B` is therefore exact: complete tiles before `B`, plus
 //! the records in `[B, T)`.
 
 use std::collections::BTreeMap;

@@ -62,6 +62,12 @@ pub trait StateStore: Send + Sync + 'static {
         hash: &str,
         fields: &[(String, String)],
     ) -> impl Future<Output = Result<()>> + Send;
+    /// The same store through a connection of its own: calls on it do not queue behind the
+    /// calls in flight on this one (the speed layer reads the next batch's states while the
+    /// previous batch's writes are still on their way).
+    fn own_connection(&self) -> impl Future<Output = Result<Self>> + Send
+    where
+        Self: Sized;
 }
 
 /// A process-local store with the same semantics (including expiry).
@@ -202,6 +208,10 @@ impl StateStore for MemoryStore {
         }
         Ok(())
     }
+
+    async fn own_connection(&self) -> Result<Self> {
+        Ok(self.clone())
+    }
 }
 
 /// Compare-and-set on each of its keys, independently: the value is an 8-byte big-endian
@@ -265,6 +275,7 @@ pub struct RedisStore {
     con: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     script: Arc<redis::Script>,
     url: String,
+    timeout: Duration,
 }
 
 fn redis_err(url: &str, e: redis::RedisError) -> Error {
@@ -283,6 +294,7 @@ impl RedisStore {
             con: Arc::new(tokio::sync::OnceCell::new_with(Some(con))),
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
             url: url.to_string(),
+            timeout,
         };
         store.load_script().await?;
         Ok(store)
@@ -296,6 +308,7 @@ impl RedisStore {
             con: Arc::new(tokio::sync::OnceCell::new()),
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
             url: url.to_string(),
+            timeout,
         };
         let cell = store.con.clone();
         let url = url.to_string();
@@ -526,6 +539,10 @@ impl StateStore for RedisStore {
     async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
         self.hset(hash, fields).await
     }
+
+    async fn own_connection(&self) -> Result<Self> {
+        RedisStore::connect(&self.url, self.timeout).await
+    }
 }
 
 impl RedisStore {
@@ -626,6 +643,12 @@ impl StateStore for AnyStore {
     }
     async fn set_fields(&self, hash: &str, fields: &[(String, String)]) -> Result<()> {
         both!(self, s => s.set_fields(hash, fields).await)
+    }
+    async fn own_connection(&self) -> Result<Self> {
+        Ok(match self {
+            AnyStore::Redis(s) => AnyStore::Redis(s.own_connection().await?),
+            AnyStore::Memory(s) => AnyStore::Memory(s.own_connection().await?),
+        })
     }
 }
 

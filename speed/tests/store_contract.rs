@@ -103,6 +103,25 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         store.keys(&k("s:")).await.unwrap(),
         vec![k("s:u1"), k("s:u2")]
     );
+    // The same store through a connection of its own reads and writes the same keys.
+    let other = store.own_connection().await.unwrap();
+    let got = other.get_many(&[k("s:u1")]).await.unwrap();
+    assert_eq!(got[0].as_ref().unwrap().bytes, b"1");
+    assert_eq!(
+        other
+            .put_many(&[w(k("s:u1"), Some(1), Some(b"3"), 60_000)])
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    let got = store.get_many(&[k("s:u1")]).await.unwrap();
+    assert_eq!(
+        (
+            got[0].as_ref().unwrap().version,
+            got[0].as_ref().unwrap().bytes.as_slice()
+        ),
+        (2, &b"3"[..])
+    );
     store
         .add_counters(&k("stats"), &[("late".into(), 2), ("applied".into(), 5)])
         .await

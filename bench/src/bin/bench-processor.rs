@@ -53,7 +53,6 @@ async fn main() {
     let mut applied = 0;
     for chunk in chunks {
         let outcome = processor.process(chunk, now).await.unwrap();
-        processor.committed(&outcome.commit);
         applied += outcome.applied;
     }
     let secs = started.elapsed().as_secs_f64();
