@@ -5,8 +5,8 @@
 //! gap, and the latest value of each `last` feature. `B` only moves forward, always stays at or
 //! behind the committed watermark minus the allowed lateness once the state is written (so an
 //! event that can still be accepted, or replayed after a crash, is never older than `B`), and is
-//! aligned to every tile resolution. Evaluation as of any `T >= B` is therefore exact: complete tiles before `B`, plus
-//! the records in `[B, T)`.
+//! aligned to every tile resolution. Evaluation as of any `T >= B` is therefore exact: complete
+//! tiles before `B`, plus the records in `[B, T)`.
 
 use std::collections::BTreeMap;
 
