@@ -14,6 +14,15 @@ use std::process::ExitCode;
 /// spent a third of the speed layer's time in its arena locks and consolidation. jemalloc keeps
 /// freed pages for a while (its decay), so a flush reuses the previous flush's memory instead
 /// of faulting in fresh zeroed pages.
+///
+/// Its options are compiled in (`.cargo/config.toml`):
+/// - `oversize_threshold:0`: by default, allocations of 8 MiB and more come from an arena of
+///   their own that returns freed pages to the kernel at once, so every large buffer faults in
+///   fresh zeroed pages. A backfill makes about ten such buffers per snapshot (columns, rank
+///   keys, the encoded file); with the threshold off they reuse freed memory like any other
+///   allocation. Measured on a 120-day backfill: 2.9M page faults down to 0.9M, 5-15% faster.
+/// - `background_thread:true`: decayed pages go back to the kernel on jemalloc's own thread,
+///   not inside whichever allocation or request triggers it.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

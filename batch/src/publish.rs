@@ -172,34 +172,47 @@ pub async fn read_snapshot(store: &Location, manifest: &Manifest) -> Result<Vec<
     .map_err(|e| Error::Internal(format!("snapshot reading task failed: {e}")))?
 }
 
-/// Writes a snapshot's data file under the run's directory; returns its path and size.
-pub async fn write_data(
-    store: &Location,
-    view: &str,
-    run_id: &str,
-    as_of_ms: i64,
-    batch: &RecordBatch,
-) -> Result<(String, u64)> {
-    let rel = format!(
-        "{}/runs/{run_id}/{}.parquet",
-        view_dir(view),
-        as_of_key(as_of_ms)
-    );
+/// Encodes a snapshot's rows as a Parquet file. CPU work: callers run it off the async
+/// runtime, beside the fold that made the rows.
+pub fn encode_snapshot(batch: &RecordBatch) -> Result<Vec<u8>> {
     // Keys are unique and feature values mostly so: dictionaries would only be tried and
     // dropped, which costs more than the whole write of a snapshot.
     let props = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
         .set_dictionary_enabled(false)
         .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
+        // Nothing prunes by key (a reader loads the whole snapshot), and the key column's
+        // minimum and maximum cost a string comparison per row.
+        .set_column_statistics_enabled(
+            parquet::schema::types::ColumnPath::from(batch.schema().field(0).name().as_str()),
+            parquet::file::properties::EnabledStatistics::None,
+        )
         .build();
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
     let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
         .map_err(|e| Error::Internal(e.to_string()))?;
     w.write(batch).map_err(|e| Error::Internal(e.to_string()))?;
     w.close().map_err(|e| Error::Internal(e.to_string()))?;
-    let size = buf.len() as u64;
+    Ok(buf)
+}
+
+/// Writes a snapshot's data file (encoded by [`encode_snapshot`]) under the run's directory;
+/// returns its path and size.
+pub async fn write_data(
+    store: &Location,
+    view: &str,
+    run_id: &str,
+    as_of_ms: i64,
+    parquet: Vec<u8>,
+) -> Result<(String, u64)> {
+    let rel = format!(
+        "{}/runs/{run_id}/{}.parquet",
+        view_dir(view),
+        as_of_key(as_of_ms)
+    );
+    let size = parquet.len() as u64;
     let path = store.child(&rel);
-    put_large(store, &path, Bytes::from(buf)).await?;
+    put_large(store, &path, Bytes::from(parquet)).await?;
     Ok((rel, size))
 }
 

@@ -425,6 +425,8 @@ pub struct TileSet {
     pub groups: Vec<GroupTiles>,
     /// Distinct-value slots (their columns are `SlotColumns::Distinct`).
     pub distinct: HashMap<usize, SlotColumns>,
+    /// `entities` as an Arrow column, built on first use ([`TileSet::key_array`]).
+    keys: std::sync::OnceLock<arrow::array::ArrayRef>,
 }
 
 impl TileSet {
@@ -434,6 +436,12 @@ impl TileSet {
             .iter()
             .find(|g| g.resolution == resolution)
             .expect("every resolution of the plan has a group")
+    }
+
+    /// The entities as an Arrow string column, built once and shared by every snapshot.
+    pub fn key_array(&self) -> &arrow::array::ArrayRef {
+        self.keys
+            .get_or_init(|| Arc::new(arrow::array::StringArray::from_iter_values(&self.entities)))
     }
 }
 
