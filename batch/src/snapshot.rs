@@ -193,14 +193,15 @@ impl<'a> Prepared<'a> {
         }
     }
 
-    /// Its folders, in a fixed order.
-    fn folders_mut(&mut self) -> Vec<&mut Folder<'a>> {
-        match self {
-            Prepared::Measure(m) => vec![m],
-            Prepared::Ratio { num, den } => vec![num, den],
-            Prepared::Age { first, .. } => vec![first],
-            Prepared::PctRank { of, .. } => vec![of],
-        }
+    /// Its folders (one or two), in a fixed order.
+    fn folders_mut(&mut self) -> impl Iterator<Item = &mut Folder<'a>> {
+        let (first, second) = match self {
+            Prepared::Measure(m) => (m, None),
+            Prepared::Ratio { num, den } => (num, Some(den)),
+            Prepared::Age { first, .. } => (first, None),
+            Prepared::PctRank { of, .. } => (of, None),
+        };
+        std::iter::once(first).chain(second)
     }
 
     /// The raw value of a non-population feature as of `s`, for the entity whose rows in each
@@ -268,15 +269,11 @@ pub fn entity_value(
     s: i64,
 ) -> Value {
     let mut prepared = Prepared::new(set, plan, f, s);
-    let spans: Vec<(usize, usize)> = prepared
-        .folders_mut()
-        .into_iter()
-        .enumerate()
-        .map(|(i, folder)| {
-            folder.span = i;
-            folder.window.span(entity)
-        })
-        .collect();
+    let mut spans = [(0, 0); 2];
+    for (i, folder) in prepared.folders_mut().enumerate() {
+        folder.span = i;
+        spans[i] = folder.window.span(entity);
+    }
     finish(f, prepared.raw(&spans, s, &mut Vec::new()))
 }
 
