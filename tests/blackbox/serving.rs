@@ -102,6 +102,10 @@ async fn golden_answer_through_http_as_of() {
             &store,
             "--redis",
             &redis_url(),
+            // Generous: these tests check values, not the timeout, and the first request
+            // also connects to Redis, which a loaded CI machine can make slow.
+            "--redis-timeout-ms",
+            "5000",
             "--prefix",
             &prefix,
             "--log-sample",
@@ -208,6 +212,10 @@ fn feast_client_format_and_errors() {
             &store,
             "--redis",
             &redis_url(),
+            // Generous: these tests check values, not the timeout, and the first request
+            // also connects to Redis, which a loaded CI machine can make slow.
+            "--redis-timeout-ms",
+            "5000",
             "--prefix",
             &prefix,
             "--max-entities",
@@ -405,6 +413,10 @@ fn bearer_token_guards_features() {
             &store,
             "--redis",
             &redis_url(),
+            // Generous: these tests check values, not the timeout, and the first request
+            // also connects to Redis, which a loaded CI machine can make slow.
+            "--redis-timeout-ms",
+            "5000",
             "--auth-token",
             "s3cret",
         ],
@@ -477,6 +489,10 @@ fn snapshot_swap_under_load_drops_nothing() {
             &store,
             "--redis",
             &redis_url(),
+            // Generous: these tests check values, not the timeout, and the first request
+            // also connects to Redis, which a loaded CI machine can make slow.
+            "--redis-timeout-ms",
+            "5000",
             "--snapshot-poll-ms",
             "100",
         ],
@@ -537,7 +553,17 @@ fn fuzzed_bodies_never_get_a_5xx() {
     use proptest::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
-    let server = Server::start(&[], &["--store", &store, "--redis", &redis_url()]);
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--redis-timeout-ms",
+            "5000",
+        ],
+    );
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
