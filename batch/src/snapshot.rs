@@ -15,13 +15,21 @@ use crate::tiles::{CompiledFeature, DistinctKey, Recipe, SlotColumns, TilePlan, 
 pub fn snapshot_schema(plan: &TilePlan) -> SchemaRef {
     let mut fields = vec![Field::new(&plan.join_key, DataType::Utf8, false)];
     for f in &plan.features {
-        let ty = match f.feature.value_type {
-            ValueType::Int => DataType::Int64,
-            ValueType::Float => DataType::Float64,
-        };
-        fields.push(Field::new(&f.feature.name, ty, true));
+        fields.push(Field::new(
+            &f.feature.name,
+            arrow_type(f.feature.value_type),
+            true,
+        ));
     }
     Arc::new(Schema::new(fields))
+}
+
+/// The Arrow type of a feature's values.
+pub fn arrow_type(ty: ValueType) -> DataType {
+    match ty {
+        ValueType::Int => DataType::Int64,
+        ValueType::Float => DataType::Float64,
+    }
 }
 
 /// The tile index range `[lo, hi)` a feature covers as of `s`.
@@ -322,9 +330,7 @@ pub fn ranked_value(
 /// feature is ranked by one sort and one pass instead of a search per entity.
 pub fn snapshot(set: &TileSet, plan: &TilePlan, s: i64) -> RecordBatch {
     let mask: BooleanArray = set.first_ms.iter().map(|t| Some(*t < s)).collect();
-    let members: Vec<usize> = (0..set.entities.len())
-        .filter(|u| set.first_ms[*u] < s)
-        .collect();
+    let members: Vec<usize> = mask.values().set_indices().collect();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(plan.features.len() + 1);
     columns.push(
         arrow::compute::filter(set.key_array(), &mask).expect("the mask matches the entities"),
@@ -484,25 +490,11 @@ impl ColumnBuilder {
 
 /// Values of one type as an Arrow column.
 pub fn value_column(ty: ValueType, values: &[Value]) -> ArrayRef {
-    match ty {
-        ValueType::Int => {
-            let mut b = Int64Builder::with_capacity(values.len());
-            for v in values {
-                match v {
-                    Value::Null => b.append_null(),
-                    v => b.append_value(v.as_f64().expect("not null") as i64),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        ValueType::Float => {
-            let mut b = Float64Builder::with_capacity(values.len());
-            for v in values {
-                b.append_option(v.as_f64());
-            }
-            Arc::new(b.finish())
-        }
+    let mut column = ColumnBuilder::new(ty, values.len());
+    for v in values {
+        column.push(*v);
     }
+    column.finish()
 }
 
 #[cfg(test)]

@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Builder, Int64Builder};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::array::ArrayRef;
+use arrow::datatypes::{Field, Schema};
 use arrow::record_batch::RecordBatch;
 use duet_spec::event::events_from_batch;
 use duet_spec::reference::Reference;
-use duet_spec::{Feature, Spec, Value, ValueType, View};
+use duet_spec::{Feature, Spec, Value, View};
 use object_store::ObjectStoreExt;
 use serde::Serialize;
 
 use crate::entities::{EntityRows, read_entities};
 use crate::log::read_event_log;
+use crate::snapshot::{arrow_type, value_column};
 use crate::store::resolve;
 use crate::{Error, Result};
 
@@ -119,30 +120,12 @@ pub fn feature_columns(
     features
         .iter()
         .enumerate()
-        .map(|(j, (_, f))| match f.value_type {
-            ValueType::Int => {
-                let mut b = Int64Builder::with_capacity(rows.len());
-                for r in rows {
-                    match r[j] {
-                        Value::Null => b.append_null(),
-                        v => b.append_value(v.as_f64().expect("not null") as i64),
-                    }
-                }
-                (
-                    Field::new(&f.name, DataType::Int64, true),
-                    Arc::new(b.finish()) as ArrayRef,
-                )
-            }
-            ValueType::Float => {
-                let mut b = Float64Builder::with_capacity(rows.len());
-                for r in rows {
-                    b.append_option(r[j].as_f64());
-                }
-                (
-                    Field::new(&f.name, DataType::Float64, true),
-                    Arc::new(b.finish()) as ArrayRef,
-                )
-            }
+        .map(|(j, (_, f))| {
+            let values: Vec<Value> = rows.iter().map(|r| r[j]).collect();
+            (
+                Field::new(&f.name, arrow_type(f.value_type), true),
+                value_column(f.value_type, &values),
+            )
         })
         .collect()
 }
@@ -259,11 +242,10 @@ pub async fn datafusion_training_set(
     let columns = features
         .iter()
         .map(|(_, f)| {
-            let ty = match f.value_type {
-                ValueType::Int => DataType::Int64,
-                ValueType::Float => DataType::Float64,
-            };
-            (Field::new(&f.name, ty, true), by_name[&f.name].clone())
+            (
+                Field::new(&f.name, arrow_type(f.value_type), true),
+                by_name[&f.name].clone(),
+            )
         })
         .collect();
     let batch = with_features(&req.entities, &entities, columns)?;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, BooleanArray, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use duet_spec::{Value, ValueType};
+use duet_batch::snapshot::{arrow_type, value_column};
+use duet_spec::Value;
 
 use crate::plan::SpeedPlan;
 use crate::processor::{entity_of, state_key_prefix};
@@ -69,15 +70,12 @@ impl Dump {
             vec![Arc::new(StringArray::from_iter_values(&self.entities))];
         for (j, f) in plan.features.iter().enumerate() {
             let values: Vec<Value> = self.values.iter().map(|r| r[j]).collect();
-            let ty = match f.feature.value_type {
-                ValueType::Int => DataType::Int64,
-                ValueType::Float => DataType::Float64,
-            };
-            fields.push(Field::new(&f.feature.name, ty, true));
-            columns.push(duet_batch::snapshot::value_column(
-                f.feature.value_type,
-                &values,
+            fields.push(Field::new(
+                &f.feature.name,
+                arrow_type(f.feature.value_type),
+                true,
             ));
+            columns.push(value_column(f.feature.value_type, &values));
         }
         fields.push(Field::new("exact", DataType::Boolean, false));
         columns.push(Arc::new(BooleanArray::from(self.exact.clone())));

@@ -229,10 +229,6 @@ async fn check_names_injected_faults_and_passes_clean_data() {
                 &store,
                 "--redis",
                 &redis_url(),
-                // Generous: these tests check values, not the timeout, and the first request
-                // also connects to Redis, which a loaded CI machine can make slow.
-                "--redis-timeout-ms",
-                "5000",
                 "--prefix",
                 &prefix,
                 "--log-sample",

@@ -16,11 +16,21 @@ pub struct Server {
 
 impl Server {
     /// Starts `duet [global] serve [args] --listen 127.0.0.1:0` and waits until it listens.
+    ///
+    /// Unless `args` set `--redis-timeout-ms`, the server gets 5 s: these tests check values,
+    /// not the timeout, and the first request also connects to Redis, which a loaded CI machine
+    /// can make slower than the default 200 ms (the features then come back `INVALID`).
     pub fn start(global: &[&str], args: &[&str]) -> Server {
+        let timeout: &[&str] = if args.contains(&"--redis-timeout-ms") {
+            &[]
+        } else {
+            &["--redis-timeout-ms", "5000"]
+        };
         let mut child = duet()
             .args(global)
             .arg("serve")
             .args(args)
+            .args(timeout)
             .args(["--listen", "127.0.0.1:0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -102,10 +102,6 @@ async fn golden_answer_through_http_as_of() {
             &store,
             "--redis",
             &redis_url(),
-            // Generous: these tests check values, not the timeout, and the first request
-            // also connects to Redis, which a loaded CI machine can make slow.
-            "--redis-timeout-ms",
-            "5000",
             "--prefix",
             &prefix,
             "--log-sample",
@@ -212,10 +208,6 @@ fn feast_client_format_and_errors() {
             &store,
             "--redis",
             &redis_url(),
-            // Generous: these tests check values, not the timeout, and the first request
-            // also connects to Redis, which a loaded CI machine can make slow.
-            "--redis-timeout-ms",
-            "5000",
             "--prefix",
             &prefix,
             "--max-entities",
@@ -413,10 +405,6 @@ fn bearer_token_guards_features() {
             &store,
             "--redis",
             &redis_url(),
-            // Generous: these tests check values, not the timeout, and the first request
-            // also connects to Redis, which a loaded CI machine can make slow.
-            "--redis-timeout-ms",
-            "5000",
             "--auth-token",
             "s3cret",
         ],
@@ -489,10 +477,6 @@ fn snapshot_swap_under_load_drops_nothing() {
             &store,
             "--redis",
             &redis_url(),
-            // Generous: these tests check values, not the timeout, and the first request
-            // also connects to Redis, which a loaded CI machine can make slow.
-            "--redis-timeout-ms",
-            "5000",
             "--snapshot-poll-ms",
             "100",
         ],
