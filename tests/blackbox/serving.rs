@@ -537,17 +537,7 @@ fn fuzzed_bodies_never_get_a_5xx() {
     use proptest::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
-    let server = Server::start(
-        &[],
-        &[
-            "--store",
-            &store,
-            "--redis",
-            &redis_url(),
-            "--redis-timeout-ms",
-            "5000",
-        ],
-    );
+    let server = Server::start(&[], &["--store", &store, "--redis", &redis_url()]);
     let leaf = prop_oneof![
         Just(serde_json::Value::Null),
         any::<bool>().prop_map(serde_json::Value::from),
