@@ -269,10 +269,23 @@ pub fn hash_slot(key: &[u8]) -> u16 {
     crc % 16384
 }
 
+/// Where a [`RedisStore`]'s connection stands.
+#[derive(Clone)]
+enum Link {
+    /// The first attempt to connect has not finished: calls wait for it (within their own
+    /// timeouts), so the first requests after a start are not failed for nothing.
+    Connecting,
+    /// The first attempt failed (with this error) and retries go on in the background: calls
+    /// fail at once.
+    Unreachable(String),
+    /// Connected; the manager reconnects by itself from here on.
+    Ready(ConnectionManager),
+}
+
 /// Redis, through an auto-reconnecting connection with bounded timeouts.
 #[derive(Clone)]
 pub struct RedisStore {
-    con: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    con: tokio::sync::watch::Receiver<Link>,
     script: Arc<redis::Script>,
     url: String,
     timeout: Duration,
@@ -290,8 +303,9 @@ impl RedisStore {
             .await
             .map_err(|_| Error::Redis(format!("{url}: no answer within {timeout:?}")))?
             .map_err(|e| redis_err(url, e))?;
+        let (_, link) = tokio::sync::watch::channel(Link::Ready(con));
         let store = RedisStore {
-            con: Arc::new(tokio::sync::OnceCell::new_with(Some(con))),
+            con: link,
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
             url: url.to_string(),
             timeout,
@@ -300,29 +314,31 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// A store that connects in the background and keeps retrying; until it is connected every
-    /// call fails at once (the server starts and serves batch features while Redis is down).
+    /// A store that connects in the background and keeps retrying. Calls made while the first
+    /// attempt is under way wait for it; after it failed, calls fail at once until a retry
+    /// connects (the server starts and serves batch features while Redis is down).
     pub fn connect_lazily(url: &str, timeout: Duration) -> Result<RedisStore> {
         let (client, config) = Self::client(url, timeout)?;
+        let (tx, rx) = tokio::sync::watch::channel(Link::Connecting);
         let store = RedisStore {
-            con: Arc::new(tokio::sync::OnceCell::new()),
+            con: rx,
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
             url: url.to_string(),
             timeout,
         };
-        let cell = store.con.clone();
         let url = url.to_string();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
                 match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
                     Ok(con) => {
-                        let _ = cell.set(con);
+                        tx.send_replace(Link::Ready(con));
                         tracing::info!(%url, "connected to Redis");
                         return;
                     }
                     Err(e) => {
                         tracing::warn!(%url, error = %e, "Redis unreachable; retrying");
+                        tx.send_replace(Link::Unreachable(e.to_string()));
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
@@ -346,7 +362,7 @@ impl RedisStore {
     }
 
     async fn load_script(&self) -> Result<()> {
-        let mut c = self.connection()?;
+        let mut c = self.connection().await?;
         self.script
             .prepare_invoke()
             .load_async(&mut c)
@@ -355,11 +371,20 @@ impl RedisStore {
         Ok(())
     }
 
-    fn connection(&self) -> Result<ConnectionManager> {
-        self.con
-            .get()
-            .cloned()
-            .ok_or_else(|| Error::Redis(format!("{}: not connected", self.url)))
+    /// The connection; waits while the first attempt to connect is under way.
+    async fn connection(&self) -> Result<ConnectionManager> {
+        let not_connected =
+            |why: &str| Error::Redis(format!("{}: not connected ({why})", self.url));
+        let mut link = self.con.clone();
+        let link = link
+            .wait_for(|l| !matches!(l, Link::Connecting))
+            .await
+            .map_err(|_| not_connected("stopped connecting"))?;
+        match &*link {
+            Link::Ready(con) => Ok(con.clone()),
+            Link::Unreachable(e) => Err(not_connected(&format!("{e}; retrying"))),
+            Link::Connecting => Err(not_connected("still connecting")),
+        }
     }
 
     /// The URL connected to.
@@ -388,7 +413,7 @@ impl StateStore for RedisStore {
         for k in keys {
             pipe.get(k);
         }
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         let raw: Vec<Option<Vec<u8>>> = pipe
             .query_async(&mut con)
             .await
@@ -438,7 +463,7 @@ impl StateStore for RedisStore {
             }
             pipe.invoke_script(&invocation);
         }
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         let replies: Vec<Vec<i64>> = match pipe.query_async(&mut con).await {
             Ok(a) => a,
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
@@ -468,7 +493,7 @@ impl StateStore for RedisStore {
     }
 
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         let pattern = format!("{}*", escape_glob(prefix));
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
@@ -501,14 +526,14 @@ impl StateStore for RedisStore {
         for (k, v) in counts {
             pipe.hincr(hash, k, *v).ignore();
         }
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         pipe.query_async::<()>(&mut con)
             .await
             .map_err(|e| redis_err(&self.url, e))
     }
 
     async fn counters(&self, hash: &str) -> Result<HashMap<String, i64>> {
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         redis::cmd("HGETALL")
             .arg(hash)
             .query_async(&mut con)
@@ -517,7 +542,7 @@ impl StateStore for RedisStore {
     }
 
     async fn claim(&self, key: &str, value: &str) -> Result<String> {
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         let _: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(value)
@@ -547,7 +572,7 @@ impl StateStore for RedisStore {
 
 impl RedisStore {
     async fn hgetall(&self, hash: &str) -> Result<HashMap<String, String>> {
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         redis::cmd("HGETALL")
             .arg(hash)
             .query_async(&mut con)
@@ -559,7 +584,7 @@ impl RedisStore {
         if fields.is_empty() {
             return Ok(());
         }
-        let mut con = self.connection()?;
+        let mut con = self.connection().await?;
         let mut cmd = redis::cmd("HSET");
         cmd.arg(hash);
         for (k, v) in fields {

@@ -244,3 +244,28 @@ async fn an_unreachable_redis_fails_fast() {
     assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn a_lazy_store_waits_for_its_first_connection() {
+    // The server's store connects in the background; a request that arrives before the
+    // connection is made waits for it instead of failing (its own timeout bounds the wait).
+    let store = RedisStore::connect_lazily(&redis_url(), Duration::from_secs(5)).unwrap();
+    let p = prefix("lazy");
+    assert_eq!(
+        store.get_many(&[format!("{p}absent")]).await.unwrap(),
+        vec![None]
+    );
+}
+
+#[tokio::test]
+async fn a_lazy_store_fails_fast_once_its_first_attempt_failed() {
+    let store =
+        RedisStore::connect_lazily("redis://127.0.0.1:1/0", Duration::from_millis(300)).unwrap();
+    let err = store.get_many(&["k".to_string()]).await.unwrap_err();
+    assert!(err.to_string().contains("127.0.0.1:1"), "{err}");
+    assert!(err.to_string().contains("retrying"), "{err}");
+    // Retries go on in the background; meanwhile calls fail at once.
+    let started = std::time::Instant::now();
+    assert!(store.get_many(&["k".to_string()]).await.is_err());
+    assert!(started.elapsed() < Duration::from_millis(250));
+}

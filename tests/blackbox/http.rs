@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::duet;
@@ -12,14 +13,17 @@ pub struct Server {
     child: Child,
     /// `host:port` it listens on.
     pub addr: String,
+    /// What the server wrote to stderr, printed when a test fails while it runs.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
     /// Starts `duet [global] serve [args] --listen 127.0.0.1:0` and waits until it listens.
     ///
     /// Unless `args` set `--redis-timeout-ms`, the server gets 5 s: these tests check values,
-    /// not the timeout, and the first request also connects to Redis, which a loaded CI machine
-    /// can make slower than the default 200 ms (the features then come back `INVALID`).
+    /// not the timeout, and the first request also waits for the server's connection to Redis,
+    /// which a loaded CI machine can make slower than the default 200 ms (the features would
+    /// then come back `INVALID`).
     pub fn start(global: &[&str], args: &[&str]) -> Server {
         let timeout: &[&str] = if args.contains(&"--redis-timeout-ms") {
             &[]
@@ -38,6 +42,8 @@ impl Server {
             .expect("duet serve starts");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -46,12 +52,13 @@ impl Server {
                 {
                     let _ = tx.send(addr.trim().to_string());
                 }
+                lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
             }
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("duet serve reports its address");
-        Server { child, addr }
+        Server { child, addr, log }
     }
 
     /// Stops the server with SIGTERM and waits for it to flush and exit.
@@ -100,6 +107,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!("--- duet serve's stderr ---\n{}", log.join("\n"));
+        }
     }
 }
 
