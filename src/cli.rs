@@ -200,6 +200,9 @@ pub struct ServeArgs {
     /// How often to look for a newer snapshot, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub snapshot_poll_ms: u64,
+    /// Threads serving requests, each with its own Redis connection (default: one per core).
+    #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub workers: Option<u32>,
     /// Fraction of entities whose served vectors are logged for `duet check` (0 disables).
     #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01)]
     pub log_sample: f64,

@@ -46,6 +46,10 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         auth_token: args.auth_token.or(config.auth_token.clone()),
         redis_timeout: timeout,
         snapshot_poll: Duration::from_millis(args.snapshot_poll_ms.max(100)),
+        workers: args.workers.map_or_else(
+            || ServeConfig::default().workers,
+            |n| usize::try_from(n).unwrap_or(1),
+        ),
     };
     let app = App::new(spec, store, state, serve_config, log).await?;
     serve(app, &listen, shutdown, |addr| {

@@ -633,6 +633,16 @@ impl AnyStore {
         }
         Ok(AnyStore::Redis(RedisStore::connect_lazily(url, timeout)?))
     }
+
+    /// The same store through a connection of its own, made lazily on the calling runtime
+    /// (each of the server's single-threaded workers keeps its Redis connection's task beside
+    /// its requests). The in-memory store is shared as it is.
+    pub fn reopen_lazily(&self) -> Result<AnyStore> {
+        Ok(match self {
+            AnyStore::Redis(s) => AnyStore::Redis(RedisStore::connect_lazily(&s.url, s.timeout)?),
+            AnyStore::Memory(s) => AnyStore::Memory(s.clone()),
+        })
+    }
 }
 
 macro_rules! both {

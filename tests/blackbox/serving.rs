@@ -106,6 +106,10 @@ async fn golden_answer_through_http_as_of() {
             &prefix,
             "--log-sample",
             "0",
+            // Each request is a new connection, handed round-robin to the workers: all three,
+            // each with its own Redis connection, must serve the same values.
+            "--workers",
+            "3",
         ],
     );
     let names: Vec<String> = expected
@@ -479,6 +483,8 @@ fn snapshot_swap_under_load_drops_nothing() {
             &redis_url(),
             "--snapshot-poll-ms",
             "100",
+            "--workers",
+            "3",
         ],
     );
     let addr = server.addr.clone();
@@ -597,4 +603,20 @@ fn fuzzed_bodies_never_get_a_5xx() {
             },
         )
         .unwrap();
+}
+
+#[test]
+fn serve_refuses_zero_workers() {
+    let out = run(&[
+        "serve",
+        "--store",
+        "/nonexistent",
+        "--redis",
+        &redis_url(),
+        "--workers",
+        "0",
+    ]);
+    expect_status(&out, 2);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers"), "{err}");
 }

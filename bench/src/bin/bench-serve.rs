@@ -207,11 +207,22 @@ async fn main() {
     );
 
     load(addr, one.clone(), connections, 3, None).await;
-    let (peak, lat_peak) = load(addr, one.clone(), connections, 10, None).await;
+    // The closed loop and redis-benchmark take turns, three rounds: the machine's speed drifts
+    // (a shared VM), and a ratio is only fair between runs made close together. Every round is
+    // printed; the summary is the median round by ratio.
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let (rate, lat) = load(addr, one.clone(), connections, 10, None).await;
+        let redis_get = redis_benchmark(connections);
+        rounds.push((rate, lat, redis_get));
+    }
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| (rounds[a].0 / rounds[a].2).total_cmp(&(rounds[b].0 / rounds[b].2)));
+    let (peak, lat_peak, redis_get) = &rounds[order[order.len() / 2]];
+    let (peak, redis_get) = (*peak, *redis_get);
     let per_conn = Duration::from_secs_f64(connections as f64 / (peak / 2.0));
     let (half, lat_half) = load(addr, one.clone(), connections, 10, Some(per_conn)).await;
     let (rate100, lat100) = load(addr, hundred.clone(), connections, 10, None).await;
-    let redis_get = redis_benchmark(connections);
     let _ = server.kill();
     let _ = server.wait();
 
@@ -219,12 +230,22 @@ async fn main() {
         "serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    for (i, (rate, lat, get)) in rounds.iter().enumerate() {
+        println!(
+            "  round {}: 1 entity closed loop {:>9.0} req/s  p99 {}; redis-benchmark GET {:>9.0} req/s; ratio {:.2}",
+            i + 1,
+            rate,
+            ms(quantile(lat, 0.99)),
+            get,
+            rate / get
+        );
+    }
     println!(
-        "  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}",
+        "  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (median round)",
         peak,
-        ms(quantile(&lat_peak, 0.5)),
-        ms(quantile(&lat_peak, 0.99)),
-        ms(quantile(&lat_peak, 0.999))
+        ms(quantile(lat_peak, 0.5)),
+        ms(quantile(lat_peak, 0.99)),
+        ms(quantile(lat_peak, 0.999))
     );
     println!(
         "  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 1 ms)",
@@ -242,11 +263,11 @@ async fn main() {
         ms(quantile(&lat100, 0.999))
     );
     println!(
-        "  redis-benchmark GET, same concurrency {:>9.0} req/s",
+        "  redis-benchmark GET, same concurrency {:>9.0} req/s   (same round)",
         redis_get
     );
     println!(
-        "  ratio duet (1 entity) / redis GET     {:>9.2}    (target ≥ 0.50)",
+        "  ratio duet (1 entity) / redis GET     {:>9.2}    (median of the rounds; target ≥ 0.50)",
         peak / redis_get
     );
     let _ = std::fs::remove_dir_all(&dir);
