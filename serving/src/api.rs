@@ -77,7 +77,8 @@ pub fn resolve(
     req: &FeastRequest,
 ) -> Result<Vec<Resolved>, ApiError> {
     // As in Feast, a feature service wins over a feature list.
-    let refs: Vec<String> = match (&req.features, &req.feature_service) {
+    let service_refs: Vec<String>;
+    let refs: &[String] = match (&req.features, &req.feature_service) {
         (_, Some(service)) => {
             let view = spec.view(service).ok_or_else(|| ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -86,12 +87,14 @@ pub fn resolve(
                     view_names(spec)
                 ),
             })?;
-            view.features
+            service_refs = view
+                .features
                 .iter()
                 .map(|f| format!("{}:{}", view.name, f.name))
-                .collect()
+                .collect();
+            &service_refs
         }
-        (Some(f), None) if !f.is_empty() => f.clone(),
+        (Some(f), None) if !f.is_empty() => f,
         _ => {
             return Err(ApiError::bad(
                 "`features` must list at least one `view:feature` (or give `feature_service`)",
@@ -103,19 +106,30 @@ pub fn resolve(
         .map(|r| resolve_one(spec, plan, r, req.full_feature_names))
         .collect::<Result<_, _>>()?;
     // Two columns of one name would be ambiguous to every client (Feast refuses them too).
-    let mut seen = std::collections::HashSet::new();
-    for (r, f) in refs.iter().zip(&resolved) {
-        if !seen.insert(f.column.as_str()) {
-            return Err(ApiError::bad(format!(
-                "feature `{r}` gives column `{}` twice: list each feature once{}",
-                f.column,
-                if req.full_feature_names {
-                    ""
-                } else {
-                    ", or set \"full_feature_names\": true for features of the same name in two views"
-                }
-            )));
-        }
+    // Sorted names side by side: no hashing for the usual few dozen features.
+    let mut names: Vec<(&str, usize)> = resolved
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.column.as_str(), i))
+        .collect();
+    names.sort_unstable();
+    // The first feature, in request order, whose column an earlier one already gave.
+    let twice = names
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .min();
+    if let Some(i) = twice {
+        return Err(ApiError::bad(format!(
+            "feature `{}` gives column `{}` twice: list each feature once{}",
+            refs[i],
+            resolved[i].column,
+            if req.full_feature_names {
+                ""
+            } else {
+                ", or set \"full_feature_names\": true for features of the same name in two views"
+            }
+        )));
     }
     Ok(resolved)
 }
@@ -341,6 +355,45 @@ pub fn openapi() -> Json_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_column_names_its_first_repeat_in_request_order() {
+        let spec = duet_spec::load_spec(None).unwrap();
+        let plan = duet_speed::plan::SpeedPlan::compile(&spec);
+        let req: FeastRequest = serde_json::from_value(serde_json::json!({
+            "entities": {"user_id": ["u1"]},
+            "features": [
+                "user_realtime:txn_count_1h",
+                "user_batch:txn_count_90d",
+                "txn_count_90d",
+                "user_realtime:txn_count_1h",
+            ],
+        }))
+        .unwrap();
+        let err = resolve(&spec, &plan, &req).unwrap_err();
+        assert!(
+            err.message
+                .starts_with("feature `txn_count_90d` gives column `txn_count_90d` twice"),
+            "{}",
+            err.message
+        );
+        // Distinct columns resolve in request order.
+        let req: FeastRequest = serde_json::from_value(serde_json::json!({
+            "entities": {"user_id": ["u1"]},
+            "features": ["user_batch:txn_count_90d", "txn_count_1h"],
+            "full_feature_names": true,
+        }))
+        .unwrap();
+        let got: Vec<String> = resolve(&spec, &plan, &req)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.column)
+            .collect();
+        assert_eq!(
+            got,
+            ["user_batch__txn_count_90d", "user_realtime__txn_count_1h"]
+        );
+    }
 
     #[test]
     fn the_hand_written_body_is_what_serde_writes() {

@@ -78,7 +78,6 @@ struct ServeMetrics {
 }
 
 /// What one worker's handlers hold: the shared state, and the worker's own Redis connection.
-#[derive(Clone)]
 struct Worker {
     app: Arc<App>,
     state: AnyStore,
@@ -169,10 +168,10 @@ impl App {
                 }
             })
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
-            .with_state(Worker {
+            .with_state(Arc::new(Worker {
                 app: self.clone(),
                 state,
-            })
+            }))
     }
 
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -214,7 +213,7 @@ impl App {
                 event_timestamps: Vec::with_capacity(n),
             })
             .collect();
-        let now_text = Stamp::new(&format_ms(t));
+        let now_text = stamp_of(t);
         if features.iter().any(|f| f.layer == Layer::Streaming) {
             let keys: Vec<String> = entities
                 .iter()
@@ -429,6 +428,26 @@ impl App {
 
 const EPOCH: &str = "1970-01-01T00:00:00Z";
 
+thread_local! {
+    /// The last instant formatted on this thread: the requests of one millisecond share it.
+    static LAST_STAMP: std::cell::RefCell<Option<(i64, Stamp)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `t` as an RFC 3339 stamp.
+fn stamp_of(t: i64) -> Stamp {
+    LAST_STAMP.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((at, stamp)) if *at == t => stamp.clone(),
+            _ => {
+                let stamp = Stamp::new(&format_ms(t));
+                *last = Some((t, stamp.clone()));
+                stamp
+            }
+        }
+    })
+}
+
 fn json_value(v: Value) -> J {
     match v {
         Value::Null => J::Null,
@@ -515,7 +534,7 @@ fn as_of(text: Option<&str>) -> Result<(i64, bool), ApiError> {
 }
 
 async fn online_features(
-    State(worker): State<Worker>,
+    State(worker): State<Arc<Worker>>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
@@ -591,7 +610,7 @@ struct AsOfQuery {
 }
 
 async fn entity_features(
-    State(worker): State<Worker>,
+    State(worker): State<Arc<Worker>>,
     headers: HeaderMap,
     Path(user_id): Path<String>,
     query: Result<Query<AsOfQuery>, axum::extract::rejection::QueryRejection>,
@@ -612,7 +631,7 @@ async fn entity_features(
     finish(app, started, result)
 }
 
-async fn readyz(State(worker): State<Worker>) -> Response {
+async fn readyz(State(worker): State<Arc<Worker>>) -> Response {
     let app = &worker.app;
     let missing: Vec<&str> = app
         .views
@@ -645,7 +664,7 @@ async fn readyz(State(worker): State<Worker>) -> Response {
     }
 }
 
-async fn metrics(State(worker): State<Worker>) -> Response {
+async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     let app = &worker.app;
     use std::fmt::Write;
     let m = &app.metrics;

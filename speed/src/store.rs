@@ -375,6 +375,9 @@ impl RedisStore {
     async fn connection(&self) -> Result<ConnectionManager> {
         let not_connected =
             |why: &str| Error::Redis(format!("{}: not connected ({why})", self.url));
+        if let Link::Ready(con) = &*self.con.borrow() {
+            return Ok(con.clone());
+        }
         let mut link = self.con.clone();
         let link = link
             .wait_for(|l| !matches!(l, Link::Connecting))
