@@ -185,33 +185,45 @@ impl Conn {
     pub async fn post(&mut self, req: &[u8]) -> u16 {
         self.s.write_all(req).await.unwrap();
         self.buf.clear();
+        let mut searched: usize = 0;
         let (head_end, len) = loop {
-            let mut chunk = [0u8; 16384];
-            let n = self.s.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "server closed the connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..i]).to_ascii_lowercase();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap())
+            self.fill().await;
+            let from = searched.saturating_sub(3);
+            if let Some(i) = self.buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+                let head_end = from + i + 4;
+                let len = self.buf[..head_end]
+                    .split(|b| *b == b'\n')
+                    .find_map(|line| {
+                        let (name, value) = line.split_at(line.iter().position(|b| *b == b':')?);
+                        name.eq_ignore_ascii_case(b"content-length").then(|| {
+                            std::str::from_utf8(&value[1..])
+                                .unwrap()
+                                .trim()
+                                .parse::<usize>()
+                                .unwrap()
+                        })
                     })
                     .unwrap_or(0);
-                break (i + 4, len);
+                break (head_end, len);
             }
+            searched = self.buf.len();
         };
         while self.buf.len() < head_end + len {
-            let mut chunk = [0u8; 65536];
-            let n = self.s.read(&mut chunk).await.unwrap();
-            assert!(n > 0);
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.fill().await;
         }
         std::str::from_utf8(&self.buf[9..12])
             .unwrap()
             .parse()
             .unwrap()
+    }
+
+    /// Reads what has arrived onto the end of the buffer.
+    async fn fill(&mut self) {
+        if self.buf.capacity() - self.buf.len() < 16384 {
+            self.buf.reserve(65536);
+        }
+        let n = self.s.read_buf(&mut self.buf).await.unwrap();
+        assert!(n > 0, "server closed the connection");
     }
 }
 

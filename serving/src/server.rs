@@ -1,7 +1,6 @@
 //! The HTTP server: routes, the merge of batch snapshots with streaming state, readiness,
 //! metrics, and the snapshot watcher.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +25,8 @@ use serde_json::Value as J;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    ApiError, FeastColumn, FeastRequest, FeastResponse, Metadata, Resolved, Stamp, openapi, resolve,
+    ApiError, Cell, EPOCH, FeastRequest, Query as Features, QueryCache, Stamp, Status, Table,
+    feast_response, openapi,
 };
 use crate::served_log::{ServedLog, ServedRecord};
 use crate::snapshots::ViewSnapshots;
@@ -81,12 +81,16 @@ struct ServeMetrics {
 struct Worker {
     app: Arc<App>,
     state: AnyStore,
+    /// The feature lists this worker has resolved.
+    queries: QueryCache,
 }
 
 /// Everything a request needs.
 pub struct App {
     spec: Spec,
     plan: SpeedPlan,
+    /// Every feature of the spec, as `GET /v1/features/{user_id}` serves them.
+    all: Features,
     views: Vec<Option<Arc<ViewSnapshots>>>,
     store: Location,
     state: AnyStore,
@@ -117,9 +121,19 @@ impl App {
                 tracing::warn!(view = %v.view.name, error = %e, "no snapshot loaded yet");
             }
         }
+        let all = Features::new(
+            spec.features()
+                .map(|(v, f)| {
+                    crate::api::resolve_one(&spec, &plan, &format!("{}:{}", v.name, f.name), false)
+                })
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::Internal(e.message))?,
+            (None, Vec::new(), false),
+        );
         Ok(Arc::new(App {
             spec,
             plan,
+            all,
             views,
             store,
             state,
@@ -171,6 +185,7 @@ impl App {
             .with_state(Arc::new(Worker {
                 app: self.clone(),
                 state,
+                queries: QueryCache::default(),
             }))
     }
 
@@ -193,49 +208,69 @@ impl App {
         }
     }
 
-    /// Evaluates resolved features for `entities` as of `t` (`explicit`: `t` was requested),
-    /// reading streaming state through `state`.
+    /// Evaluates `query`'s features for `entities` as of `t` (`explicit`: `t` was requested),
+    /// reading streaming state through `state`. Also returns, per batch view used, the as-of
+    /// instant of the snapshot the values came from.
     async fn vectors(
         &self,
         state: &AnyStore,
-        features: &[Resolved],
-        entities: &[String],
+        query: &Features,
+        entities: &[impl AsRef<str>],
         t: i64,
         explicit: bool,
-    ) -> (Vec<FeastColumn>, BTreeMap<String, i64>) {
-        let mut used: BTreeMap<String, i64> = BTreeMap::new();
+    ) -> (Table, Vec<(usize, i64)>) {
         let n = entities.len();
-        let mut columns: Vec<FeastColumn> = features
-            .iter()
-            .map(|_| FeastColumn {
-                values: Vec::with_capacity(n),
-                statuses: Vec::with_capacity(n),
-                event_timestamps: Vec::with_capacity(n),
-            })
-            .collect();
-        let now_text = stamp_of(t);
-        if features.iter().any(|f| f.layer == Layer::Streaming) {
+        let mut table = Table {
+            rows: n,
+            cells: vec![
+                Cell {
+                    value: Value::Null,
+                    status: Status::Invalid,
+                    stamp: 0,
+                };
+                n * query.features.len()
+            ],
+            stamps: Vec::with_capacity(1 + query.batch.len()),
+        };
+        // Stamp 0: the instant evaluated.
+        table.stamps.push(stamp_of(t));
+        if query.streaming {
             let keys: Vec<String> = entities
                 .iter()
-                .map(|e| state_key(&self.config.prefix, e))
+                .map(|e| state_key(&self.config.prefix, e.as_ref()))
                 .collect();
             let fetched =
                 tokio::time::timeout(self.config.redis_timeout, state.get_many(&keys)).await;
-            // Per entity: `Ok(None)` when it has no state (nothing in any window), `Err` when its
-            // state cannot be read (answered as INVALID, never as defaults).
-            let states: Option<Vec<Result<Option<EntityState>, ()>>> = match fetched {
+            // Per entity: its features' values, or `None` when its state cannot be read
+            // (answered as INVALID, never as defaults). No state: nothing in any window.
+            let rows: Option<Vec<Option<Vec<Value>>>> = match fetched {
                 Ok(Ok(values)) => Some(
                     values
                         .into_iter()
                         .zip(entities)
                         .map(|(v, e)| match v {
-                            None => Ok(None),
-                            Some(v) => EntityState::decode(&self.plan, e, &v.bytes)
-                                .map(Some)
-                                .map_err(|err| {
+                            None => Some(
+                                self.plan
+                                    .features
+                                    .iter()
+                                    .map(|f| f.feature.default)
+                                    .collect(),
+                            ),
+                            Some(v) => match EntityState::decode(&self.plan, e.as_ref(), &v.bytes)
+                            {
+                                Ok(s) => {
+                                    let ev = s.evaluate(&self.plan, t);
+                                    if !ev.exact {
+                                        self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    Some(ev.values)
+                                }
+                                Err(err) => {
                                     self.metrics.corrupt_states.add(1);
-                                    tracing::warn!(entity = %e, error = %err, "unreadable streaming state");
-                                }),
+                                    tracing::warn!(entity = %e.as_ref(), error = %err, "unreadable streaming state");
+                                    None
+                                }
+                            },
                         })
                         .collect(),
                 ),
@@ -250,50 +285,20 @@ impl App {
                     None
                 }
             };
-            let evaluated: Option<Vec<Option<Vec<Value>>>> = states.map(|states| {
-                states
-                    .iter()
-                    .map(|s| match s {
-                        Ok(Some(s)) => {
-                            let ev = s.evaluate(&self.plan, t);
-                            if !ev.exact {
-                                self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Some(ev.values)
-                        }
-                        Ok(None) => Some(
-                            self.plan
-                                .features
-                                .iter()
-                                .map(|f| f.feature.default)
-                                .collect(),
-                        ),
-                        Err(()) => None,
-                    })
-                    .collect()
-            });
-            for (f, col) in features.iter().zip(columns.iter_mut()) {
+            for (j, f) in query.features.iter().enumerate() {
                 let Some(si) = f.speed_index else { continue };
-                for i in 0..n {
-                    match evaluated.as_ref().and_then(|rows| rows[i].as_ref()) {
-                        Some(row) => push(col, row[si], "PRESENT", &now_text),
-                        None => {
-                            col.values.push(J::Null);
-                            col.statuses.push("INVALID");
-                            col.event_timestamps.push(now_text.clone());
-                        }
+                let column = &mut table.cells[j * n..(j + 1) * n];
+                for (i, cell) in column.iter_mut().enumerate() {
+                    // Cells start as INVALID.
+                    if let Some(row) = rows.as_ref().and_then(|rows| rows[i].as_ref()) {
+                        *cell = Cell::served(row[si], Status::Present, 0);
                     }
                 }
             }
         }
-        let mut by_view: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (j, f) in features.iter().enumerate() {
-            if f.layer == Layer::Batch {
-                by_view.entry(f.view).or_default().push(j);
-            }
-        }
-        for (vi, cols) in by_view {
-            let view = self.views[vi].as_ref().expect("batch views are loaded");
+        let mut used = Vec::with_capacity(query.batch.len());
+        for (vi, cols) in &query.batch {
+            let view = self.views[*vi].as_ref().expect("batch views are loaded");
             let snapshot = if explicit {
                 view.at(&self.store, floor_to(t, view.view.cadence.as_ms()))
                     .await
@@ -304,46 +309,47 @@ impl App {
             } else {
                 view.current()
             };
-            if let Some(s) = &snapshot {
-                used.insert(view.view.name.clone(), s.manifest.as_of_ms);
+            let stamp = u8::try_from(table.stamps.len()).expect("fewer than 255 batch views");
+            match &snapshot {
+                Some(s) => {
+                    used.push((*vi, s.manifest.as_of_ms));
+                    table.stamps.push(s.stamp.clone());
+                }
+                None => table.stamps.push(EPOCH_STAMP.with(Stamp::clone)),
             }
             let stale = snapshot.as_ref().is_some_and(|s| {
                 view.view
                     .ttl
                     .is_some_and(|ttl| t - s.manifest.as_of_ms > ttl.as_ms())
             });
-            let snapshot_stamp = Stamp::new(
-                snapshot
-                    .as_ref()
-                    .map_or(EPOCH, |s| s.manifest.as_of.as_str()),
-            );
+            let status = if stale {
+                Status::OutsideMaxAge
+            } else {
+                Status::Present
+            };
             // Each entity's row is looked up once for all of the view's features.
             let rows: Vec<Option<usize>> = match &snapshot {
-                Some(s) => entities.iter().map(|e| s.row(e)).collect(),
+                Some(s) => entities.iter().map(|e| s.row(e.as_ref())).collect(),
                 None => vec![None; n],
             };
-            for j in cols {
-                let f = &features[j];
+            for &j in cols {
+                let f = &query.features[j];
                 let default = view.view.features[f.index].default;
-                for row in &rows {
+                let column = &mut table.cells[j * n..(j + 1) * n];
+                for (cell, row) in column.iter_mut().zip(&rows) {
                     // No row: the entity is not in the snapshot, or there is no snapshot.
-                    match row.zip(snapshot.as_ref()) {
-                        Some((row, s)) => push(
-                            &mut columns[j],
-                            s.value_at(row, f.index),
-                            if stale { "OUTSIDE_MAX_AGE" } else { "PRESENT" },
-                            &snapshot_stamp,
-                        ),
-                        None => {
-                            columns[j].values.push(json_value(default));
-                            columns[j].statuses.push("NOT_FOUND");
-                            columns[j].event_timestamps.push(snapshot_stamp.clone());
-                        }
-                    }
+                    *cell = match row.zip(snapshot.as_ref()) {
+                        Some((row, s)) => Cell::served(s.value_at(row, f.index), status, stamp),
+                        None => Cell {
+                            value: default,
+                            status: Status::NotFound,
+                            stamp,
+                        },
+                    };
                 }
             }
         }
-        (columns, used)
+        (table, used)
     }
 
     /// One entity's merged vector as a flat JSON object (the join key, then every feature),
@@ -354,22 +360,9 @@ impl App {
     }
 
     async fn entity_vector_in(&self, state: &AnyStore, entity: &str, t: i64, explicit: bool) -> J {
-        let features: Vec<Resolved> = self
-            .spec
-            .features()
-            .map(|(v, f)| {
-                crate::api::resolve_one(
-                    &self.spec,
-                    &self.plan,
-                    &format!("{}:{}", v.name, f.name),
-                    false,
-                )
-            })
-            .collect::<Result<_, _>>()
-            .expect("every spec feature resolves");
-        let entities = vec![entity.to_string()];
-        let (columns, snapshots) = self.vectors(state, &features, &entities, t, explicit).await;
-        self.log(&features, &entities, &columns, t, &snapshots);
+        let entities = [entity];
+        let (table, used) = self.vectors(state, &self.all, &entities, t, explicit).await;
+        self.log(&self.all, &entities, &table, t, &used);
         let mut out = serde_json::Map::new();
         let key = self
             .spec
@@ -377,40 +370,39 @@ impl App {
             .first()
             .map_or("user_id", |e| e.join_key.name());
         out.insert(key.to_string(), J::String(entity.to_string()));
-        for (f, c) in features.iter().zip(columns) {
-            out.insert(
-                f.column.clone(),
-                c.values.into_iter().next().unwrap_or(J::Null),
-            );
+        for (j, f) in self.all.features.iter().enumerate() {
+            out.insert(f.column.clone(), table.column(j)[0].json());
         }
         J::Object(out)
     }
 
     fn log(
         &self,
-        features: &[Resolved],
-        entities: &[String],
-        columns: &[FeastColumn],
+        query: &Features,
+        entities: &[impl AsRef<str>],
+        table: &Table,
         t: i64,
-        snapshots: &BTreeMap<String, i64>,
+        used: &[(usize, i64)],
     ) {
         let Some(log) = &self.log else { return };
         let served_at = duet_speed::now_ms();
         for (i, e) in entities.iter().enumerate() {
+            let e = e.as_ref();
             if !log.wants(e) {
                 continue;
             }
-            let values = features
+            let values = query
+                .features
                 .iter()
-                .zip(columns)
-                .filter(|(_, c)| c.statuses[i] != "INVALID")
+                .enumerate()
+                .map(|(j, f)| (f, table.column(j)[i]))
+                .filter(|(_, c)| c.status != Status::Invalid)
                 .map(|(f, c)| {
                     let name = self.spec.views[f.view].features[f.index].name.clone();
-                    let v = match &c.values[i] {
-                        J::Null => Value::Null,
-                        J::Number(x) if x.is_i64() => Value::Int(x.as_i64().expect("i64")),
-                        J::Number(x) => Value::Float(x.as_f64().unwrap_or(f64::NAN)),
-                        _ => Value::Null,
+                    // As served: a non-finite float went out as null.
+                    let v = match c.value {
+                        Value::Float(x) if !x.is_finite() => Value::Null,
+                        v => v,
                     };
                     (name, v)
                 })
@@ -418,19 +410,22 @@ impl App {
             log.record(ServedRecord {
                 served_at_ms: served_at,
                 as_of_ms: t,
-                entity: e.clone(),
+                entity: e.to_string(),
                 values,
-                snapshots: snapshots.clone(),
+                snapshots: used
+                    .iter()
+                    .map(|(vi, at)| (self.spec.views[*vi].name.clone(), *at))
+                    .collect(),
             });
         }
     }
 }
 
-const EPOCH: &str = "1970-01-01T00:00:00Z";
-
 thread_local! {
     /// The last instant formatted on this thread: the requests of one millisecond share it.
     static LAST_STAMP: std::cell::RefCell<Option<(i64, Stamp)>> = const { std::cell::RefCell::new(None) };
+    /// The stamp of values from no snapshot.
+    static EPOCH_STAMP: Stamp = Stamp::new(EPOCH);
 }
 
 /// `t` as an RFC 3339 stamp.
@@ -446,80 +441,6 @@ fn stamp_of(t: i64) -> Stamp {
             }
         }
     })
-}
-
-fn json_value(v: Value) -> J {
-    match v {
-        Value::Null => J::Null,
-        Value::Int(i) => J::from(i),
-        Value::Float(x) => serde_json::Number::from_f64(x).map_or(J::Null, J::Number),
-    }
-}
-
-/// Appends a value: `status` (PRESENT or OUTSIDE_MAX_AGE) unless a PRESENT value is null.
-fn push(col: &mut FeastColumn, v: Value, status: &'static str, ts: &Stamp) {
-    let j = json_value(v);
-    col.statuses.push(if j.is_null() && status == "PRESENT" {
-        "NULL_VALUE"
-    } else {
-        status
-    });
-    col.values.push(j);
-    col.event_timestamps.push(ts.clone());
-}
-
-fn entity_values(req: &FeastRequest, spec: &Spec, max: usize) -> Result<Vec<String>, ApiError> {
-    let keys: Vec<&str> = spec.entities.iter().map(|e| e.join_key.name()).collect();
-    if req.entities.len() != 1 {
-        return Err(ApiError::bad(format!(
-            "`entities` must hold exactly one join key ({}), with a list of values",
-            keys.join(", ")
-        )));
-    }
-    let (key, values) = req.entities.iter().next().expect("one entry");
-    if !keys.contains(&key.as_str()) {
-        return Err(ApiError::bad(format!(
-            "unknown join key `{key}` in `entities`: use {}",
-            keys.join(", ")
-        )));
-    }
-    let J::Array(values) = values else {
-        return Err(ApiError::bad(format!(
-            "`entities.{key}` must be a list, such as [\"u1\", \"u2\"]"
-        )));
-    };
-    if values.is_empty() {
-        return Err(ApiError::bad(format!("`entities.{key}` is empty")));
-    }
-    if values.len() > max {
-        return Err(ApiError::bad(format!(
-            "too many entities: {} in one request, at most {max}",
-            values.len()
-        )));
-    }
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| match v {
-            J::String(s) => Ok(s.clone()),
-            J::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
-            other => Err(ApiError::bad(format!(
-                "`entities.{key}[{i}]` is {}, expected a string or an integer",
-                type_name(other)
-            ))),
-        })
-        .collect()
-}
-
-fn type_name(v: &J) -> &'static str {
-    match v {
-        J::Null => "null",
-        J::Bool(_) => "a boolean",
-        J::Number(_) => "a non-integer number",
-        J::String(_) => "a string",
-        J::Array(_) => "a list",
-        J::Object(_) => "an object",
-    }
 }
 
 fn as_of(text: Option<&str>) -> Result<(i64, bool), ApiError> {
@@ -554,37 +475,17 @@ async fn online_features(
                 format!("cannot read the request body: {e}")
             },
         })?;
-        let req: FeastRequest = serde_json::from_slice(&body)
+        let req: FeastRequest<'_> = serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))?;
-        let features = resolve(&app.spec, &app.plan, &req)?;
-        let entities = entity_values(&req, &app.spec, app.config.max_entities)?;
+        let query = worker.queries.resolve(&app.spec, &app.plan, &req)?;
+        let (key, entities) = req.entity_keys(&app.spec, app.config.max_entities)?;
         let (t, explicit) = as_of(req.as_of.as_deref())?;
-        let key_name = req.entities.keys().next().expect("validated").clone();
-        let (columns, snapshots) = app
-            .vectors(&worker.state, &features, &entities, t, explicit)
+        let (table, used) = app
+            .vectors(&worker.state, &query, &entities, t, explicit)
             .await;
-        app.log(&features, &entities, &columns, t, &snapshots);
+        app.log(&query, &entities, &table, t, &used);
         app.metrics.entities.add(entities.len() as u64);
-        let mut names = vec![key_name];
-        names.extend(features.iter().map(|f| f.column.clone()));
-        let mut results = Vec::with_capacity(columns.len() + 1);
-        results.push(FeastColumn {
-            statuses: vec!["PRESENT"; entities.len()],
-            event_timestamps: vec![Stamp::new(EPOCH); entities.len()],
-            // The join key as sent (a Feast client decodes an integer key back as an integer).
-            values: match req.entities.values().next() {
-                Some(J::Array(sent)) => sent.clone(),
-                _ => entities.into_iter().map(J::String).collect(),
-            },
-        });
-        results.extend(columns);
-        let body = FeastResponse {
-            metadata: Metadata {
-                feature_names: names,
-            },
-            results,
-        }
-        .to_json();
+        let body = feast_response(&req, key, &query, &table);
         Ok::<_, ApiError>(([(header::CONTENT_TYPE, "application/json")], body))
     }
     .await;

@@ -11,6 +11,7 @@ use duet_batch::publish::{Manifest, latest_manifest, manifest_at, read_snapshot}
 use duet_batch::store::Location;
 use duet_spec::{Value, ValueType, View};
 
+use crate::api::Stamp;
 use crate::{Error, Result};
 
 /// How one feature of a loaded snapshot is held.
@@ -27,6 +28,8 @@ enum Kind {
 pub struct LoadedSnapshot {
     /// Its manifest.
     pub manifest: Manifest,
+    /// Its as-of instant, as the responses' time stamps write it.
+    pub stamp: Stamp,
     rows: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     kinds: Vec<Kind>,
     /// Words per row: the presence bits of the features, then one value per feature (the bits
@@ -49,6 +52,7 @@ impl LoadedSnapshot {
         let width = mask_words + features;
         let Some(schema) = batches.first().map(|b| b.schema()) else {
             return Ok(LoadedSnapshot {
+                stamp: Stamp::new(&manifest.as_of),
                 manifest,
                 rows: HashMap::default(),
                 kinds: vec![Kind::Missing; features],
@@ -102,6 +106,7 @@ impl LoadedSnapshot {
         }
         bytes += cells.len() * 8;
         Ok(LoadedSnapshot {
+            stamp: Stamp::new(&manifest.as_of),
             manifest,
             rows,
             kinds,

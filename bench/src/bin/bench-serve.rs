@@ -82,7 +82,7 @@ fn redis_benchmark(connections: usize) -> f64 {
         .expect("redis-benchmark prints a GET rate")
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let bin = arg("--duet", "target/release/duet");
     let brokers = arg("--brokers", "127.0.0.1:9092");
