@@ -608,13 +608,13 @@ pub struct Cell {
     /// Its status.
     pub status: Status,
     /// Its time stamp: an index into [`Table::stamps`].
-    pub stamp: u8,
+    pub stamp: u16,
 }
 
 impl Cell {
     /// A value served with `status` (PRESENT or OUTSIDE_MAX_AGE); a PRESENT value that is null
     /// on the wire is NULL_VALUE.
-    pub fn served(value: Value, status: Status, stamp: u8) -> Cell {
+    pub fn served(value: Value, status: Status, stamp: u16) -> Cell {
         let null = match value {
             Value::Null => true,
             Value::Int(_) => false,

@@ -309,7 +309,7 @@ impl App {
             } else {
                 view.current()
             };
-            let stamp = u8::try_from(table.stamps.len()).expect("fewer than 255 batch views");
+            let stamp = u16::try_from(table.stamps.len()).expect("fewer than 65535 batch views");
             match &snapshot {
                 Some(s) => {
                     used.push((*vi, s.manifest.as_of_ms));
