@@ -2,7 +2,7 @@
 //! one snapshot per requested instant.
 
 use std::collections::BTreeMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use duet_spec::duration::floor_to;
 use duet_spec::timestamp::format_ms;
@@ -17,7 +17,7 @@ use crate::publish::{
     Manifest, ManifestFeature, commit, encode_snapshot, enforce_retention, list_manifests,
     write_data, write_dead_letters,
 };
-use crate::snapshot::snapshot;
+use crate::snapshot::Snapshots;
 use crate::store::resolve;
 use crate::tiles::{TilePlan, compute_tiles, dedupe_batches, events_table, session};
 use crate::{Error, Result};
@@ -184,28 +184,48 @@ async fn run_locked(
             job.as_of.len() as u64,
             &format!("publishing snapshots of {}", view.name),
         );
-        let manifests: Vec<Manifest> = futures::stream::iter(job.as_of.iter().copied())
-            .map(|s| {
-                let (tiles, plan) = (tiles.clone(), plan.clone());
+        // One thread folds the instants in order, each from the one before (a snapshot refolds
+        // only the entities whose windows gained or lost a tile); the snapshots it hands over
+        // are encoded and written two at a time, beside it.
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<(i64, arrow::record_batch::RecordBatch, Duration, usize)>(
+                1,
+            );
+        let instants = job.as_of.clone();
+        let folding = {
+            let (tiles, plan) = (tiles.clone(), plan.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut snapshots = Snapshots::new(&tiles, &plan);
+                for s in instants {
+                    let t = Instant::now();
+                    let batch = snapshots.at(s);
+                    let refolded = snapshots.refolded();
+                    if tx.blocking_send((s, batch, t.elapsed(), refolded)).is_err() {
+                        // The writer stopped on an error, which it reports.
+                        break;
+                    }
+                }
+            })
+        };
+        let folded =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+        let manifests: Result<Vec<Manifest>> = folded
+            .map(|(s, batch, fold, refolded)| {
                 let log = &log;
                 async move {
-                    let t = std::time::Instant::now();
-                    // Folding and encoding are CPU work: both run on a blocking thread, so the
-                    // two snapshots in flight use both cores.
-                    let (rows, parquet, folded) = tokio::task::spawn_blocking(move || {
-                        let batch = snapshot(&tiles, &plan, s);
-                        let folded = t.elapsed();
-                        encode_snapshot(&batch).map(|p| (batch.num_rows(), p, folded))
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(format!("snapshot task failed: {e}")))??;
+                    let t = Instant::now();
+                    let rows = batch.num_rows();
+                    let parquet = tokio::task::spawn_blocking(move || encode_snapshot(&batch))
+                        .await
+                        .map_err(|e| Error::Internal(format!("snapshot task failed: {e}")))??;
                     let encoded = t.elapsed();
                     let (data, data_bytes) =
                         write_data(store, &view.name, run_id, s, parquet).await?;
                     tracing::debug!(
                         as_of = %format_ms(s),
-                        fold_ms = folded.as_millis() as u64,
-                        encode_ms = (encoded - folded).as_millis() as u64,
+                        refolded,
+                        fold_ms = fold.as_millis() as u64,
+                        encode_ms = encoded.as_millis() as u64,
                         write_ms = (t.elapsed() - encoded).as_millis() as u64,
                         "snapshot"
                     );
@@ -248,7 +268,19 @@ async fn run_locked(
             })
             .buffered(2)
             .try_collect()
-            .await?;
+            .await;
+        folding
+            .await
+            .map_err(|e| Error::Internal(format!("snapshot folding failed: {e}")))?;
+        let manifests = manifests?;
+        if manifests.len() != job.as_of.len() {
+            return Err(Error::Internal(format!(
+                "{} of {} snapshots of view {} were computed",
+                manifests.len(),
+                job.as_of.len(),
+                view.name
+            )));
+        }
         for m in manifests {
             published.push(Published {
                 view: m.view.clone(),

@@ -2,8 +2,12 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, BooleanArray, Float64Builder, Int64Builder};
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use arrow::array::{
+    ArrayRef, BooleanArray, BooleanBufferBuilder, Float64Array, Float64Builder, Int64Array,
+    Int64Builder, PrimitiveArray,
+};
+use arrow::buffer::{BooleanBuffer, NullBuffer};
+use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use duet_spec::duration::ceil_to;
 use duet_spec::reference::rank_key;
@@ -177,7 +181,7 @@ enum Prepared<'a> {
     Measure(Folder<'a>),
     Ratio { num: Folder<'a>, den: Folder<'a> },
     Age { first: Folder<'a>, unit: i64 },
-    PctRank { of: Folder<'a>, round: Option<u32> },
+    PctRank { of: Folder<'a> },
 }
 
 impl<'a> Prepared<'a> {
@@ -194,11 +198,19 @@ impl<'a> Prepared<'a> {
                 first: folder((Agg::Min, *slot)),
                 unit: *unit,
             },
-            Recipe::PctRank { of, round } => Prepared::PctRank {
-                of: folder(*of),
-                round: *round,
-            },
+            Recipe::PctRank { of, .. } => Prepared::PctRank { of: folder(*of) },
         }
+    }
+
+    /// Its folders (one or two).
+    fn folders_of(&self) -> impl Iterator<Item = &Folder<'a>> {
+        let (first, second) = match self {
+            Prepared::Measure(m) => (m, None),
+            Prepared::Ratio { num, den } => (num, Some(den)),
+            Prepared::Age { first, .. } => (first, None),
+            Prepared::PctRank { of, .. } => (of, None),
+        };
+        std::iter::once(first).chain(second)
     }
 
     /// Its folders (one or two), in a fixed order.
@@ -212,14 +224,10 @@ impl<'a> Prepared<'a> {
         std::iter::once(first).chain(second)
     }
 
-    /// The raw value of a non-population feature as of `s`, for the entity whose rows in each
-    /// of the snapshot's windows are `spans`.
-    fn raw(
-        &self,
-        spans: &[(usize, usize)],
-        s: i64,
-        scratch: &mut Vec<&'a DistinctKey>,
-    ) -> Option<f64> {
+    /// The part of a feature's value that depends only on the tiles in its windows, for the
+    /// entity whose rows in each of the snapshot's windows are `spans`: the measure, the ratio,
+    /// the earliest time for an age, the ranked measure for a population feature.
+    fn folded(&self, spans: &[(usize, usize)], scratch: &mut Vec<&'a DistinctKey>) -> Option<f64> {
         let mut fold = |f: &Folder<'a>| f.fold_in(spans[f.span], scratch);
         match self {
             Prepared::Measure(m) => fold(m),
@@ -231,27 +239,33 @@ impl<'a> Prepared<'a> {
                     _ => None,
                 }
             }
-            Prepared::Age { first, unit } => {
-                fold(first).map(|first| (s - first as i64).div_euclid(*unit) as f64)
-            }
-            Prepared::PctRank { .. } => {
-                unreachable!("population features are ranked over every entity")
-            }
+            Prepared::Age { first, .. } => fold(first),
+            Prepared::PctRank { of, .. } => fold(of),
         }
     }
 
-    /// The rank key of a population feature's measure (`spans` as for [`Prepared::raw`]).
-    fn rank_key(
+    /// The raw value of a non-population feature as of `s` (`spans` as for
+    /// [`Prepared::folded`]).
+    fn raw(
         &self,
         spans: &[(usize, usize)],
+        s: i64,
         scratch: &mut Vec<&'a DistinctKey>,
-    ) -> Option<i64> {
-        let Prepared::PctRank { of, round } = self else {
-            unreachable!("only population features have rank keys")
-        };
-        of.fold_in(spans[of.span], scratch)
-            .map(|x| rank_key(x, *round))
+    ) -> Option<f64> {
+        let folded = self.folded(spans, scratch);
+        match self {
+            Prepared::Age { unit, .. } => age(folded, s, *unit),
+            Prepared::PctRank { .. } => {
+                unreachable!("population features are ranked over every entity")
+            }
+            _ => folded,
+        }
     }
+}
+
+/// Whole units from the earliest time to `s`.
+fn age(first: Option<f64>, s: i64, unit: i64) -> Option<f64> {
+    first.map(|first| (s - first as i64).div_euclid(unit) as f64)
 }
 
 fn zero(agg: Agg) -> Option<f64> {
@@ -323,75 +337,409 @@ pub fn ranked_value(
 /// Every entity with an event before `s`, with every feature of the plan as of `s`.
 /// Entities are in sorted order. `s` must be on a tile boundary of every resolution, or the
 /// instant the tiles were cut at.
-///
-/// A backfill calls this once per midnight over the same tiles, so it does no work per entity
-/// beyond the fold itself: the key column is filtered from the set's prebuilt one, values go
-/// straight into column builders, `count_distinct` reuses one buffer, and a population
-/// feature is ranked by one sort and one pass instead of a search per entity.
 pub fn snapshot(set: &TileSet, plan: &TilePlan, s: i64) -> RecordBatch {
-    let mask: BooleanArray = set.first_ms.iter().map(|t| Some(*t < s)).collect();
-    let members: Vec<usize> = mask.values().set_indices().collect();
-    let mut columns: Vec<ArrayRef> = Vec::with_capacity(plan.features.len() + 1);
-    columns.push(
-        arrow::compute::filter(set.key_array(), &mask).expect("the mask matches the entities"),
-    );
-    let mut prepared: Vec<Prepared<'_>> = plan
-        .features
-        .iter()
-        .map(|f| Prepared::new(set, plan, f, s))
-        .collect();
-    // Folders over the same table and range share their window: each entity's rows in it are
-    // searched once for all of them.
-    let mut windows: Vec<Window<'_>> = Vec::new();
-    for p in &mut prepared {
-        for folder in p.folders_mut() {
-            folder.span = match windows.iter().position(|w| w.same(&folder.window)) {
-                Some(i) => i,
-                None => {
-                    windows.push(folder.window);
-                    windows.len() - 1
+    Snapshots::new(set, plan).at(s)
+}
+
+/// Snapshots of one view at successive instants over the same tiles (a backfill's midnights).
+///
+/// Each feature's value is the fold of an entity's tiles in its windows, then a step that
+/// depends on the instant (an age) or on the whole population (a rank). The folded parts are
+/// kept for every entity, and from one instant to the next only the entities with a tile that
+/// enters or leaves one of the windows are folded again: a day of a 90-day backfill moves
+/// the windows past a few percent of the tiles, not all of them. An entity not folded again
+/// has exactly the tiles it had in each window, so its folded values are the same bits a
+/// fresh fold gives (no running sums, so no rounding drift). The first instant, and any step
+/// that would refold most entities, folds them all.
+pub struct Snapshots<'a> {
+    set: &'a TileSet,
+    plan: &'a TilePlan,
+    /// The instant `folded` holds, once there is one.
+    at: Option<i64>,
+    /// Per feature, per entity: what its value as of `at` keeps from the fold.
+    folded: Vec<Kept>,
+    /// Per table of tiles (by the address of its tile column): its entities by tile, or
+    /// `None` when its tiles span too many indices to list.
+    by_tile: Vec<(usize, Option<ByTile>)>,
+    /// Entities folded by the last [`Snapshots::at`].
+    refolded: usize,
+    /// Above how many changed entities a snapshot folds them all (`None`: half of them).
+    limit: Option<usize>,
+}
+
+impl<'a> Snapshots<'a> {
+    /// Nothing folded yet.
+    pub fn new(set: &'a TileSet, plan: &'a TilePlan) -> Self {
+        Snapshots {
+            set,
+            plan,
+            at: None,
+            folded: plan.features.iter().map(Kept::new).collect(),
+            by_tile: Vec::new(),
+            refolded: 0,
+            limit: None,
+        }
+    }
+
+    /// Folds only the changed entities unless more than `entities` changed (by default, more
+    /// than half of them: folding all is then as cheap).
+    pub fn refolding_at_most(mut self, entities: usize) -> Self {
+        self.limit = Some(entities);
+        self
+    }
+
+    /// How many entities the last snapshot folded (the others kept their folded values).
+    pub fn refolded(&self) -> usize {
+        self.refolded
+    }
+
+    /// The snapshot as of `s` (see [`snapshot`]).
+    pub fn at(&mut self, s: i64) -> RecordBatch {
+        let (set, plan) = (self.set, self.plan);
+        let mut prepared: Vec<Prepared<'a>> = plan
+            .features
+            .iter()
+            .map(|f| Prepared::new(set, plan, f, s))
+            .collect();
+        // Folders over the same table and range share their window: each entity's rows in it
+        // are searched once for all of them.
+        let mut windows: Vec<Window<'a>> = Vec::new();
+        for p in &mut prepared {
+            for folder in p.folders_mut() {
+                folder.span = match windows.iter().position(|w| w.same(&folder.window)) {
+                    Some(i) => i,
+                    None => {
+                        windows.push(folder.window);
+                        windows.len() - 1
+                    }
+                };
+            }
+        }
+        let n = set.entities.len();
+        let changed = self.at.and_then(|old| self.changed(old, &prepared));
+        if changed.is_none() {
+            for column in &mut self.folded {
+                column.reset(n);
+            }
+        }
+        let mut spans = vec![(0, 0); windows.len()];
+        let mut scratch = Vec::new();
+        let mut refold = |u: usize| {
+            for (span, w) in spans.iter_mut().zip(&windows) {
+                *span = w.span(u);
+            }
+            // Every feature while the entity's tiles are in cache.
+            for (p, column) in prepared.iter().zip(&mut self.folded) {
+                column.set(u, p.folded(&spans, &mut scratch));
+            }
+        };
+        self.refolded = match &changed {
+            None => {
+                (0..n).for_each(&mut refold);
+                n
+            }
+            Some(bits) => {
+                let mut count = 0;
+                for (word, b) in bits.iter().enumerate() {
+                    let mut b = *b;
+                    while b != 0 {
+                        refold(word * 64 + b.trailing_zeros() as usize);
+                        b &= b - 1;
+                        count += 1;
+                    }
                 }
-            };
+                count
+            }
+        };
+        self.at = Some(s);
+        self.assemble(s)
+    }
+
+    /// The entities whose rows in some window differ between `old` and the instant `prepared`
+    /// is for, as a bit set;
+    /// `None` when folding every entity is as cheap (or a table has no index by tile).
+    fn changed(&mut self, old: i64, prepared: &[Prepared<'a>]) -> Option<Vec<u64>> {
+        let n = self.set.entities.len();
+        let limit = self.limit.unwrap_or(n / 2);
+        // (table, its offsets, range at `old`, range at `new`), each once.
+        let mut moves: Vec<(Window<'a>, (i64, i64))> = Vec::new();
+        for (p, f) in prepared.iter().zip(&self.plan.features) {
+            let before = tile_range(f, old);
+            for folder in p.folders_of() {
+                let w = folder.window;
+                if !moves.iter().any(|(m, b)| m.same(&w) && *b == before) {
+                    moves.push((w, before));
+                }
+            }
+        }
+        let mut bits = vec![0u64; n.div_ceil(64)];
+        let mut marked = 0usize;
+        for (w, (a, b)) in moves {
+            let (c, d) = w.range;
+            let index = self.index(&w)?;
+            // The rows that enter or leave: tiles in either range but not both.
+            for (lo, hi) in [(a.min(c), a.max(c)), (b.min(d), b.max(d))] {
+                let entities = index.entities(lo, hi);
+                marked += entities.len();
+                if marked > limit {
+                    return None;
+                }
+                for e in entities {
+                    bits[*e as usize / 64] |= 1 << (*e % 64);
+                }
+            }
+        }
+        Some(bits)
+    }
+
+    /// The index by tile of `w`'s table, built on first use.
+    fn index(&mut self, w: &Window<'a>) -> Option<&ByTile> {
+        let key = w.tile.as_ptr() as usize;
+        let at = match self.by_tile.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.by_tile.push((key, ByTile::new(w.offsets, w.tile)));
+                self.by_tile.len() - 1
+            }
+        };
+        self.by_tile[at].1.as_ref()
+    }
+
+    /// The snapshot's columns from the folded values: every entity with an event before `s`.
+    fn assemble(&self, s: i64) -> RecordBatch {
+        let (set, plan) = (self.set, self.plan);
+        let mask = BooleanArray::new(
+            BooleanBuffer::collect_bool(set.first_ms.len(), |u| set.first_ms[u] < s),
+            None,
+        );
+        let members: Vec<usize> = mask.values().set_indices().collect();
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(plan.features.len() + 1);
+        columns.push(
+            arrow::compute::filter(set.key_array(), &mask).expect("the mask matches the entities"),
+        );
+        for (f, kept) in plan.features.iter().zip(&self.folded) {
+            columns.push(match (kept, &f.recipe) {
+                (Kept::Folded(folded), Recipe::PctRank { round, .. }) => {
+                    let keys: Vec<Option<i64>> = members
+                        .iter()
+                        .map(|u| folded[*u].map(|x| rank_key(x, *round)))
+                        .collect();
+                    let ranks = cume_dist(&keys);
+                    let raw = keys.iter().zip(ranks).map(|(k, r)| k.map(|_| r));
+                    finished_column(f, raw, members.len())
+                }
+                (Kept::Folded(folded), Recipe::Age { unit, .. }) => {
+                    let raw = members.iter().map(|u| age(folded[*u], s, *unit));
+                    finished_column(f, raw, members.len())
+                }
+                (Kept::Folded(_), _) => unreachable!("only ages and ranks keep folded values"),
+                (Kept::Ints { values, valid, .. }, _) => {
+                    let all =
+                        Int64Array::new(values.clone().into(), Some(valid.finish_cloned().into()));
+                    arrow::compute::filter(&all, &mask).expect("the mask matches the entities")
+                }
+                (Kept::Floats { values, valid, .. }, _) => {
+                    let all = Float64Array::new(
+                        values.clone().into(),
+                        Some(valid.finish_cloned().into()),
+                    );
+                    arrow::compute::filter(&all, &mask).expect("the mask matches the entities")
+                }
+            });
+        }
+        RecordBatch::try_new(snapshot_schema(plan), columns)
+            .expect("columns match the snapshot schema")
+    }
+}
+
+/// What a snapshot keeps of one feature for every entity between instants.
+enum Kept {
+    /// An integer measure or ratio: its value, final whatever the instant.
+    Ints {
+        values: Vec<i64>,
+        valid: BooleanBufferBuilder,
+        default: Option<i64>,
+    },
+    /// A float measure or ratio: its value, final whatever the instant.
+    Floats {
+        values: Vec<f64>,
+        valid: BooleanBufferBuilder,
+        default: Option<f64>,
+    },
+    /// An age's earliest time or a rank's measure, finished per instant.
+    Folded(Vec<Option<f64>>),
+}
+
+impl Kept {
+    fn new(f: &CompiledFeature) -> Kept {
+        match (&f.recipe, f.feature.value_type) {
+            (Recipe::Age { .. } | Recipe::PctRank { .. }, _) => Kept::Folded(Vec::new()),
+            (_, ValueType::Int) => Kept::Ints {
+                values: Vec::new(),
+                valid: BooleanBufferBuilder::new(0),
+                default: int_value(f.feature.default),
+            },
+            (_, ValueType::Float) => Kept::Floats {
+                values: Vec::new(),
+                valid: BooleanBufferBuilder::new(0),
+                default: f.feature.default.as_f64(),
+            },
         }
     }
-    let mut spans = vec![(0, 0); windows.len()];
-    let mut builders: Vec<ColumnBuilder> = plan
-        .features
-        .iter()
-        .map(|f| ColumnBuilder::new(f.feature.value_type, members.len()))
-        .collect();
-    // Rank keys of the population features, ranked once every entity has one.
-    let mut keyed: Vec<Vec<Option<i64>>> = prepared
-        .iter()
-        .map(|p| match p {
-            Prepared::PctRank { .. } => Vec::with_capacity(members.len()),
-            _ => Vec::new(),
+
+    /// `n` entities, none of them folded.
+    fn reset(&mut self, n: usize) {
+        match self {
+            Kept::Ints { values, valid, .. } => {
+                values.clear();
+                values.resize(n, 0);
+                *valid = BooleanBufferBuilder::new(n);
+                valid.append_n(n, false);
+            }
+            Kept::Floats { values, valid, .. } => {
+                values.clear();
+                values.resize(n, 0.0);
+                *valid = BooleanBufferBuilder::new(n);
+                valid.append_n(n, false);
+            }
+            Kept::Folded(v) => {
+                v.clear();
+                v.resize(n, None);
+            }
+        }
+    }
+
+    /// Entity `u`'s folded part (see [`Prepared::folded`]); for a measure or ratio, its value
+    /// as [`finish`] gives it.
+    fn set(&mut self, u: usize, folded: Option<f64>) {
+        match self {
+            Kept::Ints {
+                values,
+                valid,
+                default,
+            } => {
+                let x = folded.map_or(*default, |x| Some(x as i64));
+                values[u] = x.unwrap_or(0);
+                valid.set_bit(u, x.is_some());
+            }
+            Kept::Floats {
+                values,
+                valid,
+                default,
+            } => {
+                let x = folded.or(*default);
+                values[u] = x.unwrap_or(0.0);
+                valid.set_bit(u, x.is_some());
+            }
+            Kept::Folded(v) => v[u] = folded,
+        }
+    }
+}
+
+/// A value as an integer column holds it (see [`ColumnBuilder::push`]).
+fn int_value(v: Value) -> Option<i64> {
+    match v {
+        Value::Null => None,
+        Value::Int(i) => Some(i),
+        Value::Float(x) => Some(x as i64),
+    }
+}
+
+/// A feature's column from its raw values: what [`finish`] gives for each, pushed into a
+/// [`ColumnBuilder`], built in one pass without a [`Value`] per row.
+fn finished_column(
+    f: &CompiledFeature,
+    raw: impl Iterator<Item = Option<f64>>,
+    len: usize,
+) -> ArrayRef {
+    fn build<T: arrow::datatypes::ArrowPrimitiveType>(
+        values: impl Iterator<Item = Option<T::Native>>,
+        len: usize,
+    ) -> ArrayRef {
+        let mut v = Vec::with_capacity(len);
+        let mut valid = BooleanBufferBuilder::new(len);
+        for x in values {
+            v.push(x.unwrap_or_default());
+            valid.append(x.is_some());
+        }
+        let nulls = NullBuffer::new(valid.finish());
+        let nulls = (nulls.null_count() > 0).then_some(nulls);
+        Arc::new(PrimitiveArray::<T>::new(v.into(), nulls))
+    }
+    let default = f.feature.default;
+    match f.feature.value_type {
+        ValueType::Int => {
+            let default = int_value(default);
+            build::<Int64Type>(raw.map(|x| x.map_or(default, |x| Some(x as i64))), len)
+        }
+        ValueType::Float => {
+            let default = default.as_f64();
+            build::<Float64Type>(raw.map(|x| x.or(default)), len)
+        }
+    }
+}
+
+/// One table's entities grouped by tile index: `entities[starts[i]..starts[i + 1]]` have a
+/// row at tile `base + i`, ascending.
+struct ByTile {
+    base: i64,
+    starts: Vec<usize>,
+    entities: Vec<u32>,
+}
+
+impl ByTile {
+    /// Indexes a table whose entity `u`'s rows are `offsets[u]..offsets[u + 1]` of `tile`;
+    /// `None` when its tiles span more indices than it has rows (minute tiles over years,
+    /// say), where the index would cost more than it saves.
+    fn new(offsets: &[usize], tile: &[i64]) -> Option<ByTile> {
+        let (Some(lo), Some(hi)) = (tile.iter().min(), tile.iter().max()) else {
+            return Some(ByTile {
+                base: 0,
+                starts: vec![0],
+                entities: Vec::new(),
+            });
+        };
+        let span = usize::try_from(hi.checked_sub(*lo)?).ok()?.checked_add(1)?;
+        if span > tile.len().max(1 << 16) || offsets.len() > u32::MAX as usize {
+            return None;
+        }
+        let mut starts = vec![0usize; span + 1];
+        for t in tile {
+            starts[(t - lo) as usize + 1] += 1;
+        }
+        for i in 0..span {
+            starts[i + 1] += starts[i];
+        }
+        let mut next = starts.clone();
+        let mut entities = vec![0u32; tile.len()];
+        for u in 0..offsets.len().saturating_sub(1) {
+            for t in &tile[offsets[u]..offsets[u + 1]] {
+                let at = &mut next[(t - lo) as usize];
+                entities[*at] = u as u32;
+                *at += 1;
+            }
+        }
+        Some(ByTile {
+            base: *lo,
+            starts,
+            entities,
         })
-        .collect();
-    let mut scratch = Vec::new();
-    // Entity by entity, every feature: an entity's tiles are read from memory once, not once
-    // per feature.
-    for &u in &members {
-        for (span, w) in spans.iter_mut().zip(&windows) {
-            *span = w.span(u);
-        }
-        for (j, p) in prepared.iter().enumerate() {
-            match p {
-                Prepared::PctRank { .. } => keyed[j].push(p.rank_key(&spans, &mut scratch)),
-                _ => builders[j].push(finish(&plan.features[j], p.raw(&spans, s, &mut scratch))),
-            }
-        }
     }
-    for (j, keys) in keyed.iter().enumerate() {
-        if let Prepared::PctRank { .. } = prepared[j] {
-            let f = &plan.features[j];
-            for (k, r) in keys.iter().zip(cume_dist(keys)) {
-                builders[j].push(finish(f, k.map(|_| r)));
-            }
+
+    /// The entities with a row at a tile in `[lo, hi)` (an entity once per such row).
+    fn entities(&self, lo: i64, hi: i64) -> &[u32] {
+        let last = self.starts.len() - 1;
+        let at = |t: i64| {
+            usize::try_from(t.saturating_sub(self.base))
+                .unwrap_or(0)
+                .min(last)
+        };
+        let (a, b) = (at(lo), at(hi));
+        if a >= b {
+            return &[];
         }
+        &self.entities[self.starts[a]..self.starts[b]]
     }
-    columns.extend(builders.into_iter().map(ColumnBuilder::finish));
-    RecordBatch::try_new(snapshot_schema(plan), columns).expect("columns match the snapshot schema")
 }
 
 /// For each key present, the fraction of present keys `<=` it (its cumulative distribution);
@@ -407,7 +755,11 @@ fn cume_dist(keys: &[Option<i64>]) -> Vec<f64> {
     let mut out = vec![f64::NAN; keys.len()];
     let mut i = 0;
     while i < order.len() {
-        let j = i + order[i..].partition_point(|(k, _)| *k == order[i].0);
+        // The run of keys equal to this one: a step past each, not a search of the rest.
+        let mut j = i + 1;
+        while j < order.len() && order[j].0 == order[i].0 {
+            j += 1;
+        }
         let rank = j as f64 / n;
         for (_, at) in &order[i..j] {
             out[*at as usize] = rank;
@@ -530,6 +882,27 @@ mod tests {
         assert_eq!(pairs.iter().map(|p| p.0).collect::<Vec<_>>(), expected);
         let after: std::collections::HashSet<u32> = pairs.iter().map(|p| p.1).collect();
         assert_eq!(after, positions, "every position is kept once");
+    }
+
+    #[test]
+    fn entities_by_tile_are_found_in_any_range() {
+        // Entity 0 at tiles 3 and 5, entity 1 at 4, entity 2 none, entity 3 at 3 and 9.
+        let offsets = [0, 2, 3, 3, 5];
+        let tile = [3, 5, 4, 3, 9];
+        let index = ByTile::new(&offsets, &tile).expect("a small span is indexed");
+        assert_eq!(index.entities(3, 4), &[0, 3]);
+        assert_eq!(index.entities(4, 6), &[1, 0]);
+        assert_eq!(index.entities(i64::MIN, i64::MAX), &[0, 3, 1, 0, 3]);
+        assert_eq!(index.entities(6, 9), &[] as &[u32]);
+        assert_eq!(index.entities(10, 20), &[] as &[u32]);
+        assert_eq!(index.entities(5, 3), &[] as &[u32]);
+        assert_eq!(index.entities(-5, 4), &[0, 3]);
+        // Tiles spread over more indices than rows are not indexed.
+        let spread = [0, 1 << 40];
+        assert!(ByTile::new(&[0, 1, 2], &spread).is_none());
+        // No tiles at all.
+        let empty = ByTile::new(&[0, 0], &[]).expect("indexed");
+        assert_eq!(empty.entities(i64::MIN, i64::MAX), &[] as &[u32]);
     }
 
     #[test]

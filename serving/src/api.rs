@@ -273,6 +273,14 @@ impl FeastRequest<'_> {
         max: usize,
     ) -> Result<(&str, Vec<Cow<'_, str>>), ApiError> {
         let keys: Vec<&str> = spec.entities.iter().map(|e| e.join_key.name()).collect();
+        let sent = self.entities.0.as_slice();
+        let repeated = (1..sent.len()).find(|i| sent[..*i].iter().any(|(k, _)| *k == sent[*i].0));
+        if let Some(key) = repeated.map(|i| &sent[i].0) {
+            return Err(ApiError::bad(format!(
+                "`entities` holds the join key `{}` more than once: send its values in one list",
+                &**key
+            )));
+        }
         let [(key, sent)] = self.entities.0.as_slice() else {
             return Err(ApiError::bad(format!(
                 "`entities` must hold exactly one join key ({}), with a list of values",
@@ -934,6 +942,10 @@ mod tests {
         assert!(
             err(r#"{"entities": {"user_id": ["a"], "user_id2": ["b"]}}"#)
                 .starts_with("`entities` must hold exactly one join key")
+        );
+        assert_eq!(
+            err(r#"{"entities": {"user_id": ["a"], "user_id": ["b"]}}"#),
+            "`entities` holds the join key `user_id` more than once: send its values in one list"
         );
         // Integers are keys in decimal, up to u64.
         let req: FeastRequest<'_> =

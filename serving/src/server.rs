@@ -94,6 +94,9 @@ pub struct App {
     views: Vec<Option<Arc<ViewSnapshots>>>,
     store: Location,
     state: AnyStore,
+    /// Each serving worker's own connection to the speed layer's state: `/readyz` probes all
+    /// of them, since a request may land on any worker.
+    links: std::sync::Mutex<Vec<AnyStore>>,
     config: ServeConfig,
     log: Option<ServedLog>,
     metrics: ServeMetrics,
@@ -139,6 +142,7 @@ impl App {
             state,
             config,
             log,
+            links: std::sync::Mutex::new(Vec::new()),
             metrics: ServeMetrics {
                 latency: Some(Histogram::new(LATENCY_BUCKETS)),
                 ..Default::default()
@@ -150,6 +154,8 @@ impl App {
     /// Looks for newer snapshots every `snapshot_poll` until `shutdown`.
     pub async fn watch_snapshots(self: Arc<Self>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.snapshot_poll);
+        // A load slower than the poll period is followed by one look, not a burst of them.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -168,6 +174,7 @@ impl App {
 
     /// The router of one worker, which reads streaming state through `state`.
     fn router(self: &Arc<Self>, state: AnyStore) -> Router {
+        self.links.lock().expect("not poisoned").push(state.clone());
         Router::new()
             .route("/get-online-features", post(online_features))
             .route("/v1/features/{user_id}", get(entity_features))
@@ -548,21 +555,30 @@ async fn readyz(State(worker): State<Arc<Worker>>) -> Response {
         }
         .into_response();
     }
-    let probe = tokio::time::timeout(
-        app.config.redis_timeout,
-        worker
-            .state
-            .get_many(&[format!("{}readyz", app.config.prefix)]),
-    )
-    .await;
-    match probe {
-        Ok(Ok(_)) => "ready".into_response(),
-        _ => ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the speed layer's Redis does not answer".into(),
-        }
-        .into_response(),
+    // Every worker's connection: ready only when a request answers on whichever worker
+    // takes it.
+    let links = app.links.lock().expect("not poisoned").clone();
+    let key = [format!("{}readyz", app.config.prefix)];
+    let probes = links
+        .iter()
+        .map(|link| tokio::time::timeout(app.config.redis_timeout, link.get_many(&key)));
+    let answered = futures::future::join_all(probes)
+        .await
+        .iter()
+        .filter(|p| matches!(p, Ok(Ok(_))))
+        .count();
+    if answered == links.len() {
+        return "ready".into_response();
     }
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!(
+            "the speed layer's Redis does not answer on {} of the {} serving workers' connections",
+            links.len() - answered,
+            links.len()
+        ),
+    }
+    .into_response()
 }
 
 async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
@@ -665,8 +681,10 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
 /// running a single-threaded runtime with its own Redis connection: a request, its Redis round
 /// trip and its response then stay on one thread, with no wake-ups across threads (on two
 /// cores, 10% more 1-entity requests and 16% more 100-entity requests per second than one
-/// shared multi-threaded runtime; see BENCHMARKS.md). On `shutdown` the workers stop taking
-/// connections and finish the requests in flight.
+/// shared multi-threaded runtime; see BENCHMARKS.md). On `shutdown` the accept loop stops,
+/// and each worker serves the connections already handed to it and finishes the requests in
+/// flight before it stops. A worker that ends early (an error, a panic) stops the others and
+/// `serve` returns its error, instead of serving on with fewer workers or none.
 pub async fn serve(
     app: Arc<App>,
     listen: &str,
@@ -681,10 +699,13 @@ pub async fn serve(
         .map_err(|e| Error::Internal(e.to_string()))?;
     let mut handoffs = Vec::new();
     let mut workers = Vec::new();
+    // Cancelled when any worker ends, whatever the cause (the guard also runs on a panic).
+    let worker_ended = CancellationToken::new();
     for i in 0..app.config.workers.max(1) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let app = app.clone();
+        let ended = worker_ended.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -692,13 +713,22 @@ pub async fn serve(
         std::thread::Builder::new()
             .name(format!("duet-serve-{i}"))
             .spawn(move || {
+                let _ended = ended.drop_guard();
                 let result = runtime.block_on(async move {
                     let state = app
                         .state
                         .reopen_lazily()
                         .map_err(|e| Error::Internal(format!("serving worker {i}: {e}")))?;
-                    axum::serve(Handoff { rx, addr }, app.router(state))
-                        .with_graceful_shutdown(shutdown.cancelled_owned())
+                    // The worker stops once the accept loop has closed its hand-off and every
+                    // connection handed to it has been taken.
+                    let drained = CancellationToken::new();
+                    let handoff = Handoff {
+                        rx,
+                        addr,
+                        drained: drained.clone(),
+                    };
+                    axum::serve(handoff, app.router(state))
+                        .with_graceful_shutdown(drained.cancelled_owned())
                         .await
                         .map_err(|e| Error::Internal(format!("server failed: {e}")))
                 });
@@ -710,11 +740,13 @@ pub async fn serve(
     }
     on_bound(addr);
     tracing::info!(%addr, workers = workers.len(), "serving features");
-    tokio::spawn(app.clone().watch_snapshots(shutdown.clone()));
+    let watching = shutdown.child_token();
+    tokio::spawn(app.clone().watch_snapshots(watching.clone()));
     let mut next = 0;
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = worker_ended.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         let stream = match accepted.and_then(|(s, peer)| {
@@ -736,6 +768,7 @@ pub async fn serve(
     }
     drop(listener);
     drop(handoffs);
+    watching.cancel();
     let mut result = Ok(());
     for w in workers {
         let outcome = w
@@ -752,6 +785,8 @@ pub async fn serve(
 struct Handoff {
     rx: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     addr: SocketAddr,
+    /// Cancelled once the accept loop has closed the channel and it is empty.
+    drained: CancellationToken,
 }
 
 impl axum::serve::Listener for Handoff {
@@ -761,7 +796,9 @@ impl axum::serve::Listener for Handoff {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
             let Some((stream, peer)) = self.rx.recv().await else {
-                // The accept loop has stopped: shutdown is under way, which ends this worker.
+                // The accept loop has stopped and every connection handed over has been taken:
+                // this worker's graceful shutdown starts.
+                self.drained.cancel();
                 return std::future::pending().await;
             };
             match tokio::net::TcpStream::from_std(stream) {
