@@ -202,17 +202,6 @@ impl<'a> Prepared<'a> {
         }
     }
 
-    /// Its folders (one or two).
-    fn folders_of(&self) -> impl Iterator<Item = &Folder<'a>> {
-        let (first, second) = match self {
-            Prepared::Measure(m) => (m, None),
-            Prepared::Ratio { num, den } => (num, Some(den)),
-            Prepared::Age { first, .. } => (first, None),
-            Prepared::PctRank { of, .. } => (of, None),
-        };
-        std::iter::once(first).chain(second)
-    }
-
     /// Its folders (one or two), in a fixed order.
     fn folders_mut(&mut self) -> impl Iterator<Item = &mut Folder<'a>> {
         let (first, second) = match self {
@@ -404,8 +393,11 @@ impl<'a> Snapshots<'a> {
         // Folders over the same table and range share their window: each entity's rows in it
         // are searched once for all of them.
         let mut windows: Vec<Window<'a>> = Vec::new();
-        for p in &mut prepared {
+        // Each folder's window as of `s`, with the feature it folds for.
+        let mut uses: Vec<(Window<'a>, &CompiledFeature)> = Vec::new();
+        for (p, f) in prepared.iter_mut().zip(&plan.features) {
             for folder in p.folders_mut() {
+                uses.push((folder.window, f));
                 folder.span = match windows.iter().position(|w| w.same(&folder.window)) {
                     Some(i) => i,
                     None => {
@@ -416,7 +408,7 @@ impl<'a> Snapshots<'a> {
             }
         }
         let n = set.entities.len();
-        let changed = self.at.and_then(|old| self.changed(old, &prepared));
+        let changed = self.at.and_then(|old| self.changed(old, &uses));
         if changed.is_none() {
             for column in &mut self.folded {
                 column.reset(n);
@@ -455,21 +447,18 @@ impl<'a> Snapshots<'a> {
         self.assemble(s)
     }
 
-    /// The entities whose rows in some window differ between `old` and the instant `prepared`
-    /// is for, as a bit set;
+    /// The entities whose rows in some window differ between `old` and the instant of `uses`
+    /// (each folder's window, with its feature), as a bit set;
     /// `None` when folding every entity is as cheap (or a table has no index by tile).
-    fn changed(&mut self, old: i64, prepared: &[Prepared<'a>]) -> Option<Vec<u64>> {
+    fn changed(&mut self, old: i64, uses: &[(Window<'a>, &CompiledFeature)]) -> Option<Vec<u64>> {
         let n = self.set.entities.len();
         let limit = self.limit.unwrap_or(n / 2);
-        // (table, its offsets, range at `old`, range at `new`), each once.
+        // (table and range at the new instant, range at `old`), each once.
         let mut moves: Vec<(Window<'a>, (i64, i64))> = Vec::new();
-        for (p, f) in prepared.iter().zip(&self.plan.features) {
+        for (w, f) in uses {
             let before = tile_range(f, old);
-            for folder in p.folders_of() {
-                let w = folder.window;
-                if !moves.iter().any(|(m, b)| m.same(&w) && *b == before) {
-                    moves.push((w, before));
-                }
+            if !moves.iter().any(|(m, b)| m.same(w) && *b == before) {
+                moves.push((*w, before));
             }
         }
         let mut bits = vec![0u64; n.div_ceil(64)];
