@@ -3,8 +3,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, BooleanBufferBuilder, Float64Array, Float64Builder, Int64Array,
-    Int64Builder, PrimitiveArray,
+    ArrayRef, BooleanArray, BooleanBufferBuilder, Float64Array, Int64Array, PrimitiveArray,
 };
 use arrow::buffer::{BooleanBuffer, NullBuffer};
 use arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
@@ -421,8 +420,8 @@ impl<'a> Snapshots<'a> {
                 *span = w.span(u);
             }
             // Every feature while the entity's tiles are in cache.
-            for (p, column) in prepared.iter().zip(&mut self.folded) {
-                column.set(u, p.folded(&spans, &mut scratch));
+            for ((p, column), f) in prepared.iter().zip(&mut self.folded).zip(&plan.features) {
+                column.set(u, f, p.folded(&spans, &mut scratch));
             }
         };
         self.refolded = match &changed {
@@ -547,13 +546,11 @@ enum Kept {
     Ints {
         values: Vec<i64>,
         valid: BooleanBufferBuilder,
-        default: Option<i64>,
     },
     /// A float measure or ratio: its value, final whatever the instant.
     Floats {
         values: Vec<f64>,
         valid: BooleanBufferBuilder,
-        default: Option<f64>,
     },
     /// An age's earliest time or a rank's measure, finished per instant.
     Folded(Vec<Option<f64>>),
@@ -566,12 +563,10 @@ impl Kept {
             (_, ValueType::Int) => Kept::Ints {
                 values: Vec::new(),
                 valid: BooleanBufferBuilder::new(0),
-                default: int_value(f.feature.default),
             },
             (_, ValueType::Float) => Kept::Floats {
                 values: Vec::new(),
                 valid: BooleanBufferBuilder::new(0),
-                default: f.feature.default.as_f64(),
             },
         }
     }
@@ -579,13 +574,13 @@ impl Kept {
     /// `n` entities, none of them folded.
     fn reset(&mut self, n: usize) {
         match self {
-            Kept::Ints { values, valid, .. } => {
+            Kept::Ints { values, valid } => {
                 values.clear();
                 values.resize(n, 0);
                 *valid = BooleanBufferBuilder::new(n);
                 valid.append_n(n, false);
             }
-            Kept::Floats { values, valid, .. } => {
+            Kept::Floats { values, valid } => {
                 values.clear();
                 values.resize(n, 0.0);
                 *valid = BooleanBufferBuilder::new(n);
@@ -598,25 +593,17 @@ impl Kept {
         }
     }
 
-    /// Entity `u`'s folded part (see [`Prepared::folded`]); for a measure or ratio, its value
-    /// as [`finish`] gives it.
-    fn set(&mut self, u: usize, folded: Option<f64>) {
+    /// Entity `u`'s folded part of feature `f` (see [`Prepared::folded`]); for a measure or
+    /// ratio, its value as [`finish`] gives it.
+    fn set(&mut self, u: usize, f: &CompiledFeature, folded: Option<f64>) {
         match self {
-            Kept::Ints {
-                values,
-                valid,
-                default,
-            } => {
-                let x = folded.map_or(*default, |x| Some(x as i64));
+            Kept::Ints { values, valid } => {
+                let x = int_value(finish(f, folded));
                 values[u] = x.unwrap_or(0);
                 valid.set_bit(u, x.is_some());
             }
-            Kept::Floats {
-                values,
-                valid,
-                default,
-            } => {
-                let x = folded.or(*default);
+            Kept::Floats { values, valid } => {
+                let x = finish(f, folded).as_f64();
                 values[u] = x.unwrap_or(0.0);
                 valid.set_bit(u, x.is_some());
             }
@@ -625,7 +612,7 @@ impl Kept {
     }
 }
 
-/// A value as an integer column holds it (see [`ColumnBuilder::push`]).
+/// A value as an integer column holds it.
 fn int_value(v: Value) -> Option<i64> {
     match v {
         Value::Null => None,
@@ -634,13 +621,18 @@ fn int_value(v: Value) -> Option<i64> {
     }
 }
 
-/// A feature's column from its raw values: what [`finish`] gives for each, pushed into a
-/// [`ColumnBuilder`], built in one pass without a [`Value`] per row.
+/// A feature's column from its raw values: [`finish`] applied to each.
 fn finished_column(
     f: &CompiledFeature,
     raw: impl Iterator<Item = Option<f64>>,
     len: usize,
 ) -> ArrayRef {
+    typed_column(f.feature.value_type, raw.map(|x| finish(f, x)), len)
+}
+
+/// Values as an Arrow column of type `ty` (floats cut to integers in an integer column; no
+/// null buffer when nothing is null).
+fn typed_column(ty: ValueType, values: impl Iterator<Item = Value>, len: usize) -> ArrayRef {
     fn build<T: arrow::datatypes::ArrowPrimitiveType>(
         values: impl Iterator<Item = Option<T::Native>>,
         len: usize,
@@ -655,16 +647,9 @@ fn finished_column(
         let nulls = (nulls.null_count() > 0).then_some(nulls);
         Arc::new(PrimitiveArray::<T>::new(v.into(), nulls))
     }
-    let default = f.feature.default;
-    match f.feature.value_type {
-        ValueType::Int => {
-            let default = int_value(default);
-            build::<Int64Type>(raw.map(|x| x.map_or(default, |x| Some(x as i64))), len)
-        }
-        ValueType::Float => {
-            let default = default.as_f64();
-            build::<Float64Type>(raw.map(|x| x.or(default)), len)
-        }
+    match ty {
+        ValueType::Int => build::<Int64Type>(values.map(int_value), len),
+        ValueType::Float => build::<Float64Type>(values.map(Value::as_f64), len),
     }
 }
 
@@ -796,46 +781,9 @@ fn sort_by_key(pairs: &mut Vec<(i64, u32)>) {
     }
 }
 
-/// Builds one feature's column value by value.
-enum ColumnBuilder {
-    Int(Int64Builder),
-    Float(Float64Builder),
-}
-
-impl ColumnBuilder {
-    fn new(ty: ValueType, capacity: usize) -> Self {
-        match ty {
-            ValueType::Int => ColumnBuilder::Int(Int64Builder::with_capacity(capacity)),
-            ValueType::Float => ColumnBuilder::Float(Float64Builder::with_capacity(capacity)),
-        }
-    }
-
-    fn push(&mut self, v: Value) {
-        match self {
-            ColumnBuilder::Int(b) => match v {
-                Value::Null => b.append_null(),
-                Value::Int(i) => b.append_value(i),
-                Value::Float(x) => b.append_value(x as i64),
-            },
-            ColumnBuilder::Float(b) => b.append_option(v.as_f64()),
-        }
-    }
-
-    fn finish(self) -> ArrayRef {
-        match self {
-            ColumnBuilder::Int(mut b) => Arc::new(b.finish()),
-            ColumnBuilder::Float(mut b) => Arc::new(b.finish()),
-        }
-    }
-}
-
 /// Values of one type as an Arrow column.
 pub fn value_column(ty: ValueType, values: &[Value]) -> ArrayRef {
-    let mut column = ColumnBuilder::new(ty, values.len());
-    for v in values {
-        column.push(*v);
-    }
-    column.finish()
+    typed_column(ty, values.iter().copied(), values.len())
 }
 
 #[cfg(test)]
