@@ -200,6 +200,10 @@ pub struct ServeArgs {
     /// How often to look for a newer snapshot, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub snapshot_poll_ms: u64,
+    /// Longest wait of a request with `as_of` for a past snapshot to be read from the store,
+    /// in milliseconds (its batch features are INVALID after it; the read goes on).
+    #[arg(long, default_value_t = 5000)]
+    pub snapshot_load_timeout_ms: u64,
     /// Threads serving requests, each with its own Redis connection (default: one per core).
     #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: Option<u32>,

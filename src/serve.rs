@@ -46,6 +46,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         auth_token: args.auth_token.or(config.auth_token.clone()),
         redis_timeout: timeout,
         snapshot_poll: Duration::from_millis(args.snapshot_poll_ms.max(100)),
+        snapshot_load_timeout: Duration::from_millis(args.snapshot_load_timeout_ms.max(1)),
         workers: args.workers.map_or_else(
             || ServeConfig::default().workers,
             |n| usize::try_from(n).unwrap_or(1),

@@ -29,7 +29,7 @@ use crate::api::{
     feast_response, openapi,
 };
 use crate::served_log::{ServedLog, ServedRecord};
-use crate::snapshots::ViewSnapshots;
+use crate::snapshots::{AsOf, PastLimits, ViewSnapshots};
 use crate::{Error, Result};
 
 /// Settings of `duet serve`.
@@ -45,8 +45,11 @@ pub struct ServeConfig {
     pub auth_token: Option<String>,
     /// Longest wait for Redis before streaming features fail.
     pub redis_timeout: Duration,
-    /// How often to look for a newer snapshot.
+    /// How often to look for a newer snapshot; also how long a past instant with no snapshot
+    /// is remembered as such.
     pub snapshot_poll: Duration,
+    /// Longest wait of a request with `as_of` for a past snapshot to be read from the store.
+    pub snapshot_load_timeout: Duration,
     /// Single-threaded workers serving connections, each with its own Redis connection.
     pub workers: usize,
 }
@@ -60,6 +63,7 @@ impl Default for ServeConfig {
             auth_token: None,
             redis_timeout: Duration::from_millis(200),
             snapshot_poll: Duration::from_secs(5),
+            snapshot_load_timeout: Duration::from_secs(5),
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -73,6 +77,7 @@ struct ServeMetrics {
     redis_errors: Counter,
     corrupt_states: Counter,
     swaps: Counter,
+    past_snapshot_errors: Counter,
     not_exact: AtomicU64,
     latency: Option<Histogram>,
 }
@@ -117,7 +122,17 @@ impl App {
         let views: Vec<Option<Arc<ViewSnapshots>>> = spec
             .views
             .iter()
-            .map(|v| (v.layer == Layer::Batch).then(|| Arc::new(ViewSnapshots::new(v.clone()))))
+            .map(|v| {
+                (v.layer == Layer::Batch).then(|| {
+                    Arc::new(ViewSnapshots::new(
+                        v.clone(),
+                        PastLimits {
+                            wait: config.snapshot_load_timeout,
+                            recheck: config.snapshot_poll,
+                        },
+                    ))
+                })
+            })
             .collect();
         for v in views.iter().flatten() {
             if let Err(e) = v.refresh(&store).await {
@@ -306,17 +321,35 @@ impl App {
         let mut used = Vec::with_capacity(query.batch.len());
         for (vi, cols) in &query.batch {
             let view = self.views[*vi].as_ref().expect("batch views are loaded");
-            let snapshot = if explicit {
-                view.at(&self.store, floor_to(t, view.view.cadence.as_ms()))
+            // `unavailable`: the snapshot for an explicit `as_of` could not be read in time,
+            // so the view's features are INVALID rather than answered as not found.
+            let (snapshot, unavailable) = if explicit {
+                match view
+                    .at(&self.store, floor_to(t, view.view.cadence.as_ms()))
                     .await
-                    .unwrap_or_else(|e| {
-                        tracing::warn!(error = %e, "cannot read the snapshot for as_of");
-                        None
-                    })
+                {
+                    AsOf::Found(s) => (Some(s), false),
+                    AsOf::Unpublished => (None, false),
+                    AsOf::Unavailable(why) => {
+                        self.metrics.past_snapshot_errors.add(1);
+                        tracing::warn!(view = %view.view.name, as_of = %format_ms(t), reason = %why, "no snapshot for as_of");
+                        (None, true)
+                    }
+                }
             } else {
-                view.current()
+                (view.current(), false)
             };
             let stamp = u16::try_from(table.stamps.len()).expect("fewer than 65535 batch views");
+            if unavailable {
+                table.stamps.push(EPOCH_STAMP.with(Stamp::clone));
+                for &j in cols {
+                    for cell in &mut table.cells[j * n..(j + 1) * n] {
+                        // Cells start as INVALID.
+                        cell.stamp = stamp;
+                    }
+                }
+                continue;
+            }
             match &snapshot {
                 Some(s) => {
                     used.push((*vi, s.manifest.as_of_ms));
@@ -621,6 +654,20 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
         "duet_serve_snapshot_swaps_total",
         "Newer snapshots swapped in.",
         m.swaps.get(),
+    );
+    counter(
+        "duet_serve_past_snapshot_errors_total",
+        "Requests with as_of whose batch snapshot could not be read in time (answered as INVALID).",
+        m.past_snapshot_errors.get(),
+    );
+    counter(
+        "duet_serve_past_snapshot_reads_total",
+        "Past snapshots looked up in the store for requests with as_of.",
+        app.views
+            .iter()
+            .flatten()
+            .map(|v| v.past_reads.load(Ordering::Relaxed))
+            .sum(),
     );
     counter(
         "duet_serve_inexact_total",

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use arrow::array::{AsArray, RecordBatch};
@@ -10,6 +12,7 @@ use arrow::datatypes::{Float64Type, Int64Type};
 use duet_batch::publish::{Manifest, latest_manifest, manifest_at, read_snapshot};
 use duet_batch::store::Location;
 use duet_spec::{Value, ValueType, View};
+use tokio::sync::watch;
 
 use crate::api::Stamp;
 use crate::{Error, Result};
@@ -158,18 +161,66 @@ pub struct ViewSnapshots {
     /// The view.
     pub view: View,
     current: ArcSwapOption<LoadedSnapshot>,
-    past: std::sync::Mutex<Vec<Arc<LoadedSnapshot>>>,
+    past: std::sync::Mutex<Vec<(i64, Past)>>,
+    /// One past snapshot is read at a time: each takes as much memory as the current one.
+    reading: tokio::sync::Semaphore,
+    /// Where past snapshots are read: the runtime that made the view, so a read goes on when
+    /// the request that started it has given up, and is shared by the requests that follow.
+    runtime: tokio::runtime::Handle,
+    limits: PastLimits,
+    /// Past snapshots read from the store (whether or not one was published).
+    pub past_reads: AtomicU64,
 }
 
+/// How requests as of a past instant wait for its snapshot.
+#[derive(Debug, Clone, Copy)]
+pub struct PastLimits {
+    /// Longest wait of a request for a past snapshot to be read.
+    pub wait: Duration,
+    /// How long "no snapshot published for this instant" is believed before the store is
+    /// asked again.
+    pub recheck: Duration,
+}
+
+/// Past snapshots kept in memory per view, besides the current one.
 const PAST_KEPT: usize = 4;
+/// Past snapshots of one view being read or waiting to be, at most; beyond, requests for
+/// other instants are answered at once without them.
+const PAST_PENDING: usize = 4;
+
+/// What the view holds for one past instant.
+enum Past {
+    /// Being read; the outcome arrives on the channel.
+    Reading(watch::Receiver<Option<Outcome>>),
+    Loaded(Arc<LoadedSnapshot>),
+    /// None was published for it when the store was asked, at this instant.
+    Unpublished(Instant),
+}
+
+/// The outcome of reading a past snapshot: the snapshot, none published, or why it failed.
+type Outcome = std::result::Result<Option<Arc<LoadedSnapshot>>, String>;
+
+/// The snapshot a request as of an explicit instant gets.
+pub enum AsOf {
+    /// The snapshot published for the instant.
+    Found(Arc<LoadedSnapshot>),
+    /// None was published for it.
+    Unpublished,
+    /// It could not be read, or not within [`PastLimits::wait`]: why.
+    Unavailable(String),
+}
 
 impl ViewSnapshots {
-    /// No snapshot loaded yet.
-    pub fn new(view: View) -> Self {
+    /// No snapshot loaded yet. Past snapshots will be read on the current Tokio runtime.
+    pub fn new(view: View, limits: PastLimits) -> Self {
         ViewSnapshots {
             view,
             current: ArcSwapOption::empty(),
             past: Default::default(),
+            reading: tokio::sync::Semaphore::new(1),
+            runtime: tokio::runtime::Handle::current(),
+            limits,
+            past_reads: AtomicU64::new(0),
         }
     }
 
@@ -209,36 +260,138 @@ impl ViewSnapshots {
             .map_err(|e| Error::Internal(e.to_string()))?
     }
 
-    /// The snapshot as of exactly `s`: the current one, a cached past one, or one read from
-    /// the store; `None` when none was published for `s`.
-    pub async fn at(&self, store: &Location, s: i64) -> Result<Option<Arc<LoadedSnapshot>>> {
+    /// The snapshot published for exactly `s`: the current one, a kept past one, or one read
+    /// from the store.
+    ///
+    /// Requests for the same instant share one read, which goes on in the background when
+    /// they stop waiting (after [`PastLimits::wait`]), so a later request finds it. An
+    /// instant with no snapshot is remembered for [`PastLimits::recheck`]. A failed read is
+    /// not remembered: the next request tries again.
+    pub async fn at(self: &Arc<Self>, store: &Location, s: i64) -> AsOf {
         if let Some(cur) = self.current()
             && cur.manifest.as_of_ms == s
         {
-            return Ok(Some(cur));
+            return AsOf::Found(cur);
         }
-        if let Some(p) = self
-            .past
-            .lock()
-            .expect("not poisoned")
-            .iter()
-            .find(|p| p.manifest.as_of_ms == s)
-        {
-            return Ok(Some(p.clone()));
+        let mut reading = {
+            let mut past = self.past.lock().expect("not poisoned");
+            let now = Instant::now();
+            past.retain(|(_, p)| match p {
+                Past::Unpublished(at) => now.duration_since(*at) < self.limits.recheck,
+                _ => true,
+            });
+            match past.iter().position(|(at, _)| *at == s) {
+                Some(i) => match &past[i].1 {
+                    Past::Loaded(l) => {
+                        let l = l.clone();
+                        // Most recently used last: eviction takes the first.
+                        let hit = past.remove(i);
+                        past.push(hit);
+                        return AsOf::Found(l);
+                    }
+                    Past::Unpublished(_) => return AsOf::Unpublished,
+                    Past::Reading(rx) => rx.clone(),
+                },
+                None => {
+                    let pending = past
+                        .iter()
+                        .filter(|(_, p)| matches!(p, Past::Reading(_)))
+                        .count();
+                    if pending >= PAST_PENDING {
+                        return AsOf::Unavailable(format!(
+                            "{pending} past snapshots of view `{}` are already being read",
+                            self.view.name
+                        ));
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    past.push((s, Past::Reading(rx.clone())));
+                    let (this, store) = (self.clone(), store.clone());
+                    self.runtime.spawn(async move {
+                        let outcome = this.read_past(&store, s).await;
+                        this.settle(s, &outcome);
+                        let _ = tx.send(Some(outcome));
+                    });
+                    rx
+                }
+            }
+        };
+        // The outcome, cloned out of the channel: `None` when the read was dropped without one.
+        let waited: std::result::Result<Option<Outcome>, _> =
+            tokio::time::timeout(self.limits.wait, reading.wait_for(|o| o.is_some()))
+                .await
+                .map(|r| r.ok().map(|o| o.clone().expect("waited for Some")));
+        match waited {
+            Ok(Some(Ok(Some(l)))) => AsOf::Found(l),
+            Ok(Some(Ok(None))) => AsOf::Unpublished,
+            Ok(Some(Err(e))) => AsOf::Unavailable(e),
+            Ok(None) => {
+                // The read was dropped without an outcome (its runtime is shutting down):
+                // forget it, so that the instant is not stuck.
+                let mut past = self.past.lock().expect("not poisoned");
+                past.retain(|(at, p)| {
+                    !(*at == s && matches!(p, Past::Reading(r) if r.same_channel(&reading)))
+                });
+                AsOf::Unavailable("the read of the snapshot was abandoned".into())
+            }
+            Err(_) => AsOf::Unavailable(format!(
+                "not read within {} ms; the read goes on",
+                self.limits.wait.as_millis()
+            )),
         }
-        let Some(manifest) = manifest_at(store, &self.view.name, s)
+    }
+
+    async fn read_past(&self, store: &Location, s: i64) -> Outcome {
+        let _permit = self
+            .reading
+            .acquire()
             .await
-            .map_err(Error::Batch)?
-        else {
+            .map_err(|e| format!("cannot read: {e}"))?;
+        self.past_reads.fetch_add(1, Ordering::Relaxed);
+        let manifest = manifest_at(store, &self.view.name, s)
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(manifest) = manifest else {
             return Ok(None);
         };
-        let loaded = Arc::new(self.load(store, manifest).await?);
+        let loaded = self
+            .load(store, manifest)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(view = %self.view.name, as_of = %loaded.manifest.as_of, entities = loaded.len(), bytes = loaded.bytes, "past snapshot loaded");
+        Ok(Some(Arc::new(loaded)))
+    }
+
+    /// Records a read's outcome in place of its `Reading` entry, and keeps at most
+    /// [`PAST_KEPT`] loaded snapshots.
+    fn settle(&self, s: i64, outcome: &Outcome) {
         let mut past = self.past.lock().expect("not poisoned");
-        past.push(loaded.clone());
-        if past.len() > PAST_KEPT {
-            past.remove(0);
+        let Some(i) = past
+            .iter()
+            .position(|(at, p)| *at == s && matches!(p, Past::Reading(_)))
+        else {
+            return;
+        };
+        match outcome {
+            Ok(Some(l)) => {
+                past.remove(i);
+                past.push((s, Past::Loaded(l.clone())));
+                let loaded = past
+                    .iter()
+                    .filter(|(_, p)| matches!(p, Past::Loaded(_)))
+                    .count();
+                if loaded > PAST_KEPT
+                    && let Some(oldest) =
+                        past.iter().position(|(_, p)| matches!(p, Past::Loaded(_)))
+                {
+                    past.remove(oldest);
+                }
+            }
+            Ok(None) => past[i].1 = Past::Unpublished(Instant::now()),
+            Err(e) => {
+                tracing::warn!(view = %self.view.name, as_of_ms = s, error = %e, "cannot read a past snapshot");
+                past.remove(i);
+            }
         }
-        Ok(Some(loaded))
     }
 }
 
@@ -329,6 +482,191 @@ mod tests {
                 assert_eq!(got, want, "{n} features, feature {j}");
             }
         }
+    }
+
+    const DAY: i64 = 86_400_000;
+
+    /// Publishes a snapshot of `batch` as of `as_of_ms` for view `v`.
+    async fn publish(store: &Location, batch: &RecordBatch, as_of_ms: i64) {
+        use duet_batch::publish::{commit, encode_snapshot, write_data};
+        let bytes = encode_snapshot(batch).unwrap();
+        let (data, data_bytes) = write_data(store, "v", "r", as_of_ms, bytes).await.unwrap();
+        let mut m = manifest();
+        m.as_of_ms = as_of_ms;
+        m.as_of = duet_spec::timestamp::format_ms(as_of_ms);
+        m.data = data;
+        m.data_bytes = data_bytes;
+        commit(store, &m).await.unwrap();
+    }
+
+    fn found(a: AsOf) -> Arc<LoadedSnapshot> {
+        match a {
+            AsOf::Found(s) => s,
+            AsOf::Unpublished => panic!("unpublished"),
+            AsOf::Unavailable(why) => panic!("unavailable: {why}"),
+        }
+    }
+
+    /// Waits until no past snapshot of `s` is being read (at most 10 s).
+    async fn settled(s: &ViewSnapshots) {
+        for _ in 0..1000 {
+            let reading = s
+                .past
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(_, p)| matches!(p, Past::Reading(_)));
+            if !reading {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("past snapshots still being read after 10 s");
+    }
+
+    /// Requests as of a past day share one read that outlives their wait; reads of too many
+    /// days at once are refused; at most `PAST_KEPT` past snapshots stay loaded; a day with no
+    /// snapshot is remembered for `recheck`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_snapshots_are_read_once_and_kept() {
+        use object_store::throttle::{ThrottleConfig, ThrottledStore};
+        let (mut view, batch) = wide(3);
+        view.name = "v".into();
+        let mut store = duet_batch::store::resolve("memory://past-snapshots/x").unwrap();
+        let throttled = Arc::new(ThrottledStore::new(
+            store.store.clone(),
+            ThrottleConfig {
+                wait_get_per_call: Duration::from_millis(150),
+                ..Default::default()
+            },
+        ));
+        let base = 1_796_083_200_000i64;
+        for d in 0..8 {
+            publish(&store, &batch, base - d * DAY).await;
+        }
+        store.store = throttled.clone();
+        let snapshots = Arc::new(ViewSnapshots::new(
+            view,
+            PastLimits {
+                wait: Duration::from_millis(20),
+                recheck: Duration::from_millis(600),
+            },
+        ));
+        let reads = || snapshots.past_reads.load(Ordering::Relaxed);
+
+        // Three requests for one day: none waits long enough, and one read serves them all.
+        let (a, b, c) = tokio::join!(
+            snapshots.at(&store, base - DAY),
+            snapshots.at(&store, base - DAY),
+            snapshots.at(&store, base - DAY)
+        );
+        for r in [a, b, c] {
+            match r {
+                AsOf::Unavailable(why) => assert!(why.contains("not read within 20 ms"), "{why}"),
+                _ => panic!("read in 20 ms through a store that answers in 150"),
+            }
+        }
+        assert_eq!(reads(), 1);
+        // The read went on without them: a later request finds the snapshot.
+        settled(&snapshots).await;
+        let s = found(snapshots.at(&store, base - DAY).await);
+        assert_eq!((s.manifest.as_of_ms, s.len()), (base - DAY, 3));
+        assert_eq!(reads(), 1);
+
+        // Four more days being read: a fifth is refused at once, naming why.
+        let days = [2, 3, 4, 5].map(|d| base - d * DAY);
+        for d in days {
+            assert!(matches!(
+                snapshots.at(&store, d).await,
+                AsOf::Unavailable(_)
+            ));
+        }
+        match snapshots.at(&store, base - 6 * DAY).await {
+            AsOf::Unavailable(why) => assert!(
+                why.contains("4 past snapshots of view `v` are already being read"),
+                "{why}"
+            ),
+            _ => panic!("a fifth day was read beside four"),
+        }
+        assert_eq!(reads(), 2, "one read at a time: the others wait for it");
+        settled(&snapshots).await;
+        assert_eq!(reads(), 5);
+        // Five days were loaded and four are kept: day 1, the least recently used, is gone.
+        throttled.config_mut(|c| c.wait_get_per_call = Duration::ZERO);
+        for d in days {
+            found(snapshots.at(&store, d).await);
+        }
+        assert_eq!(reads(), 5);
+        let _ = snapshots.at(&store, base - DAY).await;
+        settled(&snapshots).await;
+        assert_eq!(reads(), 6, "day 1 was read again");
+
+        // A day with no snapshot is remembered as such until `recheck` has passed.
+        let missing = base + DAY;
+        let _ = snapshots.at(&store, missing).await;
+        settled(&snapshots).await;
+        assert!(matches!(
+            snapshots.at(&store, missing).await,
+            AsOf::Unpublished
+        ));
+        let before = reads();
+        publish(&store, &batch, missing).await;
+        assert!(matches!(
+            snapshots.at(&store, missing).await,
+            AsOf::Unpublished
+        ));
+        assert_eq!(reads(), before, "remembered, not read again");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let _ = snapshots.at(&store, missing).await;
+        settled(&snapshots).await;
+        assert_eq!(
+            found(snapshots.at(&store, missing).await).manifest.as_of_ms,
+            missing
+        );
+        assert_eq!(reads(), before + 1);
+    }
+
+    /// A failed read is answered as unavailable, naming the failure, and is not remembered.
+    #[tokio::test]
+    async fn a_failed_past_read_is_not_remembered() {
+        let (mut view, batch) = wide(3);
+        view.name = "v".into();
+        let store = duet_batch::store::resolve("memory://past-snapshots-failing/x").unwrap();
+        let day = 1_796_083_200_000i64;
+        // A manifest naming a data file that is not there.
+        let path = store.child(&format!(
+            "snapshots/v/commits/{}.json",
+            duet_batch::publish::as_of_key(day)
+        ));
+        let mut m = manifest();
+        m.as_of_ms = day;
+        m.data = "snapshots/v/runs/gone/x.parquet".into();
+        object_store::ObjectStoreExt::put(
+            store.store.as_ref(),
+            &path,
+            serde_json::to_vec(&m).unwrap().into(),
+        )
+        .await
+        .unwrap();
+        let snapshots = Arc::new(ViewSnapshots::new(
+            view,
+            PastLimits {
+                wait: Duration::from_secs(10),
+                recheck: Duration::from_secs(60),
+            },
+        ));
+        for reads in 1..=2 {
+            match snapshots.at(&store, day).await {
+                AsOf::Unavailable(why) => {
+                    assert!(why.contains("runs/gone/x.parquet"), "{why}")
+                }
+                _ => panic!("read a snapshot whose data file is missing"),
+            }
+            assert_eq!(snapshots.past_reads.load(Ordering::Relaxed), reads);
+        }
+        // Published properly: the next request reads it.
+        publish(&store, &batch, day).await;
+        assert_eq!(found(snapshots.at(&store, day).await).len(), 3);
     }
 
     #[test]
