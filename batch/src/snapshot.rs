@@ -521,23 +521,33 @@ impl<'a> Snapshots<'a> {
                     finished_column(f, raw, members.len())
                 }
                 (Kept::Folded(_), _) => unreachable!("only ages and ranks keep folded values"),
-                (Kept::Ints { values, valid, .. }, _) => {
-                    let all =
-                        Int64Array::new(values.clone().into(), Some(valid.finish_cloned().into()));
-                    arrow::compute::filter(&all, &mask).expect("the mask matches the entities")
+                (Kept::Ints { values, valid }, _) => {
+                    let (values, nulls) = gather(values, valid, &members);
+                    Arc::new(Int64Array::new(values, nulls))
                 }
-                (Kept::Floats { values, valid, .. }, _) => {
-                    let all = Float64Array::new(
-                        values.clone().into(),
-                        Some(valid.finish_cloned().into()),
-                    );
-                    arrow::compute::filter(&all, &mask).expect("the mask matches the entities")
+                (Kept::Floats { values, valid }, _) => {
+                    let (values, nulls) = gather(values, valid, &members);
+                    Arc::new(Float64Array::new(values, nulls))
                 }
             });
         }
         RecordBatch::try_new(snapshot_schema(plan), columns)
             .expect("columns match the snapshot schema")
     }
+}
+
+/// The members' kept values and validity, in member order (no null buffer when none is null):
+/// read straight from the kept columns, which stay with the next instant.
+fn gather<T: arrow::datatypes::ArrowNativeType>(
+    values: &[T],
+    valid: &BooleanBufferBuilder,
+    members: &[usize],
+) -> (arrow::buffer::ScalarBuffer<T>, Option<NullBuffer>) {
+    let out: Vec<T> = members.iter().map(|u| values[*u]).collect();
+    let nulls = NullBuffer::new(BooleanBuffer::collect_bool(members.len(), |i| {
+        valid.get_bit(members[i])
+    }));
+    (out.into(), (nulls.null_count() > 0).then_some(nulls))
 }
 
 /// What a snapshot keeps of one feature for every entity between instants.

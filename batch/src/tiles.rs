@@ -290,35 +290,174 @@ pub fn session() -> SessionContext {
 /// Keeps the first record of each `event_id` among events with `ts < before`, in input order;
 /// returns the kept batches and the number of duplicates dropped. Duplicates are exact copies,
 /// so which copy is kept does not matter; keeping the first makes it deterministic.
+///
+/// Runs on every core: the ids are hashed in parallel, then each thread keeps a set of the ids
+/// whose hash falls in its shard, walking the events in input order, so each shard keeps the
+/// first record of each of its ids.
 pub fn dedupe_batches(batches: Vec<RecordBatch>, before: i64) -> (Vec<RecordBatch>, u64) {
-    use arrow::array::BooleanArray;
-    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
-        std::collections::HashSet::with_capacity_and_hasher(
-            total,
-            foldhash::fast::RandomState::default(),
-        );
-    let mut masks = Vec::with_capacity(batches.len());
-    let mut dropped = 0u64;
-    for b in &batches {
-        let ids = b.column(0).as_string::<i32>();
-        let ts = b
-            .column(4)
-            .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
-        let mut keep = Vec::with_capacity(b.num_rows());
-        for i in 0..b.num_rows() {
-            let fresh = ts.value(i) < before && seen.insert(ids.value(i));
-            dropped += u64::from(ts.value(i) < before && !fresh);
-            keep.push(fresh);
-        }
-        let mask = BooleanArray::from(keep);
-        masks.push(mask);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    dedupe_on(batches, before, threads.clamp(1, 16))
+}
+
+/// An event id with its hash computed once: the set's hasher passes the hash through.
+struct Prehashed<'a> {
+    hash: u64,
+    id: &'a str,
+}
+
+impl std::hash::Hash for Prehashed<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
     }
-    drop(seen);
-    let kept = batches
+}
+
+impl PartialEq for Prehashed<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.id == other.id
+    }
+}
+
+impl Eq for Prehashed<'_> {}
+
+/// The hasher of a set of [`Prehashed`] ids: the hash is the one they carry.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called by `Prehashed`; this keeps any other use correct.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = x;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<RecordBatch>, u64) {
+    use std::hash::BuildHasher;
+
+    use arrow::array::BooleanArray;
+    use arrow::buffer::{BooleanBuffer, Buffer};
+    let hasher = foldhash::fast::RandomState::default();
+    let ids: Vec<_> = batches
         .iter()
-        .zip(&masks)
-        .map(|(b, m)| arrow::compute::filter_record_batch(b, m).expect("mask matches the batch"))
+        .map(|b| b.column(0).as_string::<i32>())
+        .collect();
+    let ts: Vec<_> = batches
+        .iter()
+        .map(|b| {
+            b.column(4)
+                .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
+                .values()
+        })
+        .collect();
+    // Each batch's hashes, batches split among the threads.
+    let mut hashes: Vec<Vec<u64>> = vec![Vec::new(); batches.len()];
+    std::thread::scope(|scope| {
+        let per = batches.len().div_ceil(shards).max(1);
+        for (chunk, out) in ids.chunks(per).zip(hashes.chunks_mut(per)) {
+            let hasher = &hasher;
+            scope.spawn(move || {
+                for (ids, out) in chunk.iter().zip(out) {
+                    *out = ids
+                        .iter()
+                        .map(|id| hasher.hash_one(id.unwrap_or("")))
+                        .collect();
+                }
+            });
+        }
+    });
+    // A shard is chosen by bits the set does not use to place or tag an entry.
+    let shard_of = |h: u64| ((h >> 40) as usize) % shards;
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    // Per shard: per batch, the bits of the records it keeps; and the duplicates it dropped.
+    let kept_by_shard: Vec<(Vec<Vec<u64>>, u64)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..shards)
+            .map(|shard| {
+                let (ids, ts, hashes) = (&ids, &ts, &hashes);
+                scope.spawn(move || {
+                    let mut seen: std::collections::HashSet<
+                        Prehashed<'_>,
+                        std::hash::BuildHasherDefault<PassThrough>,
+                    > = std::collections::HashSet::with_capacity_and_hasher(
+                        total / shards + total / (8 * shards) + 16,
+                        Default::default(),
+                    );
+                    let mut dropped = 0u64;
+                    let mut bits = Vec::with_capacity(ids.len());
+                    for ((ids, ts), hashes) in ids.iter().zip(ts).zip(hashes) {
+                        let mut words = vec![0u64; ids.len().div_ceil(64)];
+                        for (i, h) in hashes.iter().enumerate() {
+                            if shard_of(*h) != shard || ts[i] >= before {
+                                continue;
+                            }
+                            if seen.insert(Prehashed {
+                                hash: *h,
+                                id: ids.value(i),
+                            }) {
+                                words[i / 64] |= 1 << (i % 64);
+                            } else {
+                                dropped += 1;
+                            }
+                        }
+                        bits.push(words);
+                    }
+                    (bits, dropped)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a deduplication thread panicked"))
+            .collect()
+    });
+    drop(hashes);
+    let dropped = kept_by_shard.iter().map(|(_, d)| d).sum();
+    let masks: Vec<BooleanArray> = batches
+        .iter()
+        .enumerate()
+        .map(|(bi, b)| {
+            let mut words = vec![0u64; b.num_rows().div_ceil(64)];
+            for (bits, _) in &kept_by_shard {
+                for (w, x) in words.iter_mut().zip(&bits[bi]) {
+                    *w |= x;
+                }
+            }
+            BooleanArray::new(
+                BooleanBuffer::new(Buffer::from_vec(words), 0, b.num_rows()),
+                None,
+            )
+        })
+        .collect();
+    drop(kept_by_shard);
+    // The filters, batches split among the threads.
+    let mut kept: Vec<Option<RecordBatch>> = vec![None; batches.len()];
+    std::thread::scope(|scope| {
+        let per = batches.len().div_ceil(shards).max(1);
+        for ((chunk, masks), out) in batches
+            .chunks(per)
+            .zip(masks.chunks(per))
+            .zip(kept.chunks_mut(per))
+        {
+            scope.spawn(move || {
+                for ((b, m), out) in chunk.iter().zip(masks).zip(out) {
+                    *out = Some(
+                        arrow::compute::filter_record_batch(b, m).expect("mask matches the batch"),
+                    );
+                }
+            });
+        }
+    });
+    let kept = kept
+        .into_iter()
+        .flatten()
         .filter(|b| b.num_rows() > 0)
         .collect();
     (kept, dropped)
@@ -696,5 +835,98 @@ fn slot_columns(i: usize, kind: SlotKind, batches: &[RecordBatch], rows: &[RowRe
             }
         }
         SlotKind::Distinct => unreachable!("distinct slots have their own table"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::{Float64Array, StringArray, TimestampMillisecondArray};
+
+    use super::*;
+
+    /// Batches of events whose ids repeat within and across batches.
+    fn events(seed: u64, batches: usize) -> Vec<RecordBatch> {
+        let mut x = seed;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..batches)
+            .map(|_| {
+                let n = (next() % 300) as usize;
+                let ids: Vec<String> = (0..n).map(|_| format!("e{}", next() % 400)).collect();
+                let ts: Vec<i64> = (0..n).map(|_| (next() % 1000) as i64).collect();
+                RecordBatch::try_new(
+                    duet_spec::event::event_schema(),
+                    vec![
+                        Arc::new(StringArray::from(ids.clone())),
+                        Arc::new(StringArray::from(ids.clone())),
+                        Arc::new(StringArray::from(vec!["purchase"; n])),
+                        Arc::new(Float64Array::from(
+                            (0..n).map(|i| i as f64).collect::<Vec<_>>(),
+                        )),
+                        Arc::new(TimestampMillisecondArray::from(ts).with_timezone("UTC")),
+                    ],
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// The records kept, one at a time, by a plain walk over the input: (event_id, amount).
+    fn plain(batches: &[RecordBatch], before: i64) -> (Vec<(String, f64)>, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut kept, mut dropped) = (Vec::new(), 0);
+        for b in batches {
+            let ids = b.column(0).as_string::<i32>();
+            let amount = b.column(3).as_primitive::<Float64Type>();
+            let ts = b
+                .column(4)
+                .as_primitive::<arrow::datatypes::TimestampMillisecondType>();
+            for i in 0..b.num_rows() {
+                if ts.value(i) >= before {
+                    continue;
+                }
+                if seen.insert(ids.value(i).to_string()) {
+                    kept.push((ids.value(i).to_string(), amount.value(i)));
+                } else {
+                    dropped += 1;
+                }
+            }
+        }
+        (kept, dropped)
+    }
+
+    #[test]
+    fn sharded_dedupe_keeps_the_first_of_each_id_in_input_order() {
+        for seed in 1..20u64 {
+            let batches = events(seed * 7919, 1 + (seed as usize % 9));
+            for before in [0, 500, 1000] {
+                let want = plain(&batches, before);
+                for shards in [1, 2, 3, 16] {
+                    let (kept, dropped) = dedupe_on(batches.clone(), before, shards);
+                    let got: Vec<(String, f64)> = kept
+                        .iter()
+                        .flat_map(|b| {
+                            let ids = b.column(0).as_string::<i32>();
+                            let amount = b.column(3).as_primitive::<Float64Type>();
+                            (0..b.num_rows())
+                                .map(|i| (ids.value(i).to_string(), amount.value(i)))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    assert_eq!(
+                        (got, dropped),
+                        want,
+                        "seed {seed}, before {before}, {shards} shards"
+                    );
+                    assert!(kept.iter().all(|b| b.num_rows() > 0));
+                }
+            }
+        }
     }
 }
