@@ -29,7 +29,7 @@ use crate::api::{
     feast_response, openapi,
 };
 use crate::served_log::{ServedLog, ServedRecord};
-use crate::snapshots::{AsOf, PastLimits, ViewSnapshots};
+use crate::snapshots::{AsOf, ViewSnapshots};
 use crate::{Error, Result};
 
 /// Settings of `duet serve`.
@@ -123,15 +123,8 @@ impl App {
             .views
             .iter()
             .map(|v| {
-                (v.layer == Layer::Batch).then(|| {
-                    Arc::new(ViewSnapshots::new(
-                        v.clone(),
-                        PastLimits {
-                            wait: config.snapshot_load_timeout,
-                            recheck: config.snapshot_poll,
-                        },
-                    ))
-                })
+                (v.layer == Layer::Batch)
+                    .then(|| Arc::new(ViewSnapshots::new(v.clone(), config.snapshot_poll)))
             })
             .collect();
         for v in views.iter().flatten() {
@@ -319,13 +312,19 @@ impl App {
             }
         }
         let mut used = Vec::with_capacity(query.batch.len());
+        // One wait for past snapshots per request, whatever the number of batch views.
+        let deadline = tokio::time::Instant::now() + self.config.snapshot_load_timeout;
         for (vi, cols) in &query.batch {
             let view = self.views[*vi].as_ref().expect("batch views are loaded");
             // `unavailable`: the snapshot for an explicit `as_of` could not be read in time,
             // so the view's features are INVALID rather than answered as not found.
             let (snapshot, unavailable) = if explicit {
                 match view
-                    .at(&self.store, floor_to(t, view.view.cadence.as_ms()))
+                    .at(
+                        &self.store,
+                        floor_to(t, view.view.cadence.as_ms()),
+                        deadline,
+                    )
                     .await
                 {
                     AsOf::Found(s) => (Some(s), false),
@@ -657,7 +656,7 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     );
     counter(
         "duet_serve_past_snapshot_errors_total",
-        "Requests with as_of whose batch snapshot could not be read in time (answered as INVALID).",
+        "Batch views of requests with as_of whose snapshot could not be read (failed, not in time, or too many past days being read); their values are INVALID.",
         m.past_snapshot_errors.get(),
     );
     counter(

@@ -167,19 +167,11 @@ pub struct ViewSnapshots {
     /// Where past snapshots are read: the runtime that made the view, so a read goes on when
     /// the request that started it has given up, and is shared by the requests that follow.
     runtime: tokio::runtime::Handle,
-    limits: PastLimits,
-    /// Past snapshots read from the store (whether or not one was published).
-    pub past_reads: AtomicU64,
-}
-
-/// How requests as of a past instant wait for its snapshot.
-#[derive(Debug, Clone, Copy)]
-pub struct PastLimits {
-    /// Longest wait of a request for a past snapshot to be read.
-    pub wait: Duration,
     /// How long "no snapshot published for this instant" is believed before the store is
     /// asked again.
-    pub recheck: Duration,
+    recheck: Duration,
+    /// Past snapshots read from the store (whether or not one was published).
+    pub past_reads: AtomicU64,
 }
 
 /// Past snapshots kept in memory per view, besides the current one.
@@ -187,6 +179,8 @@ const PAST_KEPT: usize = 4;
 /// Past snapshots of one view being read or waiting to be, at most; beyond, requests for
 /// other instants are answered at once without them.
 const PAST_PENDING: usize = 4;
+/// Instants remembered as having no snapshot, at most; beyond, the oldest is forgotten.
+const PAST_UNPUBLISHED: usize = 64;
 
 /// What the view holds for one past instant.
 enum Past {
@@ -206,20 +200,25 @@ pub enum AsOf {
     Found(Arc<LoadedSnapshot>),
     /// None was published for it.
     Unpublished,
-    /// It could not be read, or not within [`PastLimits::wait`]: why.
+    /// It could not be read, or not before the request's deadline: why.
     Unavailable(String),
 }
 
 impl ViewSnapshots {
-    /// No snapshot loaded yet. Past snapshots will be read on the current Tokio runtime.
-    pub fn new(view: View, limits: PastLimits) -> Self {
+    /// No snapshot loaded yet. Past snapshots will be read on the current Tokio runtime; an
+    /// instant with no snapshot is believed to have none for `recheck`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime.
+    pub fn new(view: View, recheck: Duration) -> Self {
         ViewSnapshots {
             view,
             current: ArcSwapOption::empty(),
             past: Default::default(),
             reading: tokio::sync::Semaphore::new(1),
             runtime: tokio::runtime::Handle::current(),
-            limits,
+            recheck,
             past_reads: AtomicU64::new(0),
         }
     }
@@ -264,10 +263,15 @@ impl ViewSnapshots {
     /// from the store.
     ///
     /// Requests for the same instant share one read, which goes on in the background when
-    /// they stop waiting (after [`PastLimits::wait`]), so a later request finds it. An
-    /// instant with no snapshot is remembered for [`PastLimits::recheck`]. A failed read is
-    /// not remembered: the next request tries again.
-    pub async fn at(self: &Arc<Self>, store: &Location, s: i64) -> AsOf {
+    /// they stop waiting (at `deadline`), so a later request finds it. An instant with no
+    /// snapshot is remembered for `recheck` (see [`ViewSnapshots::new`]). A failed read is not
+    /// remembered: the next request tries again.
+    pub async fn at(
+        self: &Arc<Self>,
+        store: &Location,
+        s: i64,
+        deadline: tokio::time::Instant,
+    ) -> AsOf {
         if let Some(cur) = self.current()
             && cur.manifest.as_of_ms == s
         {
@@ -277,8 +281,11 @@ impl ViewSnapshots {
             let mut past = self.past.lock().expect("not poisoned");
             let now = Instant::now();
             past.retain(|(_, p)| match p {
-                Past::Unpublished(at) => now.duration_since(*at) < self.limits.recheck,
-                _ => true,
+                Past::Unpublished(at) => now.duration_since(*at) < self.recheck,
+                // A read whose task ended without settling (a panic, a runtime shutting
+                // down) must not hold its place among the pending ones.
+                Past::Reading(rx) => rx.has_changed().is_ok(),
+                Past::Loaded(_) => true,
             });
             match past.iter().position(|(at, _)| *at == s) {
                 Some(i) => match &past[i].1 {
@@ -317,7 +324,7 @@ impl ViewSnapshots {
         };
         // The outcome, cloned out of the channel: `None` when the read was dropped without one.
         let waited: std::result::Result<Option<Outcome>, _> =
-            tokio::time::timeout(self.limits.wait, reading.wait_for(|o| o.is_some()))
+            tokio::time::timeout_at(deadline, reading.wait_for(|o| o.is_some()))
                 .await
                 .map(|r| r.ok().map(|o| o.clone().expect("waited for Some")));
         match waited {
@@ -333,10 +340,10 @@ impl ViewSnapshots {
                 });
                 AsOf::Unavailable("the read of the snapshot was abandoned".into())
             }
-            Err(_) => AsOf::Unavailable(format!(
-                "not read within {} ms; the read goes on",
-                self.limits.wait.as_millis()
-            )),
+            Err(_) => AsOf::Unavailable(
+                "not read before the request's deadline (--snapshot-load-timeout-ms); the read goes on"
+                    .into(),
+            ),
         }
     }
 
@@ -362,8 +369,10 @@ impl ViewSnapshots {
     }
 
     /// Records a read's outcome in place of its `Reading` entry, and keeps at most
-    /// [`PAST_KEPT`] loaded snapshots.
+    /// [`PAST_KEPT`] loaded snapshots and [`PAST_UNPUBLISHED`] unpublished instants.
     fn settle(&self, s: i64, outcome: &Outcome) {
+        // An evicted snapshot is freed after the lock is released (it can be large).
+        let mut evicted = None;
         let mut past = self.past.lock().expect("not poisoned");
         let Some(i) = past
             .iter()
@@ -383,15 +392,36 @@ impl ViewSnapshots {
                     && let Some(oldest) =
                         past.iter().position(|(_, p)| matches!(p, Past::Loaded(_)))
                 {
+                    evicted = Some(past.remove(oldest));
+                }
+            }
+            Ok(None) => {
+                past[i].1 = Past::Unpublished(Instant::now());
+                let unpublished = past
+                    .iter()
+                    .filter(|(_, p)| matches!(p, Past::Unpublished(_)))
+                    .count();
+                if unpublished > PAST_UNPUBLISHED
+                    && let Some(oldest) = past
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(j, (_, p))| match p {
+                            Past::Unpublished(at) => Some((j, *at)),
+                            _ => None,
+                        })
+                        .min_by_key(|(_, at)| *at)
+                        .map(|(j, _)| j)
+                {
                     past.remove(oldest);
                 }
             }
-            Ok(None) => past[i].1 = Past::Unpublished(Instant::now()),
             Err(e) => {
                 tracing::warn!(view = %self.view.name, as_of_ms = s, error = %e, "cannot read a past snapshot");
                 past.remove(i);
             }
         }
+        drop(past);
+        drop(evicted);
     }
 }
 
@@ -507,9 +537,9 @@ mod tests {
         }
     }
 
-    /// Waits until no past snapshot of `s` is being read (at most 10 s).
+    /// Waits until no past snapshot of `s` is being read (at most 30 s).
     async fn settled(s: &ViewSnapshots) {
-        for _ in 0..1000 {
+        for _ in 0..3000 {
             let reading = s
                 .past
                 .lock()
@@ -521,7 +551,7 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("past snapshots still being read after 10 s");
+        panic!("past snapshots still being read after 30 s");
     }
 
     /// Requests as of a past day share one read that outlives their wait; reads of too many
@@ -536,7 +566,7 @@ mod tests {
         let throttled = Arc::new(ThrottledStore::new(
             store.store.clone(),
             ThrottleConfig {
-                wait_get_per_call: Duration::from_millis(150),
+                wait_get_per_call: Duration::from_millis(300),
                 ..Default::default()
             },
         ));
@@ -545,30 +575,25 @@ mod tests {
             publish(&store, &batch, base - d * DAY).await;
         }
         store.store = throttled.clone();
-        let snapshots = Arc::new(ViewSnapshots::new(
-            view,
-            PastLimits {
-                wait: Duration::from_millis(20),
-                recheck: Duration::from_millis(600),
-            },
-        ));
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_millis(600)));
+        let wait = || tokio::time::Instant::now() + Duration::from_millis(20);
         let reads = || snapshots.past_reads.load(Ordering::Relaxed);
 
         // Three requests for one day: none waits long enough, and one read serves them all.
         let (a, b, c) = tokio::join!(
-            snapshots.at(&store, base - DAY),
-            snapshots.at(&store, base - DAY),
-            snapshots.at(&store, base - DAY)
+            snapshots.at(&store, base - DAY, wait()),
+            snapshots.at(&store, base - DAY, wait()),
+            snapshots.at(&store, base - DAY, wait())
         );
         for r in [a, b, c] {
             match r {
-                AsOf::Unavailable(why) => assert!(why.contains("not read within 20 ms"), "{why}"),
-                _ => panic!("read in 20 ms through a store that answers in 150"),
+                AsOf::Unavailable(why) => assert!(why.contains("the read goes on"), "{why}"),
+                _ => panic!("read in 20 ms through a store that answers in 300"),
             }
         }
         // The read went on without them: a later request finds the snapshot.
         settled(&snapshots).await;
-        let s = found(snapshots.at(&store, base - DAY).await);
+        let s = found(snapshots.at(&store, base - DAY, wait()).await);
         assert_eq!((s.manifest.as_of_ms, s.len()), (base - DAY, 3));
         assert_eq!(reads(), 1);
 
@@ -577,11 +602,11 @@ mod tests {
         let started = std::time::Instant::now();
         for d in days {
             assert!(matches!(
-                snapshots.at(&store, d).await,
+                snapshots.at(&store, d, wait()).await,
                 AsOf::Unavailable(_)
             ));
         }
-        match snapshots.at(&store, base - 6 * DAY).await {
+        match snapshots.at(&store, base - 6 * DAY, wait()).await {
             AsOf::Unavailable(why) => assert!(
                 why.contains("4 past snapshots of view `v` are already being read"),
                 "{why}"
@@ -590,46 +615,76 @@ mod tests {
         }
         settled(&snapshots).await;
         assert_eq!(reads(), 5);
-        // One read at a time: each makes at least two calls of 150 ms (the manifest, the
-        // data), so four in turn take at least 1.2 s; side by side they would take 0.45 s.
+        // One read at a time: each makes at least two calls of 300 ms (the manifest, the
+        // data), so four in turn take at least 2.4 s; side by side they would take 0.9 s.
         assert!(
-            started.elapsed() >= Duration::from_millis(1200),
+            started.elapsed() >= Duration::from_millis(2400),
             "four reads in {:?}",
             started.elapsed()
         );
         // Five days were loaded and four are kept: day 1, the least recently used, is gone.
         throttled.config_mut(|c| c.wait_get_per_call = Duration::ZERO);
         for d in days {
-            found(snapshots.at(&store, d).await);
+            found(snapshots.at(&store, d, wait()).await);
         }
         assert_eq!(reads(), 5);
-        let _ = snapshots.at(&store, base - DAY).await;
+        let _ = snapshots.at(&store, base - DAY, wait()).await;
         settled(&snapshots).await;
         assert_eq!(reads(), 6, "day 1 was read again");
 
         // A day with no snapshot is remembered as such until `recheck` has passed.
         let missing = base + DAY;
-        let _ = snapshots.at(&store, missing).await;
+        let _ = snapshots.at(&store, missing, wait()).await;
         settled(&snapshots).await;
         assert!(matches!(
-            snapshots.at(&store, missing).await,
+            snapshots.at(&store, missing, wait()).await,
             AsOf::Unpublished
         ));
         let before = reads();
         publish(&store, &batch, missing).await;
         assert!(matches!(
-            snapshots.at(&store, missing).await,
+            snapshots.at(&store, missing, wait()).await,
             AsOf::Unpublished
         ));
         assert_eq!(reads(), before, "remembered, not read again");
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let _ = snapshots.at(&store, missing).await;
+        let _ = snapshots.at(&store, missing, wait()).await;
         settled(&snapshots).await;
         assert_eq!(
-            found(snapshots.at(&store, missing).await).manifest.as_of_ms,
+            found(snapshots.at(&store, missing, wait()).await)
+                .manifest
+                .as_of_ms,
             missing
         );
         assert_eq!(reads(), before + 1);
+    }
+
+    /// Instants with no snapshot are remembered up to a bound: the oldest go first.
+    #[tokio::test]
+    async fn unpublished_instants_stay_bounded() {
+        let (mut view, _) = wide(3);
+        view.name = "v".into();
+        let store = duet_batch::store::resolve("memory://past-snapshots-unpublished/x").unwrap();
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_secs(600)));
+        let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
+        for d in 0..(PAST_UNPUBLISHED as i64 + 10) {
+            assert!(matches!(
+                snapshots.at(&store, d * DAY, wait()).await,
+                AsOf::Unpublished
+            ));
+        }
+        let held: Vec<i64> = snapshots
+            .past
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, _)| *at / DAY)
+            .collect();
+        assert_eq!(held, (10..PAST_UNPUBLISHED as i64 + 10).collect::<Vec<_>>());
+        // The newest are still remembered: no read.
+        let reads = snapshots.past_reads.load(Ordering::Relaxed);
+        snapshots.at(&store, 20 * DAY, wait()).await;
+        assert_eq!(snapshots.past_reads.load(Ordering::Relaxed), reads);
     }
 
     /// A failed read is answered as unavailable, naming the failure, and is not remembered.
@@ -654,15 +709,10 @@ mod tests {
         )
         .await
         .unwrap();
-        let snapshots = Arc::new(ViewSnapshots::new(
-            view,
-            PastLimits {
-                wait: Duration::from_secs(10),
-                recheck: Duration::from_secs(60),
-            },
-        ));
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_secs(60)));
+        let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
         for reads in 1..=2 {
-            match snapshots.at(&store, day).await {
+            match snapshots.at(&store, day, wait()).await {
                 AsOf::Unavailable(why) => {
                     assert!(why.contains("runs/gone/x.parquet"), "{why}")
                 }
@@ -672,7 +722,7 @@ mod tests {
         }
         // Published properly: the next request reads it.
         publish(&store, &batch, day).await;
-        assert_eq!(found(snapshots.at(&store, day).await).len(), 3);
+        assert_eq!(found(snapshots.at(&store, day, wait()).await).len(), 3);
     }
 
     #[test]
