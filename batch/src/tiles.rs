@@ -19,6 +19,7 @@ use datafusion::prelude::{
 use duet_spec::expr::Expr as DExpr;
 use duet_spec::{Agg, Aggregation, Extent, Feature, Filter, Measure, View};
 
+use crate::par::par_map;
 use crate::translate::{MS, filter_expr, floor_div, value_expr};
 use crate::{Error, Result};
 
@@ -291,9 +292,9 @@ pub fn session() -> SessionContext {
 /// returns the kept batches and the number of duplicates dropped. Duplicates are exact copies,
 /// so which copy is kept does not matter; keeping the first makes it deterministic.
 ///
-/// Runs on every core: the ids are hashed in parallel, then each thread keeps a set of the ids
-/// whose hash falls in its shard, walking the events in input order, so each shard keeps the
-/// first record of each of its ids.
+/// Runs on every core: the ids are hashed in parallel, then one set per shard keeps the ids
+/// whose hash falls in it, walking the events in input order, so each shard keeps the first
+/// record of each of its ids.
 pub fn dedupe_batches(batches: Vec<RecordBatch>, before: i64) -> (Vec<RecordBatch>, u64) {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     dedupe_on(batches, before, threads.clamp(1, 16))
@@ -359,64 +360,43 @@ fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<Reco
         })
         .collect();
     // Each batch's hashes, batches split among the threads.
-    let mut hashes: Vec<Vec<u64>> = vec![Vec::new(); batches.len()];
-    std::thread::scope(|scope| {
-        let per = batches.len().div_ceil(shards).max(1);
-        for (chunk, out) in ids.chunks(per).zip(hashes.chunks_mut(per)) {
-            let hasher = &hasher;
-            scope.spawn(move || {
-                for (ids, out) in chunk.iter().zip(out) {
-                    *out = ids
-                        .iter()
-                        .map(|id| hasher.hash_one(id.unwrap_or("")))
-                        .collect();
-                }
-            });
-        }
+    let hashes: Vec<Vec<u64>> = par_map(ids.iter().collect(), 2, |ids| {
+        ids.iter()
+            .map(|id| hasher.hash_one(id.unwrap_or("")))
+            .collect()
     });
     // A shard is chosen by bits the set does not use to place or tag an entry.
     let shard_of = |h: u64| ((h >> 40) as usize) % shards;
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     // Per shard: per batch, the bits of the records it keeps; and the duplicates it dropped.
-    let kept_by_shard: Vec<(Vec<Vec<u64>>, u64)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..shards)
-            .map(|shard| {
-                let (ids, ts, hashes) = (&ids, &ts, &hashes);
-                scope.spawn(move || {
-                    let mut seen: std::collections::HashSet<
-                        Prehashed<'_>,
-                        std::hash::BuildHasherDefault<PassThrough>,
-                    > = std::collections::HashSet::with_capacity_and_hasher(
-                        total / shards + total / (8 * shards) + 16,
-                        Default::default(),
-                    );
-                    let mut dropped = 0u64;
-                    let mut bits = Vec::with_capacity(ids.len());
-                    for ((ids, ts), hashes) in ids.iter().zip(ts).zip(hashes) {
-                        let mut words = vec![0u64; ids.len().div_ceil(64)];
-                        for (i, h) in hashes.iter().enumerate() {
-                            if shard_of(*h) != shard || ts[i] >= before {
-                                continue;
-                            }
-                            if seen.insert(Prehashed {
-                                hash: *h,
-                                id: ids.value(i),
-                            }) {
-                                words[i / 64] |= 1 << (i % 64);
-                            } else {
-                                dropped += 1;
-                            }
-                        }
-                        bits.push(words);
-                    }
-                    (bits, dropped)
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("a deduplication thread panicked"))
-            .collect()
+    let kept_by_shard: Vec<(Vec<Vec<u64>>, u64)> = par_map((0..shards).collect(), 2, |shard| {
+        let mut seen: std::collections::HashSet<
+            Prehashed<'_>,
+            std::hash::BuildHasherDefault<PassThrough>,
+        > = std::collections::HashSet::with_capacity_and_hasher(
+            total / shards + total / (8 * shards) + 16,
+            Default::default(),
+        );
+        let mut dropped = 0u64;
+        let mut bits = Vec::with_capacity(ids.len());
+        for ((ids, ts), hashes) in ids.iter().zip(&ts).zip(&hashes) {
+            let mut words = vec![0u64; ids.len().div_ceil(64)];
+            for (i, h) in hashes.iter().enumerate() {
+                if shard_of(*h) != shard || ts[i] >= before {
+                    continue;
+                }
+                if seen.insert(Prehashed {
+                    hash: *h,
+                    id: ids.value(i),
+                }) {
+                    words[i / 64] |= 1 << (i % 64);
+                } else {
+                    dropped += 1;
+                }
+            }
+            bits.push(words);
+        }
+        (bits, dropped)
     });
     drop(hashes);
     let dropped = kept_by_shard.iter().map(|(_, d)| d).sum();
@@ -438,28 +418,12 @@ fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<Reco
         .collect();
     drop(kept_by_shard);
     // The filters, batches split among the threads.
-    let mut kept: Vec<Option<RecordBatch>> = vec![None; batches.len()];
-    std::thread::scope(|scope| {
-        let per = batches.len().div_ceil(shards).max(1);
-        for ((chunk, masks), out) in batches
-            .chunks(per)
-            .zip(masks.chunks(per))
-            .zip(kept.chunks_mut(per))
-        {
-            scope.spawn(move || {
-                for ((b, m), out) in chunk.iter().zip(masks).zip(out) {
-                    *out = Some(
-                        arrow::compute::filter_record_batch(b, m).expect("mask matches the batch"),
-                    );
-                }
-            });
-        }
-    });
-    let kept = kept
-        .into_iter()
-        .flatten()
-        .filter(|b| b.num_rows() > 0)
-        .collect();
+    let kept = par_map(batches.iter().zip(&masks).collect(), 2, |(b, m)| {
+        arrow::compute::filter_record_batch(b, m).expect("mask matches the batch")
+    })
+    .into_iter()
+    .filter(|b| b.num_rows() > 0)
+    .collect();
     (kept, dropped)
 }
 

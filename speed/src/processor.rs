@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use duet_batch::par::par_map;
 use duet_spec::event::{DeadLetter, Event, InvalidCounts, parse_json_event};
 
 use crate::Result;
@@ -267,7 +268,7 @@ impl<S: StateStore> Processor<S> {
         let mut out = BatchOutcome::default();
         let mut by_entity =
             ByEntity::with_capacity_and_hasher(self.last_entities, Default::default());
-        let parsed_all = par_map(messages.iter().collect(), parse_message);
+        let parsed_all = par_map(messages.iter().collect(), PAR_MIN, parse_message);
         let now = std::time::Instant::now();
         let t_parse = t0.elapsed();
         // Positions of the accepted events, to parse them again should a write lose.
@@ -389,7 +390,7 @@ impl<S: StateStore> Processor<S> {
                 (e, events, version, state)
             })
             .collect();
-        let settled = par_map(work, |(entity, events, version, mut state)| {
+        let settled = par_map(work, PAR_MIN, |(entity, events, version, mut state)| {
             let s = settle.settle(&mut state, events);
             (entity, version, state, s)
         });
@@ -492,35 +493,6 @@ fn parse_message(
     }
 }
 
-/// Maps `f` over `items` on every core, keeping the order; small inputs stay on this thread.
-pub(crate) fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync) -> Vec<R> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores < 2 || items.len() < 4096 {
-        return items.into_iter().map(f).collect();
-    }
-    let per = items.len().div_ceil(cores);
-    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(cores);
-    let mut items = items.into_iter();
-    loop {
-        let chunk: Vec<T> = items.by_ref().take(per).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        chunks.push(chunk);
-    }
-    let f = &f;
-    let total = chunks.iter().map(Vec::len).sum();
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .into_iter()
-            .map(|chunk| scope.spawn(move || chunk.into_iter().map(f).collect::<Vec<R>>()))
-            .collect();
-        // Sized up front: growing a vector of a whole batch's results by doubling copies it
-        // several times and touches fresh pages each time.
-        let mut out = Vec::with_capacity(total);
-        for h in handles {
-            out.extend(h.join().expect("workers do not panic"));
-        }
-        out
-    })
-}
+/// Inputs of fewer items than this are mapped on the calling thread ([`par_map`]): each item
+/// is cheap, so splitting a small input costs more than it saves.
+pub(crate) const PAR_MIN: usize = 4096;

@@ -7,8 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use duet_batch::par::par_map;
+
 use crate::plan::SpeedPlan;
-use crate::processor::{BatchOutcome, Replay, par_map, state_key};
+use crate::processor::{BatchOutcome, PAR_MIN, Replay, state_key};
 use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore, Versioned};
 use crate::{Error, Result};
@@ -151,7 +153,7 @@ impl StateWrites {
                     (entity, evs, value)
                 })
                 .collect();
-            let recomputed = par_map(work, |(entity, events, value)| {
+            let recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
                 let (version, mut state) = settle.decode(&entity, value);
                 let s = settle.settle(&mut state, events);
                 (entity, version, s)
