@@ -331,15 +331,9 @@ impl ViewSnapshots {
             Ok(Some(Ok(Some(l)))) => AsOf::Found(l),
             Ok(Some(Ok(None))) => AsOf::Unpublished,
             Ok(Some(Err(e))) => AsOf::Unavailable(e),
-            Ok(None) => {
-                // The read was dropped without an outcome (its runtime is shutting down):
-                // forget it, so that the instant is not stuck.
-                let mut past = self.past.lock().expect("not poisoned");
-                past.retain(|(at, p)| {
-                    !(*at == s && matches!(p, Past::Reading(r) if r.same_channel(&reading)))
-                });
-                AsOf::Unavailable("the read of the snapshot was abandoned".into())
-            }
+            // The read was dropped without an outcome (its runtime is shutting down); the
+            // next lookup forgets its entry.
+            Ok(None) => AsOf::Unavailable("the read of the snapshot was abandoned".into()),
             Err(_) => AsOf::Unavailable(
                 "not read before the request's deadline (--snapshot-load-timeout-ms); the read goes on"
                     .into(),
@@ -380,49 +374,40 @@ impl ViewSnapshots {
         else {
             return;
         };
+        // Settled entries go last: the first of a kind is the oldest (a loaded one is also
+        // moved last when used).
+        past.remove(i);
         match outcome {
             Ok(Some(l)) => {
-                past.remove(i);
                 past.push((s, Past::Loaded(l.clone())));
-                let loaded = past
-                    .iter()
-                    .filter(|(_, p)| matches!(p, Past::Loaded(_)))
-                    .count();
-                if loaded > PAST_KEPT
-                    && let Some(oldest) =
-                        past.iter().position(|(_, p)| matches!(p, Past::Loaded(_)))
-                {
-                    evicted = Some(past.remove(oldest));
-                }
+                evicted = evict_oldest(&mut past, PAST_KEPT, |p| matches!(p, Past::Loaded(_)));
             }
             Ok(None) => {
-                past[i].1 = Past::Unpublished(Instant::now());
-                let unpublished = past
-                    .iter()
-                    .filter(|(_, p)| matches!(p, Past::Unpublished(_)))
-                    .count();
-                if unpublished > PAST_UNPUBLISHED
-                    && let Some(oldest) = past
-                        .iter()
-                        .enumerate()
-                        .filter_map(|(j, (_, p))| match p {
-                            Past::Unpublished(at) => Some((j, *at)),
-                            _ => None,
-                        })
-                        .min_by_key(|(_, at)| *at)
-                        .map(|(j, _)| j)
-                {
-                    past.remove(oldest);
-                }
+                past.push((s, Past::Unpublished(Instant::now())));
+                evict_oldest(&mut past, PAST_UNPUBLISHED, |p| {
+                    matches!(p, Past::Unpublished(_))
+                });
             }
             Err(e) => {
                 tracing::warn!(view = %self.view.name, as_of_ms = s, error = %e, "cannot read a past snapshot");
-                past.remove(i);
             }
         }
         drop(past);
         drop(evicted);
     }
+}
+
+/// Removes the first entry of a kind when more than `most` are held, and returns it.
+fn evict_oldest(
+    past: &mut Vec<(i64, Past)>,
+    most: usize,
+    kind: impl Fn(&Past) -> bool,
+) -> Option<(i64, Past)> {
+    if past.iter().filter(|(_, p)| kind(p)).count() <= most {
+        return None;
+    }
+    let oldest = past.iter().position(|(_, p)| kind(p))?;
+    Some(past.remove(oldest))
 }
 
 #[cfg(test)]
