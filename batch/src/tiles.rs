@@ -112,6 +112,11 @@ pub struct TilePlan {
     pub slots: Vec<Slot>,
     /// The features, in view order.
     pub features: Vec<CompiledFeature>,
+    /// Distinct slots whose value is the same for every event of a tile (such as
+    /// `utc_date(ts)` over daily tiles), each with the count slot of its filter: their distinct
+    /// values are one per tile with a matching event, taken from the tile query instead of a
+    /// distinct query of their own.
+    pub per_tile: HashMap<usize, usize>,
 }
 
 impl TilePlan {
@@ -122,6 +127,7 @@ impl TilePlan {
             join_key: view.join_key.name().to_string(),
             slots: Vec::new(),
             features: Vec::new(),
+            per_tile: HashMap::new(),
         };
         for f in &view.features {
             let (window_tiles, resolution) = match f.extent {
@@ -163,6 +169,24 @@ impl TilePlan {
                 window_tiles,
                 resolution,
             });
+        }
+        for i in 0..plan.slots.len() {
+            let slot = &plan.slots[i];
+            let constant = slot.kind == SlotKind::Distinct
+                && slot
+                    .value
+                    .as_ref()
+                    .is_some_and(|v| constant_per_tile(v, slot.resolution));
+            if constant {
+                let count = Slot {
+                    kind: SlotKind::Count,
+                    filter: slot.filter.clone(),
+                    value: None,
+                    resolution: slot.resolution,
+                };
+                let c = plan.add_slot(count);
+                plan.per_tile.insert(i, c);
+            }
         }
         plan
     }
@@ -234,6 +258,27 @@ impl TilePlan {
             .and_then(|df| df.filter(col("v").is_not_null()))
             .and_then(|df| df.distinct())
             .map_err(df_err)
+    }
+}
+
+/// Whether `e` has one value over each tile of `resolution` (epoch-aligned milliseconds): it
+/// reads no event field except the time, and the time only through `utc_date` or `utc_hour`
+/// of a unit the tile divides.
+fn constant_per_tile(e: &DExpr, resolution: i64) -> bool {
+    use duet_spec::duration::{DAY_MS, HOUR_MS};
+    use duet_spec::expr::{Field, Func};
+    match e {
+        DExpr::Number(_) => true,
+        DExpr::Field(_) => false,
+        DExpr::Call(f @ (Func::UtcDate | Func::UtcHour), args) => {
+            let unit = if *f == Func::UtcDate { DAY_MS } else { HOUR_MS };
+            matches!(args.as_slice(), [DExpr::Field(Field::Ts)]) && unit % resolution == 0
+        }
+        DExpr::Call(_, args) => args.iter().all(|a| constant_per_tile(a, resolution)),
+        DExpr::Binary(_, a, b) => {
+            constant_per_tile(a, resolution) && constant_per_tile(b, resolution)
+        }
+        DExpr::Neg(a) => constant_per_tile(a, resolution),
     }
 }
 
@@ -365,8 +410,6 @@ fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<Reco
             .map(|id| hasher.hash_one(id.unwrap_or("")))
             .collect()
     });
-    // A shard is chosen by bits the set does not use to place or tag an entry.
-    let shard_of = |h: u64| ((h >> 40) as usize) % shards;
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     // Per shard: per batch, the bits of the records it keeps; and the duplicates it dropped.
     let kept_by_shard: Vec<(Vec<Vec<u64>>, u64)> = par_map((0..shards).collect(), 2, |shard| {
@@ -382,7 +425,7 @@ fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<Reco
         for ((ids, ts), hashes) in ids.iter().zip(&ts).zip(&hashes) {
             let mut words = vec![0u64; ids.len().div_ceil(64)];
             for (i, h) in hashes.iter().enumerate() {
-                if shard_of(*h) != shard || ts[i] >= before {
+                if shard_of(*h, shards) != shard || ts[i] >= before {
                     continue;
                 }
                 if seen.insert(Prehashed {
@@ -476,7 +519,7 @@ pub struct GroupTiles {
 }
 
 /// The partial aggregates of one slot, one entry per tile (or per distinct row).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum SlotColumns {
     /// Count, sum, min, max: the value (unused for counts) and the number of values.
     Values {
@@ -515,6 +558,24 @@ pub enum DistinctKey {
     Num(u64),
     /// Text.
     Text(Box<str>),
+}
+
+impl DistinctKey {
+    /// The key of a number.
+    fn number(x: f64) -> DistinctKey {
+        DistinctKey::Num(if x == 0.0 { 0 } else { x.to_bits() })
+    }
+
+    /// The key of a value; `None` for null, which is not counted.
+    fn of(v: duet_spec::expr::Scalar<'_>) -> Option<DistinctKey> {
+        use duet_spec::expr::Scalar;
+        match v {
+            Scalar::Null => None,
+            Scalar::Number(x) => Some(DistinctKey::number(x)),
+            Scalar::Text(t) => Some(DistinctKey::Text(t.into())),
+            Scalar::Timestamp(t) => Some(DistinctKey::number(t as f64)),
+        }
+    }
 }
 
 /// Every tile of a view, for entities in sorted order.
@@ -562,7 +623,7 @@ pub async fn compute_tiles(plan: &TilePlan, ev: DataFrame) -> Result<TileSet> {
     }
     let mut raw_distinct = Vec::new();
     for (i, s) in plan.slots.iter().enumerate() {
-        if s.kind == SlotKind::Distinct {
+        if s.kind == SlotKind::Distinct && !plan.per_tile.contains_key(&i) {
             raw_distinct.push((
                 i,
                 plan.distinct_query(ev.clone(), i)?
@@ -591,57 +652,147 @@ pub async fn compute_tiles(plan: &TilePlan, ev: DataFrame) -> Result<TileSet> {
 /// One row of a query result: (entity index, tile, batch, row).
 type RowRef = (u32, i64, u32, u32);
 
-/// Every entity key in the results, sorted, with an index from key to position.
-fn entity_index<'a>(
-    all: impl Iterator<Item = &'a RecordBatch>,
-    key: &str,
-) -> (
-    Vec<&'a str>,
-    HashMap<&'a str, u32, foldhash::fast::RandomState>,
-) {
-    let mut unique: std::collections::HashSet<&'a str, foldhash::fast::RandomState> =
-        Default::default();
-    for b in all {
-        let keys = b
-            .column_by_name(key)
-            .expect("key column")
-            .as_string::<i32>();
-        for r in 0..b.num_rows() {
-            unique.insert(keys.value(r));
-        }
-    }
-    let mut entities: Vec<&'a str> = unique.into_iter().collect();
-    entities.sort_unstable();
-    let index = entities
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (*e, i as u32))
-        .collect();
-    (entities, index)
+/// The hash shard of a key hashed to `hash`: bits a hash map does not use to place or tag an
+/// entry.
+fn shard_of(hash: u64, shards: usize) -> usize {
+    ((hash >> 40) as usize) % shards
 }
 
-/// The rows of a result, ordered by entity then tile (integer keys: cheap to sort).
-fn sorted_rows(
-    batches: &[RecordBatch],
-    key: &str,
-    index: &HashMap<&str, u32, foldhash::fast::RandomState>,
-) -> Vec<RowRef> {
-    let mut rows = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
-    for (bi, b) in batches.iter().enumerate() {
-        let keys = b
-            .column_by_name(key)
-            .expect("key column")
-            .as_string::<i32>();
-        let tiles = b
-            .column_by_name("tile")
-            .expect("tile column")
-            .as_primitive::<Int64Type>();
-        for r in 0..b.num_rows() {
-            rows.push((index[keys.value(r)], tiles.value(r), bi as u32, r as u32));
+/// A set of hashed keys whose hasher passes the carried hash through.
+type PrehashedMap<'a, V> = HashMap<Prehashed<'a>, V, std::hash::BuildHasherDefault<PassThrough>>;
+
+/// One shard of an [`EntityIndex`] as built: its keys with their numbers, and the keys sorted
+/// with their numbers.
+type ShardKeys<'a> = (PrehashedMap<'a, u32>, Vec<(&'a str, u32)>);
+
+/// Every entity key of the query results, sorted, and the position of each key in that order.
+///
+/// Built on every core: each thread keeps the keys of one hash shard, numbered as they come,
+/// and sorts them; the shards' sorted keys are then merged, which numbers them globally.
+struct EntityIndex<'a> {
+    /// The keys, sorted.
+    entities: Vec<&'a str>,
+    hasher: foldhash::fast::RandomState,
+    /// Per shard: each of its keys and its number within the shard.
+    shards: Vec<PrehashedMap<'a, u32>>,
+    /// Per shard: the position in `entities` of each key, by its number within the shard.
+    positions: Vec<Vec<u32>>,
+}
+
+impl<'a> EntityIndex<'a> {
+    fn build(batches: &[&'a RecordBatch], key: &str, shards: usize) -> Self {
+        use std::hash::BuildHasher;
+        let hasher = foldhash::fast::RandomState::default();
+        let columns: Vec<&'a arrow::array::StringArray> = batches
+            .iter()
+            .map(|b| {
+                b.column_by_name(key)
+                    .expect("key column")
+                    .as_string::<i32>()
+            })
+            .collect();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        let built: Vec<ShardKeys<'a>> = par_map((0..shards).collect(), 2, |shard| {
+            let mut map = PrehashedMap::with_capacity_and_hasher(
+                rows / (2 * shards) + 16,
+                Default::default(),
+            );
+            let mut keys = Vec::with_capacity(rows / (2 * shards) + 16);
+            for column in &columns {
+                for r in 0..column.len() {
+                    let id = column.value(r);
+                    let hash = hasher.hash_one(id);
+                    if shard_of(hash, shards) != shard {
+                        continue;
+                    }
+                    let next = keys.len() as u32;
+                    if let std::collections::hash_map::Entry::Vacant(v) =
+                        map.entry(Prehashed { hash, id })
+                    {
+                        v.insert(next);
+                        keys.push((id, next));
+                    }
+                }
+            }
+            keys.sort_unstable_by_key(|k| k.0);
+            (map, keys)
+        });
+        // A key belongs to one shard only, so the merge meets no equal keys.
+        let total = built.iter().map(|(_, keys)| keys.len()).sum();
+        let mut entities = Vec::with_capacity(total);
+        let mut positions: Vec<Vec<u32>> = built.iter().map(|(_, k)| vec![0; k.len()]).collect();
+        let mut heads = vec![0usize; built.len()];
+        loop {
+            let mut best: Option<(usize, &str)> = None;
+            for (s, (_, keys)) in built.iter().enumerate() {
+                if let Some((k, _)) = keys.get(heads[s])
+                    && best.is_none_or(|(_, b)| *k < b)
+                {
+                    best = Some((s, k));
+                }
+            }
+            let Some((s, _)) = best else { break };
+            let (k, number) = built[s].1[heads[s]];
+            positions[s][number as usize] = entities.len() as u32;
+            entities.push(k);
+            heads[s] += 1;
+        }
+        EntityIndex {
+            entities,
+            hasher,
+            shards: built.into_iter().map(|(map, _)| map).collect(),
+            positions,
         }
     }
-    rows.sort_unstable_by_key(|r| (r.0, r.1));
-    rows
+
+    /// The position of a key of the results.
+    fn position(&self, id: &str) -> u32 {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(id);
+        let s = shard_of(hash, self.shards.len());
+        self.positions[s][self.shards[s][&Prehashed { hash, id }] as usize]
+    }
+}
+
+/// The rows of a result, ordered by entity then tile. Built on every core: the batches are
+/// split among the threads, each row goes to the part of its entity's range, and the parts
+/// (consecutive entity ranges) are sorted side by side.
+fn sorted_rows(batches: &[RecordBatch], key: &str, index: &EntityIndex<'_>) -> Vec<RowRef> {
+    let parts = index.shards.len().max(1);
+    let n = index.entities.len().max(1);
+    let part_of = |u: u32| u as usize * parts / n;
+    let per_batch: Vec<Vec<Vec<RowRef>>> =
+        par_map(batches.iter().enumerate().collect(), 2, |(bi, b)| {
+            let keys = b
+                .column_by_name(key)
+                .expect("key column")
+                .as_string::<i32>();
+            let tiles = b
+                .column_by_name("tile")
+                .expect("tile column")
+                .as_primitive::<Int64Type>();
+            let mut out: Vec<Vec<RowRef>> = (0..parts)
+                .map(|_| Vec::with_capacity(b.num_rows() / parts + 16))
+                .collect();
+            for r in 0..b.num_rows() {
+                let u = index.position(keys.value(r));
+                out[part_of(u)].push((u, tiles.value(r), bi as u32, r as u32));
+            }
+            out
+        });
+    let mut by_part: Vec<Vec<RowRef>> = (0..parts)
+        .map(|p| Vec::with_capacity(per_batch.iter().map(|b| b[p].len()).sum()))
+        .collect();
+    for batch in per_batch {
+        for (part, rows) in by_part.iter_mut().zip(batch) {
+            part.extend(rows);
+        }
+    }
+    par_map(by_part, 2, |mut rows| {
+        rows.sort_unstable_by_key(|r| (r.0, r.1));
+        rows
+    })
+    .concat()
 }
 
 fn gather(
@@ -649,12 +800,25 @@ fn gather(
     raw_groups: Vec<(i64, Vec<RecordBatch>)>,
     raw_distinct: Vec<(usize, Vec<RecordBatch>)>,
 ) -> TileSet {
+    let started = std::time::Instant::now();
     let key = plan.join_key.as_str();
-    let (entities, index) = entity_index(raw_groups.iter().flat_map(|(_, b)| b.iter()), key);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let all: Vec<&RecordBatch> = raw_groups.iter().flat_map(|(_, b)| b.iter()).collect();
+    let index = EntityIndex::build(&all, key, threads.clamp(1, 16));
+    let entities = &index.entities;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        entities = entities.len(),
+        "entity index built"
+    );
     let group_rows: Vec<(i64, &Vec<RecordBatch>, Vec<RowRef>)> = raw_groups
         .iter()
         .map(|(r, b)| (*r, b, sorted_rows(b, key, &index)))
         .collect();
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "tile rows sorted"
+    );
     let mut set = TileSet {
         entities: entities.iter().map(|e| e.to_string()).collect(),
         first_ms: vec![i64::MAX; entities.len()],
@@ -688,30 +852,51 @@ fn gather(
             let u = r.0 as usize;
             set.first_ms[u] = set.first_ms[u].min(firsts[r.2 as usize].value(r.3 as usize));
         }
-        for (i, slot) in plan.slots.iter().enumerate() {
-            if slot.resolution != *resolution || slot.kind == SlotKind::Distinct {
-                continue;
-            }
-            g.slots[i] = Some(slot_columns(i, slot.kind, batches, rows));
+        // The slots' columns, one slot per thread at a time.
+        let wanted: Vec<usize> = (0..plan.slots.len())
+            .filter(|&i| {
+                let slot = &plan.slots[i];
+                slot.resolution == *resolution && slot.kind != SlotKind::Distinct
+            })
+            .collect();
+        let columns = par_map(wanted.clone(), 2, |i| {
+            slot_columns(i, plan.slots[i].kind, batches, rows)
+        });
+        for (i, c) in wanted.into_iter().zip(columns) {
+            g.slots[i] = Some(c);
         }
         set.groups.push(g);
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "tile columns gathered"
+    );
+    for (&i, &count) in &plan.per_tile {
+        set.distinct
+            .insert(i, per_tile_distinct(plan, i, &set.groups, count));
+    }
     for (i, batches) in &raw_distinct {
         let rows = sorted_rows(batches, key, &index);
-        let keys = rows
+        let values: Vec<&arrow::array::ArrayRef> = batches
             .iter()
-            .map(|r| {
-                let (b, row) = (r.2 as usize, r.3 as usize);
-                let col = batches[b].column_by_name("v").expect("v column");
-                match col.data_type() {
-                    DataType::Utf8 => DistinctKey::Text(col.as_string::<i32>().value(row).into()),
-                    _ => {
-                        let x = col.as_primitive::<Float64Type>().value(row);
-                        DistinctKey::Num(if x == 0.0 { 0 } else { x.to_bits() })
-                    }
-                }
-            })
+            .map(|b| b.column_by_name("v").expect("v column"))
             .collect();
+        let chunks: Vec<&[RowRef]> = rows.chunks(64 * 1024).collect();
+        let keys = par_map(chunks, 2, |chunk| {
+            chunk
+                .iter()
+                .map(|r| {
+                    let (col, row) = (values[r.2 as usize], r.3 as usize);
+                    match col.data_type() {
+                        DataType::Utf8 => {
+                            DistinctKey::Text(col.as_string::<i32>().value(row).into())
+                        }
+                        _ => DistinctKey::number(col.as_primitive::<Float64Type>().value(row)),
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .concat();
         set.distinct.insert(
             *i,
             SlotColumns::Distinct {
@@ -721,7 +906,71 @@ fn gather(
             },
         );
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "distinct values gathered"
+    );
     set
+}
+
+/// The distinct values of slot `i`, whose value is constant over each tile
+/// ([`TilePlan::per_tile`]): one row per tile where its count slot `count` matched, with the
+/// value at the tile's start.
+fn per_tile_distinct(
+    plan: &TilePlan,
+    i: usize,
+    groups: &[GroupTiles],
+    count: usize,
+) -> SlotColumns {
+    let slot = &plan.slots[i];
+    let value = slot
+        .value
+        .as_ref()
+        .expect("validated: count_distinct has a value");
+    let g = groups
+        .iter()
+        .find(|g| g.resolution == slot.resolution)
+        .expect("every resolution of the plan has a group");
+    let Some(SlotColumns::Values { n, .. }) = &g.slots[count] else {
+        unreachable!("a count slot holds values")
+    };
+    let mut at_tile: HashMap<i64, Option<DistinctKey>, foldhash::fast::RandomState> =
+        HashMap::default();
+    let mut key_of = |tile: i64| {
+        at_tile
+            .entry(tile)
+            .or_insert_with(|| {
+                let start = duet_spec::event::Event {
+                    event_id: String::new(),
+                    user_id: String::new(),
+                    event_type: String::new(),
+                    amount: None,
+                    ts: tile.saturating_mul(slot.resolution),
+                };
+                DistinctKey::of(value.eval(&start))
+            })
+            .clone()
+    };
+    let mut offsets = Vec::with_capacity(g.offsets.len());
+    let (mut tile, mut keys) = (Vec::new(), Vec::new());
+    offsets.push(0);
+    for span in g.offsets.windows(2) {
+        let rows = span[0]..span[1];
+        for (&t, &count) in g.tile[rows.clone()].iter().zip(&n[rows]) {
+            if count > 0
+                && let Some(k) = key_of(t)
+            {
+                tile.push(t);
+                keys.push(k);
+            }
+        }
+        offsets.push(tile.len());
+    }
+    SlotColumns::Distinct {
+        offsets,
+        tile,
+        keys,
+    }
 }
 
 fn slot_columns(i: usize, kind: SlotKind, batches: &[RecordBatch], rows: &[RowRef]) -> SlotColumns {
@@ -863,6 +1112,26 @@ mod tests {
             }
         }
         (kept, dropped)
+    }
+
+    #[test]
+    fn values_constant_over_a_tile_are_recognised() {
+        use duet_spec::duration::{DAY_MS, HOUR_MS, MINUTE_MS};
+        let constant = |text: &str, resolution: i64| {
+            constant_per_tile(&DExpr::parse(text).unwrap(), resolution)
+        };
+        assert!(constant("utc_date(ts)", DAY_MS));
+        assert!(constant("utc_date(ts)", 6 * HOUR_MS));
+        assert!(!constant("utc_date(ts)", 7 * HOUR_MS));
+        assert!(!constant("utc_date(ts)", 2 * DAY_MS));
+        assert!(constant("utc_hour(ts)", HOUR_MS));
+        assert!(constant("utc_hour(ts)", 10 * MINUTE_MS));
+        assert!(!constant("utc_hour(ts)", DAY_MS));
+        assert!(constant("utc_date(ts) * 24 + utc_hour(ts)", HOUR_MS));
+        assert!(!constant("utc_date(ts) * 24 + utc_hour(ts)", DAY_MS));
+        assert!(!constant("amount", MINUTE_MS));
+        assert!(!constant("utc_date(ts) + amount", DAY_MS));
+        assert!(!constant("event_type", DAY_MS));
     }
 
     #[test]
