@@ -419,7 +419,30 @@ pub async fn streaming_as_of(
     )
     .map_err(|e| Error::Internal(e.to_string()))?;
     let rows = ctx.read_batch(batch).map_err(df_err)?;
+    // Only the rows' entities' events can count: when sessions are numbered (which sorts
+    // every event given), the others are left out first.
+    let sessions = features
+        .iter()
+        .any(|(_, f)| matches!(f.extent, Extent::Session { .. }));
+    let ev = if sessions {
+        ev.join(
+            rows.clone().select(vec![col("row_key")]).map_err(df_err)?,
+            JoinType::LeftSemi,
+            &[key],
+            &["row_key"],
+            None,
+        )
+        .map_err(df_err)?
+    } else {
+        ev
+    };
     let ev = with_sessions(ev, key, features).await?;
+    // A row joins its entity's events in `[t - lookback, t)`: events before every row's range
+    // are left out of the join (after the sessions are numbered over all of them).
+    let earliest = ts.iter().min().copied().unwrap_or(0);
+    let ev = ev
+        .filter(col(MS).gt_eq(lit(earliest.saturating_sub(lookback(features)))))
+        .map_err(df_err)?;
     let result = rows_query(ev, rows, key, features)?
         .collect()
         .await

@@ -9,11 +9,15 @@ use duet_spec::duration::floor_to;
 use duet_spec::{Feature, Value, ValueType, View};
 
 use crate::entities::EntityRows;
+use crate::par::par_map;
 use crate::publish::{manifest_at, read_snapshot};
 use crate::snapshot::{rank_population, ranked_value, value_column};
 use crate::store::Location;
-use crate::tiles::{TilePlan, compute_tiles};
+use crate::tiles::{Recipe, TilePlan, compute_tiles};
 use crate::{Error, Result};
+
+/// Entity rows per parallel task when batch values are computed.
+const ROWS_PER_TASK: usize = 64 * 1024;
 
 /// A snapshot's rows indexed by key.
 struct Indexed {
@@ -87,32 +91,63 @@ pub async fn batch_values(
             })
             .collect();
         computed = tokio::task::spawn_blocking(move || {
-            // Only the rows' own (entity, instant) pairs are folded; ranks need their population
-            // once per instant.
-            let mut populations: HashMap<(usize, i64), Vec<i64>> = HashMap::new();
-            let mut out: Vec<Vec<Option<Value>>> = vec![vec![None; keys.len()]; wanted_idx.len()];
-            for (row, (k, t)) in keys.iter().zip(&ts).enumerate() {
-                let s = floor_to(*t, cadence);
-                if !missing.contains(&s) {
-                    continue;
+            // Only the rows' own (entity, instant) pairs are folded; a rank needs its population
+            // once per instant. Both run on every core.
+            let ranked: Vec<(usize, i64)> = wanted_idx
+                .iter()
+                .filter(|fi| matches!(plan.features[**fi].recipe, Recipe::PctRank { .. }))
+                .flat_map(|fi| missing.iter().map(move |s| (*fi, *s)))
+                .collect();
+            let populations: HashMap<(usize, i64), Vec<i64>> = ranked
+                .clone()
+                .into_iter()
+                .zip(par_map(ranked, 2, |(fi, s)| {
+                    rank_population(&tiles, &plan, &plan.features[fi], s)
+                }))
+                .collect();
+            let width = wanted_idx.len();
+            if width == 0 {
+                return Vec::new();
+            }
+            let chunks: Vec<(usize, usize)> = (0..keys.len())
+                .step_by(ROWS_PER_TASK)
+                .map(|lo| (lo, (lo + ROWS_PER_TASK).min(keys.len())))
+                .collect();
+            // Per chunk of rows, row-major: each row's values of the wanted features.
+            let parts = par_map(chunks, 2, |(lo, hi)| {
+                let mut values: Vec<Option<Value>> = Vec::with_capacity((hi - lo) * width);
+                for (k, t) in keys[lo..hi].iter().zip(&ts[lo..hi]) {
+                    let s = floor_to(*t, cadence);
+                    if !missing.contains(&s) {
+                        values.extend(std::iter::repeat_n(None, width));
+                        continue;
+                    }
+                    let entity = tiles
+                        .entities
+                        .binary_search(k)
+                        .ok()
+                        .filter(|u| tiles.first_ms[*u] < s);
+                    for &fi in &wanted_idx {
+                        let f = &plan.features[fi];
+                        values.push(Some(match entity {
+                            None => f.feature.default,
+                            Some(u) => {
+                                let population =
+                                    populations.get(&(fi, s)).map_or(&[][..], Vec::as_slice);
+                                ranked_value(&tiles, &plan, f, u, s, population)
+                            }
+                        }));
+                    }
                 }
-                let entity = tiles
-                    .entities
-                    .binary_search(k)
-                    .ok()
-                    .filter(|u| tiles.first_ms[*u] < s);
-                for (j, &fi) in wanted_idx.iter().enumerate() {
-                    let f = &plan.features[fi];
-                    let v = match entity {
-                        None => f.feature.default,
-                        Some(u) => {
-                            let pop = populations
-                                .entry((fi, s))
-                                .or_insert_with(|| rank_population(&tiles, &plan, f, s));
-                            ranked_value(&tiles, &plan, f, u, s, pop)
-                        }
-                    };
-                    out[j][row] = Some(v);
+                values
+            });
+            let mut out: Vec<Vec<Option<Value>>> =
+                (0..width).map(|_| Vec::with_capacity(keys.len())).collect();
+            for part in parts {
+                for row in part.chunks(width) {
+                    for (column, v) in out.iter_mut().zip(row) {
+                        column.push(*v);
+                    }
                 }
             }
             out

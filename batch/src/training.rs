@@ -215,9 +215,15 @@ pub async fn datafusion_training_set(
         .copied()
         .filter(|(v, _)| v.layer == duet_spec::Layer::Streaming)
         .collect();
+    let started = std::time::Instant::now();
     let streaming_cols =
         crate::asof::streaming_as_of(&ctx, ev.clone(), &entities.keys, &entities.ts, &streaming)
             .await?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        features = streaming.len(),
+        "streaming features computed"
+    );
     let mut by_name: std::collections::HashMap<String, ArrayRef> = streaming
         .iter()
         .zip(streaming_cols)
