@@ -41,6 +41,68 @@ fn lookback(features: &[(&View, &Feature)]) -> i64 {
         .unwrap_or(0)
 }
 
+/// Session counts and session starts as running aggregates over each entity's events (ordered
+/// as the sessions were numbered, so the plan sorts the events once):
+/// - a session's first time is the latest time, so far, of an event that starts a session;
+/// - a session count is the running count so far, less the running count before the latest
+///   session start. Counts only grow, so that is the largest "count before" of any start so far.
+fn by_entity(
+    ev: DataFrame,
+    key: &str,
+    counts: &[(usize, Expr, Expr)],
+    firsts: &[(usize, Expr)],
+    copies: &mut Vec<(String, String)>,
+) -> Result<DataFrame> {
+    if counts.is_empty() && firsts.is_empty() {
+        return Ok(ev);
+    }
+    let entity = || vec![col(key)];
+    let mut first_windows: Vec<(Expr, String)> = Vec::new();
+    for (j, at_start) in firsts {
+        let w = running(max_udaf(), at_start.clone(), entity(), false)?;
+        match first_windows.iter().find(|(e, _)| *e == w) {
+            Some((_, name)) => copies.push((format!("f{j}_first"), name.clone())),
+            None => first_windows.push((w, format!("f{j}_first"))),
+        }
+    }
+    let mut stage = first_windows;
+    // Counts of one filter under different session gaps share their running count.
+    let mut cumulative = Vec::with_capacity(counts.len());
+    for (j, _, x) in counts {
+        let w = running(sum_udaf(), x.clone(), entity(), false)?;
+        match stage.iter().find(|(e, _)| *e == w) {
+            Some((_, name)) => cumulative.push(name.clone()),
+            None => {
+                stage.push((w, format!("f{j}_cum")));
+                cumulative.push(format!("f{j}_cum"));
+            }
+        }
+    }
+    let ev = ev
+        .window(stage.into_iter().map(|(e, name)| e.alias(name)).collect())
+        .map_err(df_err)?;
+    if counts.is_empty() {
+        return Ok(ev);
+    }
+    let mut before = Vec::new();
+    for ((j, started, x), cum) in counts.iter().zip(&cumulative) {
+        let at_start = when(started.clone(), col(cum) - x.clone())
+            .end()
+            .map_err(df_err)?;
+        before.push(running(max_udaf(), at_start, entity(), false)?.alias(format!("f{j}_before")));
+    }
+    let mut ev = ev.window(before).map_err(df_err)?;
+    for ((j, _, _), cum) in counts.iter().zip(&cumulative) {
+        ev = ev
+            .with_column(
+                &format!("f{j}_sess"),
+                col(cum) - col(format!("f{j}_before")),
+            )
+            .map_err(df_err)?;
+    }
+    Ok(ev)
+}
+
 /// Running aggregate over an entity's current session, ordered by `(ms, event_id)`.
 fn running(
     fun: Arc<datafusion::logical_expr::AggregateUDF>,
@@ -120,6 +182,10 @@ async fn with_sessions(
         std::collections::BTreeMap::new();
     let mut copies: Vec<(String, String)> = Vec::new();
     let mut durations = Vec::new();
+    // Session counts: (feature, "the event starts a session", counted 1 or 0).
+    let mut counts: Vec<(usize, Expr, Expr)> = Vec::new();
+    // Session durations: (feature, the event's time where it starts a session).
+    let mut firsts: Vec<(usize, Expr)> = Vec::new();
     for (j, (_, f)) in features.iter().enumerate() {
         let (Extent::Session { gap }, Aggregation::Measure(m)) = (f.extent, &f.aggregation) else {
             continue;
@@ -128,18 +194,24 @@ async fn with_sessions(
         let keep = filter_expr(&m.filter);
         let v = || -> Result<Expr> { value_expr(m.value.as_ref().expect("validated")) };
         let (value, n) = match m.agg {
-            Agg::Count => (
-                running(
-                    sum_udaf(),
-                    when(keep, lit(1i64)).otherwise(lit(0i64)).map_err(df_err)?,
-                    part.clone(),
-                    false,
-                )?,
-                None,
-            ),
+            // Counts and durations run over the entity's events, not its sessions: the same
+            // order as the session numbering, so no second sort (see `by_entity` below).
+            Agg::Count => {
+                let x = when(keep, lit(1i64)).otherwise(lit(0i64)).map_err(df_err)?;
+                let started = col(format!("g{}_new", gap.as_ms())).eq(lit(1i64));
+                match counts.iter().find(|(_, s, y)| *s == started && *y == x) {
+                    Some((first, _, _)) => {
+                        copies.push((format!("f{j}_sess"), format!("f{first}_sess")))
+                    }
+                    None => counts.push((j, started, x)),
+                }
+                continue;
+            }
             Agg::Duration => {
                 durations.push(j);
-                (running(min_udaf(), col(MS), part.clone(), false)?, None)
+                let started = col(format!("g{}_new", gap.as_ms())).eq(lit(1i64));
+                firsts.push((j, when(started, col(MS)).end().map_err(df_err)?));
+                continue;
             }
             Agg::Sum | Agg::Mean | Agg::Min | Agg::Max => {
                 let x = when(keep.clone(), v()?)
@@ -184,6 +256,7 @@ async fn with_sessions(
             .window(group.into_iter().map(|(e, name)| e.alias(name)).collect())
             .map_err(df_err)?;
     }
+    ev = by_entity(ev, key, &counts, &firsts, &mut copies)?;
     for (name, first) in copies {
         ev = ev.with_column(&name, col(first)).map_err(df_err)?;
     }

@@ -299,7 +299,7 @@ pub fn rank_population(set: &TileSet, plan: &TilePlan, f: &CompiledFeature, s: i
         .filter(|u| set.first_ms[*u] < s)
         .filter_map(|u| of.fold(u, &mut scratch).map(|x| rank_key(x, *round)))
         .collect();
-    keys.sort_unstable();
+    radix_sort(&mut keys, |k| *k);
     keys
 }
 
@@ -753,27 +753,32 @@ fn cume_dist(keys: &[Option<i64>]) -> Vec<f64> {
     out
 }
 
-/// Sorts `(key, position)` pairs by key (the order of equal keys is unspecified). A backfill
-/// ranks a whole population every midnight, so large inputs take a radix sort: one counting
-/// pass, then one scatter per byte of the key that not every key shares (rounded sums use
-/// three or four of the eight).
+/// Sorts `(key, position)` pairs by key (the order of equal keys is unspecified).
 fn sort_by_key(pairs: &mut Vec<(i64, u32)>) {
-    if pairs.len() < 4096 {
-        pairs.sort_unstable();
+    radix_sort(pairs, |p| p.0);
+}
+
+/// Sorts items by an integer key (the order of equal keys is unspecified). A backfill ranks a
+/// whole population every midnight, and a training set once per day its rows span, so large
+/// inputs take a radix sort: one counting pass, then one scatter per byte of the key that not
+/// every key shares (rounded sums use three or four of the eight).
+pub(crate) fn radix_sort<T: Copy + Default>(items: &mut Vec<T>, key: impl Fn(&T) -> i64) {
+    if items.len() < 4096 {
+        items.sort_unstable_by_key(&key);
         return;
     }
     // Flipping the sign bit orders signed keys as unsigned ones.
-    let bits = |k: i64| (k as u64) ^ (1 << 63);
+    let bits = |item: &T| (key(item) as u64) ^ (1 << 63);
     let mut counts = vec![[0usize; 256]; 8];
-    for (k, _) in pairs.iter() {
-        let b = bits(*k);
+    for item in items.iter() {
+        let b = bits(item);
         for (byte, c) in counts.iter_mut().enumerate() {
             c[((b >> (8 * byte)) & 0xff) as usize] += 1;
         }
     }
-    let mut spare = vec![(0i64, 0u32); pairs.len()];
+    let mut spare = vec![T::default(); items.len()];
     for (byte, c) in counts.iter().enumerate() {
-        if c.contains(&pairs.len()) {
+        if c.contains(&items.len()) {
             continue;
         }
         let mut next = [0usize; 256];
@@ -782,12 +787,12 @@ fn sort_by_key(pairs: &mut Vec<(i64, u32)>) {
             next[d] = at;
             at += n;
         }
-        for p in pairs.iter() {
-            let d = ((bits(p.0) >> (8 * byte)) & 0xff) as usize;
-            spare[next[d]] = *p;
+        for item in items.iter() {
+            let d = ((bits(item) >> (8 * byte)) & 0xff) as usize;
+            spare[next[d]] = *item;
             next[d] += 1;
         }
-        std::mem::swap(pairs, &mut spare);
+        std::mem::swap(items, &mut spare);
     }
 }
 
@@ -829,6 +834,10 @@ mod tests {
         assert_eq!(pairs.iter().map(|p| p.0).collect::<Vec<_>>(), expected);
         let after: std::collections::HashSet<u32> = pairs.iter().map(|p| p.1).collect();
         assert_eq!(after, positions, "every position is kept once");
+        // Bare keys, as a rank population sorts them.
+        let mut keys: Vec<i64> = expected.iter().rev().copied().collect();
+        radix_sort(&mut keys, |k| *k);
+        assert_eq!(keys, expected);
     }
 
     #[test]

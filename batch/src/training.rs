@@ -254,8 +254,16 @@ pub async fn datafusion_training_set(
             )
         })
         .collect();
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "batch features computed"
+    );
     let batch = with_features(&req.entities, &entities, columns)?;
     write_table(&req.out, &batch).await?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "training set written"
+    );
     Ok(TrainingSummary {
         rows: batch.num_rows(),
         features: features.iter().map(|(_, f)| f.name.clone()).collect(),

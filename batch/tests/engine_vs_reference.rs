@@ -113,7 +113,7 @@ fn value_at(col: &dyn Array, i: usize, ty: ValueType) -> Value {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
     #[test]
     fn datafusion_equals_reference(text in arb_spec(), events in arb_events(), before_1970 in any::<bool>(), days in prop::collection::vec(0i64..8, 1..6), probes in prop::collection::vec((0usize..1000, prop::sample::select(vec![0i64, 1, 5, 6, 10, 12, 15, 18, 24, 25, 30, 36, 42, 48, 50, 54, 60, -6, -30]), -1i64..2), 1..24)) {
