@@ -152,6 +152,19 @@ async fn with_sessions(
         .map_err(df_err)?
         .alias("prev_ms");
     let mut ev = ev.window(vec![prev]).map_err(df_err)?;
+    // Session numbers partition the other session aggregates; counts and durations run over
+    // the entity's events (`by_entity`) and need none.
+    let numbered: Vec<i64> = features
+        .iter()
+        .filter_map(|(_, f)| match (f.extent, &f.aggregation) {
+            (Extent::Session { gap }, Aggregation::Measure(m))
+                if !matches!(m.agg, Agg::Count | Agg::Duration) =>
+            {
+                Some(gap.as_ms())
+            }
+            _ => None,
+        })
+        .collect();
     for gap in &gaps {
         let starts = when(
             col("prev_ms")
@@ -163,19 +176,20 @@ async fn with_sessions(
         .map_err(df_err)?;
         ev = ev
             .with_column(&format!("g{gap}_new"), starts)
-            .and_then(|df| {
-                df.window(vec![
+            .map_err(df_err)?;
+        if numbered.contains(gap) {
+            ev = ev
+                .window(vec![
                     running(
                         sum_udaf(),
                         col(format!("g{gap}_new")),
                         vec![col(key)],
                         false,
-                    )
-                    .expect("builds")
+                    )?
                     .alias(format!("g{gap}_sid")),
                 ])
-            })
-            .map_err(df_err)?;
+                .map_err(df_err)?;
+        }
     }
     // One window node per session grouping: DataFusion plans a window node per sort key.
     let mut windows: std::collections::BTreeMap<i64, Vec<(Expr, String)>> =
