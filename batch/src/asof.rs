@@ -207,23 +207,23 @@ async fn with_sessions(
         let part = vec![col(key), col(format!("g{}_sid", gap.as_ms()))];
         let keep = filter_expr(&m.filter);
         let v = || -> Result<Expr> { value_expr(m.value.as_ref().expect("validated")) };
+        // Whether the event starts a session (read by counts and durations).
+        let started = col(format!("g{}_new", gap.as_ms())).eq(lit(1i64));
         let (value, n) = match m.agg {
             // Counts and durations run over the entity's events, not its sessions: the same
             // order as the session numbering, so no second sort (see `by_entity` below).
             Agg::Count => {
                 let x = when(keep, lit(1i64)).otherwise(lit(0i64)).map_err(df_err)?;
-                let started = col(format!("g{}_new", gap.as_ms())).eq(lit(1i64));
                 match counts.iter().find(|(_, s, y)| *s == started && *y == x) {
                     Some((first, _, _)) => {
                         copies.push((format!("f{j}_sess"), format!("f{first}_sess")))
                     }
-                    None => counts.push((j, started, x)),
+                    None => counts.push((j, started.clone(), x)),
                 }
                 continue;
             }
             Agg::Duration => {
                 durations.push(j);
-                let started = col(format!("g{}_new", gap.as_ms())).eq(lit(1i64));
                 firsts.push((j, when(started, col(MS)).end().map_err(df_err)?));
                 continue;
             }

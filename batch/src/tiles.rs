@@ -658,7 +658,7 @@ fn shard_of(hash: u64, shards: usize) -> usize {
     ((hash >> 40) as usize) % shards
 }
 
-/// A set of hashed keys whose hasher passes the carried hash through.
+/// A map from hashed keys whose hasher passes the carried hash through.
 type PrehashedMap<'a, V> = HashMap<Prehashed<'a>, V, std::hash::BuildHasherDefault<PassThrough>>;
 
 /// One shard of an [`EntityIndex`] as built: its keys with their numbers, and the keys sorted
