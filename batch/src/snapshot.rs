@@ -251,6 +251,12 @@ impl<'a> Prepared<'a> {
     }
 }
 
+/// A window's bit in a set of windows (see [`Snapshots::at`]): windows past the 63rd share the
+/// last bit, so a change in any of them refolds the features of all of them.
+fn window_bit(window: usize) -> u64 {
+    1 << window.min(63)
+}
+
 /// Whole units from the earliest time to `s`.
 fn age(first: Option<f64>, s: i64, unit: i64) -> Option<f64> {
     first.map(|first| (s - first as i64).div_euclid(unit) as f64)
@@ -335,10 +341,12 @@ pub fn snapshot(set: &TileSet, plan: &TilePlan, s: i64) -> RecordBatch {
 /// depends on the instant (an age) or on the whole population (a rank). The folded parts are
 /// kept for every entity, and from one instant to the next only the entities with a tile that
 /// enters or leaves one of the windows are folded again: a day of a 90-day backfill moves
-/// the windows past a few percent of the tiles, not all of them. An entity not folded again
-/// has exactly the tiles it had in each window, so its folded values are the same bits a
-/// fresh fold gives (no running sums, so no rounding drift). The first instant, and any step
-/// that would refold most entities, folds them all.
+/// the windows past a few percent of the tiles, not all of them. Of such an entity, only the
+/// features reading a window that gained or lost one of its tiles are folded again: a tile
+/// leaving the 30-day window leaves the 90-day features as they were. A feature not folded
+/// again has exactly the tiles it had in each of its windows, so its folded value is the same
+/// bits a fresh fold gives (no running sums, so no rounding drift). The first instant, and any
+/// step that would refold most entities, folds them all.
 pub struct Snapshots<'a> {
     set: &'a TileSet,
     plan: &'a TilePlan,
@@ -392,11 +400,12 @@ impl<'a> Snapshots<'a> {
         // Folders over the same table and range share their window: each entity's rows in it
         // are searched once for all of them.
         let mut windows: Vec<Window<'a>> = Vec::new();
-        // Each folder's window as of `s`, with the feature it folds for.
-        let mut uses: Vec<(Window<'a>, &CompiledFeature)> = Vec::new();
-        for (p, f) in prepared.iter_mut().zip(&plan.features) {
+        // Each folder's window (by index in `windows`), with the feature it folds for.
+        let mut uses: Vec<(usize, &CompiledFeature)> = Vec::new();
+        // Per feature: the windows its folders read, as bits (see `window_bit`).
+        let mut reads = vec![0u64; plan.features.len()];
+        for ((p, f), read) in prepared.iter_mut().zip(&plan.features).zip(&mut reads) {
             for folder in p.folders_mut() {
-                uses.push((folder.window, f));
                 folder.span = match windows.iter().position(|w| w.same(&folder.window)) {
                     Some(i) => i,
                     None => {
@@ -404,10 +413,12 @@ impl<'a> Snapshots<'a> {
                         windows.len() - 1
                     }
                 };
+                uses.push((folder.span, f));
+                *read |= window_bit(folder.span);
             }
         }
         let n = set.entities.len();
-        let changed = self.at.and_then(|old| self.changed(old, &uses));
+        let changed = self.at.and_then(|old| self.changed(old, &windows, &uses));
         if changed.is_none() {
             for column in &mut self.folded {
                 column.reset(n);
@@ -415,26 +426,47 @@ impl<'a> Snapshots<'a> {
         }
         let mut spans = vec![(0, 0); windows.len()];
         let mut scratch = Vec::new();
-        let mut refold = |u: usize| {
-            for (span, w) in spans.iter_mut().zip(&windows) {
-                *span = w.span(u);
+        // Refolds entity `u`'s features that read a window among `moved` (bits as in `reads`):
+        // the others have the same rows in every window they read, so the same values.
+        let mut refold = |u: usize, moved: u64| {
+            let needed = reads
+                .iter()
+                .filter(|r| *r & moved != 0)
+                .fold(0, |m, r| m | r);
+            for (i, (span, w)) in spans.iter_mut().zip(&windows).enumerate() {
+                if needed & window_bit(i) != 0 {
+                    *span = w.span(u);
+                }
             }
             // Every feature while the entity's tiles are in cache.
-            for ((p, column), f) in prepared.iter().zip(&mut self.folded).zip(&plan.features) {
-                column.set(u, f, p.folded(&spans, &mut scratch));
+            for (((p, column), f), r) in prepared
+                .iter()
+                .zip(&mut self.folded)
+                .zip(&plan.features)
+                .zip(&reads)
+            {
+                if r & moved != 0 {
+                    column.set(u, f, p.folded(&spans, &mut scratch));
+                }
             }
         };
         self.refolded = match &changed {
             None => {
-                (0..n).for_each(&mut refold);
+                (0..n).for_each(|u| refold(u, u64::MAX));
                 n
             }
-            Some(bits) => {
+            Some(by_window) => {
                 let mut count = 0;
-                for (word, b) in bits.iter().enumerate() {
-                    let mut b = *b;
+                for word in 0..n.div_ceil(64) {
+                    let mut b = by_window.iter().fold(0, |m, bits| m | bits[word]);
                     while b != 0 {
-                        refold(word * 64 + b.trailing_zeros() as usize);
+                        let at = b.trailing_zeros();
+                        let moved = by_window
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, bits)| bits[word] & (1 << at) != 0)
+                            .fold(0, |m, (i, _)| m | window_bit(i));
+                        refold(word * 64 + at as usize, moved);
                         b &= b - 1;
                         count += 1;
                     }
@@ -446,25 +478,32 @@ impl<'a> Snapshots<'a> {
         self.assemble(s)
     }
 
-    /// The entities whose rows in some window differ between `old` and the instant of `uses`
-    /// (each folder's window, with its feature), as a bit set;
+    /// Per window of `windows`, the entities whose rows in it differ between `old` and the
+    /// instant of `uses` (each folder's window, by index, with its feature), as bit sets;
     /// `None` when folding every entity is as cheap (or a table has no index by tile).
-    fn changed(&mut self, old: i64, uses: &[(Window<'a>, &CompiledFeature)]) -> Option<Vec<u64>> {
+    fn changed(
+        &mut self,
+        old: i64,
+        windows: &[Window<'a>],
+        uses: &[(usize, &CompiledFeature)],
+    ) -> Option<Vec<Vec<u64>>> {
         let n = self.set.entities.len();
         let limit = self.limit.unwrap_or(n / 2);
-        // (table and range at the new instant, range at `old`), each once.
-        let mut moves: Vec<(Window<'a>, (i64, i64))> = Vec::new();
+        // (window at the new instant, range at `old`), each once.
+        let mut moves: Vec<(usize, (i64, i64))> = Vec::new();
         for (w, f) in uses {
             let before = tile_range(f, old);
-            if !moves.iter().any(|(m, b)| m.same(w) && *b == before) {
+            if !moves.contains(&(*w, before)) {
                 moves.push((*w, before));
             }
         }
-        let mut bits = vec![0u64; n.div_ceil(64)];
+        let mut by_window = vec![vec![0u64; n.div_ceil(64)]; windows.len()];
         let mut marked = 0usize;
-        for (w, (a, b)) in moves {
+        for (i, (a, b)) in moves {
+            let w = &windows[i];
             let (c, d) = w.range;
-            let index = self.index(&w)?;
+            let index = self.index(w)?;
+            let bits = &mut by_window[i];
             // The rows that enter or leave: tiles in either range but not both.
             for (lo, hi) in [(a.min(c), a.max(c)), (b.min(d), b.max(d))] {
                 let entities = index.entities(lo, hi);
@@ -477,7 +516,7 @@ impl<'a> Snapshots<'a> {
                 }
             }
         }
-        Some(bits)
+        Some(by_window)
     }
 
     /// The index by tile of `w`'s table, built on first use.
@@ -515,6 +554,25 @@ impl<'a> Snapshots<'a> {
                     let ranks = cume_dist(&keys);
                     let raw = keys.iter().zip(ranks).map(|(k, r)| k.map(|_| r));
                     finished_column(f, raw, members.len())
+                }
+                // An integer age without a default, the usual kind: straight into its column,
+                // with no `Value` per entity (a backfill assembles one per day over every
+                // entity). The same numbers as `age` and `finish` give.
+                (Kept::Folded(folded), Recipe::Age { unit, .. })
+                    if f.feature.value_type == ValueType::Int
+                        && f.feature.default == Value::Null =>
+                {
+                    let values: Vec<i64> = members
+                        .iter()
+                        .map(|u| folded[*u].map_or(0, |first| (s - first as i64).div_euclid(*unit)))
+                        .collect();
+                    let nulls = NullBuffer::new(BooleanBuffer::collect_bool(members.len(), |i| {
+                        folded[members[i]].is_some()
+                    }));
+                    Arc::new(Int64Array::new(
+                        values.into(),
+                        (nulls.null_count() > 0).then_some(nulls),
+                    ))
                 }
                 (Kept::Folded(folded), Recipe::Age { unit, .. }) => {
                     let raw = members.iter().map(|u| age(folded[*u], s, *unit));
