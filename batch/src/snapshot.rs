@@ -384,7 +384,8 @@ impl<'a> Snapshots<'a> {
         self
     }
 
-    /// How many entities the last snapshot folded (the others kept their folded values).
+    /// How many entities the last snapshot folded, some of their features or all (the other
+    /// entities kept all their folded values).
     pub fn refolded(&self) -> usize {
         self.refolded
     }
@@ -438,7 +439,7 @@ impl<'a> Snapshots<'a> {
                     *span = w.span(u);
                 }
             }
-            // Every feature while the entity's tiles are in cache.
+            // Every feature to refold while the entity's tiles are in cache.
             for (((p, column), f), r) in prepared
                 .iter()
                 .zip(&mut self.folded)
