@@ -259,7 +259,12 @@ fn window_bit(window: usize) -> u64 {
 
 /// Whole units from the earliest time to `s`.
 fn age(first: Option<f64>, s: i64, unit: i64) -> Option<f64> {
-    first.map(|first| (s - first as i64).div_euclid(unit) as f64)
+    first.map(|first| whole_units(first, s, unit) as f64)
+}
+
+/// Whole units from `first` to `s`.
+fn whole_units(first: f64, s: i64, unit: i64) -> i64 {
+    (s - first as i64).div_euclid(unit)
 }
 
 fn zero(agg: Agg) -> Option<f64> {
@@ -563,17 +568,10 @@ impl<'a> Snapshots<'a> {
                     if f.feature.value_type == ValueType::Int
                         && f.feature.default == Value::Null =>
                 {
-                    let values: Vec<i64> = members
+                    let ages = members
                         .iter()
-                        .map(|u| folded[*u].map_or(0, |first| (s - first as i64).div_euclid(*unit)))
-                        .collect();
-                    let nulls = NullBuffer::new(BooleanBuffer::collect_bool(members.len(), |i| {
-                        folded[members[i]].is_some()
-                    }));
-                    Arc::new(Int64Array::new(
-                        values.into(),
-                        (nulls.null_count() > 0).then_some(nulls),
-                    ))
+                        .map(|u| folded[*u].map(|first| whole_units(first, s, *unit)));
+                    primitive_column::<Int64Type>(ages, members.len())
                 }
                 (Kept::Folded(folded), Recipe::Age { unit, .. }) => {
                     let raw = members.iter().map(|u| age(folded[*u], s, *unit));
@@ -702,24 +700,26 @@ fn finished_column(
 /// Values as an Arrow column of type `ty` (floats cut to integers in an integer column; no
 /// null buffer when nothing is null).
 fn typed_column(ty: ValueType, values: impl Iterator<Item = Value>, len: usize) -> ArrayRef {
-    fn build<T: arrow::datatypes::ArrowPrimitiveType>(
-        values: impl Iterator<Item = Option<T::Native>>,
-        len: usize,
-    ) -> ArrayRef {
-        let mut v = Vec::with_capacity(len);
-        let mut valid = BooleanBufferBuilder::new(len);
-        for x in values {
-            v.push(x.unwrap_or_default());
-            valid.append(x.is_some());
-        }
-        let nulls = NullBuffer::new(valid.finish());
-        let nulls = (nulls.null_count() > 0).then_some(nulls);
-        Arc::new(PrimitiveArray::<T>::new(v.into(), nulls))
-    }
     match ty {
-        ValueType::Int => build::<Int64Type>(values.map(int_value), len),
-        ValueType::Float => build::<Float64Type>(values.map(Value::as_f64), len),
+        ValueType::Int => primitive_column::<Int64Type>(values.map(int_value), len),
+        ValueType::Float => primitive_column::<Float64Type>(values.map(Value::as_f64), len),
     }
+}
+
+/// `len` optional values as an Arrow column (no null buffer when nothing is null).
+fn primitive_column<T: arrow::datatypes::ArrowPrimitiveType>(
+    values: impl Iterator<Item = Option<T::Native>>,
+    len: usize,
+) -> ArrayRef {
+    let mut v = Vec::with_capacity(len);
+    let mut valid = BooleanBufferBuilder::new(len);
+    for x in values {
+        v.push(x.unwrap_or_default());
+        valid.append(x.is_some());
+    }
+    let nulls = NullBuffer::new(valid.finish());
+    let nulls = (nulls.null_count() > 0).then_some(nulls);
+    Arc::new(PrimitiveArray::<T>::new(v.into(), nulls))
 }
 
 /// One table's entities grouped by tile index: `entities[starts[i]..starts[i + 1]]` have a

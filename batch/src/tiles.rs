@@ -345,6 +345,20 @@ pub fn dedupe_batches(batches: Vec<RecordBatch>, before: i64) -> (Vec<RecordBatc
     dedupe_on(batches, before, threads.clamp(1, 16))
 }
 
+/// Each batch's keys hashed once, batches split among the threads: deduplication and the
+/// entity index place keys in shards and look them up by these hashes.
+fn hash_keys(
+    hasher: &foldhash::fast::RandomState,
+    columns: &[&arrow::array::StringArray],
+) -> Vec<Vec<u64>> {
+    use std::hash::BuildHasher;
+    par_map(columns.iter().collect(), 2, |keys| {
+        keys.iter()
+            .map(|k| hasher.hash_one(k.unwrap_or("")))
+            .collect()
+    })
+}
+
 /// An event id with its hash computed once: the set's hasher passes the hash through.
 struct Prehashed<'a> {
     hash: u64,
@@ -387,8 +401,6 @@ impl std::hash::Hasher for PassThrough {
 }
 
 fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<RecordBatch>, u64) {
-    use std::hash::BuildHasher;
-
     use arrow::array::BooleanArray;
     use arrow::buffer::{BooleanBuffer, Buffer};
     let hasher = foldhash::fast::RandomState::default();
@@ -404,19 +416,11 @@ fn dedupe_on(batches: Vec<RecordBatch>, before: i64, shards: usize) -> (Vec<Reco
                 .values()
         })
         .collect();
-    // Each batch's hashes, batches split among the threads.
-    let hashes: Vec<Vec<u64>> = par_map(ids.iter().collect(), 2, |ids| {
-        ids.iter()
-            .map(|id| hasher.hash_one(id.unwrap_or("")))
-            .collect()
-    });
+    let hashes = hash_keys(&hasher, &ids);
     let total: usize = batches.iter().map(|b| b.num_rows()).sum();
     // Per shard: per batch, the bits of the records it keeps; and the duplicates it dropped.
     let kept_by_shard: Vec<(Vec<Vec<u64>>, u64)> = par_map((0..shards).collect(), 2, |shard| {
-        let mut seen: std::collections::HashSet<
-            Prehashed<'_>,
-            std::hash::BuildHasherDefault<PassThrough>,
-        > = std::collections::HashSet::with_capacity_and_hasher(
+        let mut seen = PrehashedSet::with_capacity_and_hasher(
             total / shards + total / (8 * shards) + 16,
             Default::default(),
         );
@@ -661,6 +665,10 @@ fn shard_of(hash: u64, shards: usize) -> usize {
 /// A map from hashed keys whose hasher passes the carried hash through.
 type PrehashedMap<'a, V> = HashMap<Prehashed<'a>, V, std::hash::BuildHasherDefault<PassThrough>>;
 
+/// A set of hashed keys whose hasher passes the carried hash through.
+type PrehashedSet<'a> =
+    std::collections::HashSet<Prehashed<'a>, std::hash::BuildHasherDefault<PassThrough>>;
+
 /// One shard of an [`EntityIndex`] as built: its keys with their numbers, and the keys sorted
 /// with their numbers.
 type ShardKeys<'a> = (PrehashedMap<'a, u32>, Vec<(&'a str, u32)>);
@@ -680,31 +688,26 @@ struct EntityIndex<'a> {
 }
 
 impl<'a> EntityIndex<'a> {
-    fn build(batches: &[&'a RecordBatch], key: &str, shards: usize) -> Self {
-        use std::hash::BuildHasher;
-        let hasher = foldhash::fast::RandomState::default();
-        let columns: Vec<&'a arrow::array::StringArray> = batches
-            .iter()
-            .map(|b| {
-                b.column_by_name(key)
-                    .expect("key column")
-                    .as_string::<i32>()
-            })
-            .collect();
-        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    /// Indexes the keys of `columns`, hashed by `hasher` into `hashes` (see [`hash_keys`]).
+    fn build(
+        hasher: foldhash::fast::RandomState,
+        columns: &[&'a arrow::array::StringArray],
+        hashes: &[Vec<u64>],
+        shards: usize,
+    ) -> Self {
+        let rows: usize = columns.iter().map(|c| c.len()).sum();
         let built: Vec<ShardKeys<'a>> = par_map((0..shards).collect(), 2, |shard| {
             let mut map = PrehashedMap::with_capacity_and_hasher(
                 rows / (2 * shards) + 16,
                 Default::default(),
             );
             let mut keys = Vec::with_capacity(rows / (2 * shards) + 16);
-            for column in &columns {
-                for r in 0..column.len() {
-                    let id = column.value(r);
-                    let hash = hasher.hash_one(id);
+            for (column, hashes) in columns.iter().zip(hashes) {
+                for (r, &hash) in hashes.iter().enumerate() {
                     if shard_of(hash, shards) != shard {
                         continue;
                     }
+                    let id = column.value(r);
                     let next = keys.len() as u32;
                     if let std::collections::hash_map::Entry::Vacant(v) =
                         map.entry(Prehashed { hash, id })
@@ -745,24 +748,44 @@ impl<'a> EntityIndex<'a> {
         }
     }
 
-    /// The position of a key of the results.
-    fn position(&self, id: &str) -> u32 {
-        use std::hash::BuildHasher;
-        let hash = self.hasher.hash_one(id);
+    /// The position of a key of the results, hashed to `hash` by the index's hasher.
+    fn position(&self, hash: u64, id: &str) -> u32 {
         let s = shard_of(hash, self.shards.len());
         self.positions[s][self.shards[s][&Prehashed { hash, id }] as usize]
     }
 }
 
-/// The rows of a result, ordered by entity then tile. Built on every core: the batches are
-/// split among the threads, each row goes to the part of its entity's range, and the parts
-/// (consecutive entity ranges) are sorted side by side.
-fn sorted_rows(batches: &[RecordBatch], key: &str, index: &EntityIndex<'_>) -> Vec<RowRef> {
+/// The key column of each batch.
+fn key_columns<'a>(
+    batches: impl Iterator<Item = &'a RecordBatch>,
+    key: &str,
+) -> Vec<&'a arrow::array::StringArray> {
+    batches
+        .map(|b| {
+            b.column_by_name(key)
+                .expect("key column")
+                .as_string::<i32>()
+        })
+        .collect()
+}
+
+/// The rows of a result, ordered by entity then tile; `hashes` are its batches' keys hashed by
+/// the index's hasher. Built on every core: the batches are split among the threads, each row
+/// goes to the part of its entity's range, and the parts (consecutive entity ranges) are
+/// sorted side by side.
+fn sorted_rows(
+    batches: &[RecordBatch],
+    key: &str,
+    hashes: &[Vec<u64>],
+    index: &EntityIndex<'_>,
+) -> Vec<RowRef> {
     let parts = index.shards.len().max(1);
     let n = index.entities.len().max(1);
     let part_of = |u: u32| u as usize * parts / n;
-    let per_batch: Vec<Vec<Vec<RowRef>>> =
-        par_map(batches.iter().enumerate().collect(), 2, |(bi, b)| {
+    let per_batch: Vec<Vec<Vec<RowRef>>> = par_map(
+        batches.iter().zip(hashes).enumerate().collect(),
+        2,
+        |(bi, (b, hashes))| {
             let keys = b
                 .column_by_name(key)
                 .expect("key column")
@@ -774,12 +797,13 @@ fn sorted_rows(batches: &[RecordBatch], key: &str, index: &EntityIndex<'_>) -> V
             let mut out: Vec<Vec<RowRef>> = (0..parts)
                 .map(|_| Vec::with_capacity(b.num_rows() / parts + 16))
                 .collect();
-            for r in 0..b.num_rows() {
-                let u = index.position(keys.value(r));
+            for (r, &hash) in hashes.iter().enumerate() {
+                let u = index.position(hash, keys.value(r));
                 out[part_of(u)].push((u, tiles.value(r), bi as u32, r as u32));
             }
             out
-        });
+        },
+    );
     let mut by_part: Vec<Vec<RowRef>> = (0..parts)
         .map(|p| Vec::with_capacity(per_batch.iter().map(|b| b[p].len()).sum()))
         .collect();
@@ -803,17 +827,25 @@ fn gather(
     let started = std::time::Instant::now();
     let key = plan.join_key.as_str();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let all: Vec<&RecordBatch> = raw_groups.iter().flat_map(|(_, b)| b.iter()).collect();
-    let index = EntityIndex::build(&all, key, threads.clamp(1, 16));
+    // Every key is hashed once, for the index and for sorting the rows.
+    let hasher = foldhash::fast::RandomState::default();
+    let columns = key_columns(raw_groups.iter().flat_map(|(_, b)| b.iter()), key);
+    let hashes = hash_keys(&hasher, &columns);
+    let index = EntityIndex::build(hasher, &columns, &hashes, threads.clamp(1, 16));
     let entities = &index.entities;
     tracing::debug!(
         ms = started.elapsed().as_millis() as u64,
         entities = entities.len(),
         "entity index built"
     );
+    let mut hashes = hashes.as_slice();
     let group_rows: Vec<(i64, &Vec<RecordBatch>, Vec<RowRef>)> = raw_groups
         .iter()
-        .map(|(r, b)| (*r, b, sorted_rows(b, key, &index)))
+        .map(|(r, b)| {
+            let (own, rest) = hashes.split_at(b.len());
+            hashes = rest;
+            (*r, b, sorted_rows(b, key, own, &index))
+        })
         .collect();
     tracing::debug!(
         ms = started.elapsed().as_millis() as u64,
@@ -876,7 +908,8 @@ fn gather(
             .insert(i, per_tile_distinct(plan, i, &set.groups, count));
     }
     for (i, batches) in &raw_distinct {
-        let rows = sorted_rows(batches, key, &index);
+        let hashes = hash_keys(&index.hasher, &key_columns(batches.iter(), key));
+        let rows = sorted_rows(batches, key, &hashes, &index);
         let values: Vec<&arrow::array::ArrayRef> = batches
             .iter()
             .map(|b| b.column_by_name("v").expect("v column"))
