@@ -7,6 +7,7 @@ pub mod asof;
 pub mod entities;
 pub mod lease;
 pub mod log;
+pub mod pages;
 pub mod par;
 pub mod pit;
 pub mod progress;

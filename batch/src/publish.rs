@@ -172,64 +172,11 @@ pub async fn read_snapshot(store: &Location, manifest: &Manifest) -> Result<Vec<
     .map_err(|e| Error::Internal(format!("snapshot reading task failed: {e}")))?
 }
 
-/// Encodes a snapshot's rows as a Parquet file. CPU work: callers run it off the async
-/// runtime, beside the fold that made the rows.
+/// Encodes a snapshot's rows as a Parquet file (see [`crate::pages`]: keys prefix-encoded,
+/// integers delta-encoded, few-valued floats by dictionary, nothing compressed). CPU work:
+/// callers run it off the async runtime, beside the fold that made the rows.
 pub fn encode_snapshot(batch: &RecordBatch) -> Result<Vec<u8>> {
-    use parquet::basic::{Compression, Encoding};
-    use parquet::file::properties::{EnabledStatistics, WriterProperties};
-    use parquet::schema::types::ColumnPath;
-    // Keys are unique and most feature values nearly so: dictionaries would only be tried and
-    // dropped, which costs more than the whole write of a snapshot, so only float columns whose
-    // first values are few take one (see `few_values`; on the catalog's 751k-entity snapshot,
-    // 12.9 MB down to 10.4 MB in the same 67 ms). Nothing is compressed:
-    // the sorted keys are prefix-encoded (`DELTA_BYTE_ARRAY`), integer features
-    // delta-encoded, and float features written plain. On a snapshot of 716k entities of the
-    // catalog this encodes in 56 ms to 12.7 MB; the same with a plain, Snappy-compressed key
-    // took 58 ms for 14.6 MB, and Snappy on every column with statistics about twice as long.
-    // A backfill encodes one such snapshot per day.
-    let mut props = WriterProperties::builder()
-        .set_compression(Compression::UNCOMPRESSED)
-        .set_dictionary_enabled(false)
-        // Every reader loads a snapshot whole: nothing prunes by a column's minimum and
-        // maximum, and computing them cost a tenth of the encoding.
-        .set_statistics_enabled(EnabledStatistics::None);
-    for (i, field) in batch.schema().fields().iter().enumerate() {
-        let column = ColumnPath::from(field.name().as_str());
-        props = match field.data_type() {
-            // Sorted keys share their prefixes: stored once, not compressed.
-            _ if i == 0 => props.set_column_encoding(column, Encoding::DELTA_BYTE_ARRAY),
-            arrow::datatypes::DataType::Int64 => {
-                props.set_column_encoding(column, Encoding::DELTA_BINARY_PACKED)
-            }
-            // A float feature of few distinct values (a rate that is mostly 0, a rounded rank)
-            // takes a dictionary: a few bits per value instead of eight bytes.
-            arrow::datatypes::DataType::Float64 if few_values(batch.column(i)) => {
-                props.set_column_dictionary_enabled(column, true)
-            }
-            _ => props,
-        };
-    }
-    let props = props.build();
-    let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 2);
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    w.write(batch).map_err(|e| Error::Internal(e.to_string()))?;
-    w.close().map_err(|e| Error::Internal(e.to_string()))?;
-    Ok(buf)
-}
-
-/// Whether a float column's first 4096 values hold at most 64 distinct ones.
-fn few_values(column: &arrow::array::ArrayRef) -> bool {
-    use arrow::array::AsArray;
-    let values = column.as_primitive::<arrow::datatypes::Float64Type>();
-    let mut seen = std::collections::HashSet::new();
-    for x in values.iter().take(4096).flatten() {
-        seen.insert(x.to_bits());
-        if seen.len() > 64 {
-            return false;
-        }
-    }
-    true
+    crate::pages::encode_file(batch)
 }
 
 /// Writes a snapshot's data file (encoded by [`encode_snapshot`]) under the run's directory;
