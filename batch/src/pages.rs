@@ -542,7 +542,8 @@ fn bit_width(x: u64) -> u32 {
 /// Writes values of given bit widths, least significant bit first.
 struct BitWriter<'a> {
     out: &'a mut Vec<u8>,
-    buffered: u128,
+    /// Bits not yet written, from the least significant; `bits` of them (always below 64).
+    buffered: u64,
     bits: u32,
 }
 
@@ -557,13 +558,19 @@ impl<'a> BitWriter<'a> {
 
     /// Appends the low `width` bits of `x` (no bit of `x` above them may be set).
     fn put(&mut self, x: u64, width: u32) {
-        self.buffered |= (x as u128) << self.bits;
-        self.bits += width;
-        if self.bits >= 64 {
-            self.out
-                .extend_from_slice(&(self.buffered as u64).to_le_bytes());
-            self.buffered >>= 64;
-            self.bits -= 64;
+        self.buffered |= x << self.bits;
+        let bits = self.bits + width;
+        if bits >= 64 {
+            self.out.extend_from_slice(&self.buffered.to_le_bytes());
+            // The bits of `x` that did not fit.
+            self.buffered = if self.bits == 0 {
+                0
+            } else {
+                x >> (64 - self.bits)
+            };
+            self.bits = bits - 64;
+        } else {
+            self.bits = bits;
         }
     }
 
@@ -571,7 +578,7 @@ impl<'a> BitWriter<'a> {
     fn finish(self) {
         let bytes = self.bits.div_ceil(8) as usize;
         self.out
-            .extend_from_slice(&(self.buffered as u64).to_le_bytes()[..bytes]);
+            .extend_from_slice(&self.buffered.to_le_bytes()[..bytes]);
     }
 }
 

@@ -545,7 +545,8 @@ impl<'a> Snapshots<'a> {
             BooleanBuffer::collect_bool(set.first_ms.len(), |u| set.first_ms[u] < s),
             None,
         );
-        let members: Vec<usize> = mask.values().set_indices().collect();
+        let mut members: Vec<usize> = Vec::with_capacity(mask.true_count());
+        members.extend(mask.values().set_indices());
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(plan.features.len() + 1);
         columns.push(
             arrow::compute::filter(set.key_array(), &mask).expect("the mask matches the entities"),
