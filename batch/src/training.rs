@@ -216,35 +216,68 @@ pub async fn datafusion_training_set(
         .filter(|(v, _)| v.layer == duet_spec::Layer::Streaming)
         .collect();
     let started = std::time::Instant::now();
-    let streaming_cols =
-        crate::asof::streaming_as_of(&ctx, ev.clone(), &entities.keys, &entities.ts, &streaming)
-            .await?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        features = streaming.len(),
-        "streaming features computed"
-    );
-    let mut by_name: std::collections::HashMap<String, ArrayRef> = streaming
-        .iter()
-        .zip(streaming_cols)
-        .map(|((_, f), c)| (f.name.clone(), c))
-        .collect();
-    let store = req.store.as_deref().map(resolve).transpose()?;
-    for view in spec.views_of(duet_spec::Layer::Batch) {
-        let wanted: Vec<&Feature> = features
+    // The streaming features are computed on a task of their own, beside the batch ones: each
+    // computation leaves a core idle part of the time.
+    let streaming_task = {
+        let owned: Vec<(View, Feature)> = streaming
             .iter()
-            .filter(|(v, _)| v.name == view.name)
-            .map(|(_, f)| *f)
+            .map(|(v, f)| ((*v).clone(), (*f).clone()))
             .collect();
-        if wanted.is_empty() {
-            continue;
+        let (ctx, ev) = (ctx.clone(), ev.clone());
+        let (keys, ts) = (entities.keys.clone(), entities.ts.clone());
+        tokio::spawn(async move {
+            let features: Vec<(&View, &Feature)> = owned.iter().map(|(v, f)| (v, f)).collect();
+            let columns = crate::asof::streaming_as_of(&ctx, ev, &keys, &ts, &features).await?;
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                features = features.len(),
+                "streaming features computed"
+            );
+            Ok::<_, Error>(columns)
+        })
+    };
+    let batch_columns = async {
+        let store = req.store.as_deref().map(resolve).transpose()?;
+        let mut by_name: std::collections::HashMap<String, ArrayRef> = Default::default();
+        for view in spec.views_of(duet_spec::Layer::Batch) {
+            let wanted: Vec<&Feature> = features
+                .iter()
+                .filter(|(v, _)| v.name == view.name)
+                .map(|(_, f)| *f)
+                .collect();
+            if wanted.is_empty() {
+                continue;
+            }
+            let values =
+                crate::pit::batch_values(view, &wanted, &entities, ev.clone(), store.as_ref())
+                    .await?;
+            for (f, col) in wanted.iter().zip(values) {
+                by_name.insert(f.name.clone(), col);
+            }
         }
-        let values =
-            crate::pit::batch_values(view, &wanted, &entities, ev.clone(), store.as_ref()).await?;
-        for (f, col) in wanted.iter().zip(values) {
-            by_name.insert(f.name.clone(), col);
-        }
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "batch features computed"
+        );
+        Ok::<_, Error>(by_name)
     }
+    .await;
+    let mut by_name = match batch_columns {
+        Ok(by_name) => by_name,
+        Err(e) => {
+            streaming_task.abort();
+            return Err(e);
+        }
+    };
+    let streaming_cols = streaming_task
+        .await
+        .map_err(|e| Error::Internal(format!("computing the streaming features failed: {e}")))??;
+    by_name.extend(
+        streaming
+            .iter()
+            .zip(streaming_cols)
+            .map(|((_, f), c)| (f.name.clone(), c)),
+    );
     let columns = features
         .iter()
         .map(|(_, f)| {
@@ -254,10 +287,6 @@ pub async fn datafusion_training_set(
             )
         })
         .collect();
-    tracing::debug!(
-        ms = started.elapsed().as_millis() as u64,
-        "batch features computed"
-    );
     let batch = with_features(&req.entities, &entities, columns)?;
     write_table(&req.out, &batch).await?;
     tracing::debug!(
