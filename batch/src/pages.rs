@@ -131,7 +131,7 @@ fn encode_chunk(
         DataType::Int64 => Values::Ints,
         DataType::Float64 => {
             let floats = column.as_primitive::<Float64Type>();
-            match few_values(floats).then(|| dictionary(floats)).flatten() {
+            match dictionary(floats) {
                 Some((indices, entries)) => Values::Dictionary(indices, entries),
                 None => Values::Floats,
             }
@@ -189,7 +189,7 @@ fn encode_chunk(
                 Values::Dictionary(indices, entries) => {
                     s.indices.clear();
                     let here = &indices[start..start + len];
-                    match page.nulls().filter(|n| n.null_count() > 0) {
+                    match any_nulls(&page) {
                         Some(nulls) => s.indices.extend(nulls.valid_indices().map(|i| here[i])),
                         None => s.indices.extend_from_slice(here),
                     }
@@ -221,21 +221,19 @@ fn encode_chunk(
     let dictionary_offset = matches!(values, Values::Dictionary(..)).then_some(0);
     // Which pages are encoded how: readers learn that every data page of a chunk with a
     // dictionary uses it.
-    let mut stats = vec![PageEncodingStats {
+    let mut stats = Vec::new();
+    if dictionary_offset.is_some() {
+        stats.push(PageEncodingStats {
+            page_type: PageType::DICTIONARY_PAGE,
+            encoding: Encoding::PLAIN,
+            count: 1,
+        });
+    }
+    stats.push(PageEncodingStats {
         page_type: PageType::DATA_PAGE,
         encoding,
         count: data_pages,
-    }];
-    if dictionary_offset.is_some() {
-        stats.insert(
-            0,
-            PageEncodingStats {
-                page_type: PageType::DICTIONARY_PAGE,
-                encoding: Encoding::PLAIN,
-                count: 1,
-            },
-        );
-    }
+    });
     let metadata = ColumnChunkMetaData::builder(descr)
         .set_encodings(encodings)
         .set_compression(Compression::UNCOMPRESSED)
@@ -268,28 +266,17 @@ fn string_page(offsets: &[i32], start: usize, rows: usize) -> usize {
     within.max(1)
 }
 
-/// Whether a float column's first 4096 values hold at most 64 distinct ones.
-fn few_values(values: &arrow::array::Float64Array) -> bool {
-    let mut seen: std::collections::HashSet<u64, foldhash::fast::RandomState> = Default::default();
-    for x in values.iter().take(4096).flatten() {
-        seen.insert(x.to_bits());
-        if seen.len() > 64 {
-            return false;
-        }
-    }
-    true
-}
-
 /// A float column's dictionary (its distinct values by bits, in order of first appearance)
-/// and each row's index into it (0 for a null); `None` past [`MAX_DICTIONARY`] entries, or
-/// when every value is null.
+/// and each row's index into it (0 for a null). `None` when the column's values are not few:
+/// more than 64 distinct ones in its first 4096 rows, or more than [`MAX_DICTIONARY`] in all;
+/// and `None` when every value is null.
 fn dictionary(values: &arrow::array::Float64Array) -> Option<(Vec<u32>, Vec<f64>)> {
     let mut entries: Vec<f64> = Vec::new();
     let mut index: HashMap<u64, u32, foldhash::fast::RandomState> = HashMap::default();
     let mut indices = Vec::with_capacity(values.len());
     // The index of the last value looked up: runs of one value (mostly 0) skip the hash.
     let mut last: Option<(u64, u32)> = None;
-    let nulls = values.nulls().filter(|n| n.null_count() > 0);
+    let nulls = any_nulls(values);
     for (i, x) in values.values().iter().enumerate() {
         if nulls.is_some_and(|n| n.is_null(i)) {
             indices.push(0);
@@ -302,7 +289,7 @@ fn dictionary(values: &arrow::array::Float64Array) -> Option<(Vec<u32>, Vec<f64>
                 let next = entries.len() as u32;
                 let at = *index.entry(bits).or_insert(next);
                 if at == next {
-                    if entries.len() == MAX_DICTIONARY {
+                    if entries.len() == MAX_DICTIONARY || (i < 4096 && entries.len() == 64) {
                         return None;
                     }
                     entries.push(*x);
@@ -314,6 +301,11 @@ fn dictionary(values: &arrow::array::Float64Array) -> Option<(Vec<u32>, Vec<f64>
         indices.push(at);
     }
     (!entries.is_empty()).then_some((indices, entries))
+}
+
+/// An array's nulls, when it has any.
+fn any_nulls(a: &dyn Array) -> Option<&NullBuffer> {
+    a.nulls().filter(|n| n.null_count() > 0)
 }
 
 /// A page's definition levels (maximum level 1) in the RLE/bit-packed hybrid, behind their
@@ -350,7 +342,7 @@ fn def_levels(nulls: Option<&NullBuffer>, len: usize, out: &mut Vec<u8>) {
 /// A page's non-null floats, plain: eight little-endian bytes each.
 fn floats(page: &ArrayRef, out: &mut Vec<u8>) {
     let values = page.as_primitive::<Float64Type>().values();
-    match page.nulls().filter(|n| n.null_count() > 0) {
+    match any_nulls(page) {
         Some(nulls) => {
             for i in nulls.valid_indices() {
                 out.extend_from_slice(&values[i].to_le_bytes());
@@ -368,7 +360,7 @@ fn floats(page: &ArrayRef, out: &mut Vec<u8>) {
 /// A page's non-null integers, delta-encoded.
 fn ints(page: &ArrayRef, s: &mut Scratch, out: &mut Vec<u8>) {
     let values = page.as_primitive::<Int64Type>().values();
-    match page.nulls().filter(|n| n.null_count() > 0) {
+    match any_nulls(page) {
         Some(nulls) => {
             s.ints.clear();
             s.ints.extend(nulls.valid_indices().map(|i| values[i]));
@@ -386,7 +378,7 @@ fn strings(page: &ArrayRef, s: &mut Scratch, out: &mut Vec<u8>) {
     let (offsets, data) = (strings.value_offsets(), strings.value_data());
     // The byte ranges of the non-null strings.
     s.ranges.clear();
-    match page.nulls().filter(|n| n.null_count() > 0) {
+    match any_nulls(page) {
         Some(nulls) => s.ranges.extend(
             nulls
                 .valid_indices()

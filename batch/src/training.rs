@@ -198,7 +198,8 @@ pub async fn datafusion_training_set(
     let join_key = features
         .first()
         .map_or("user_id", |(v, _)| v.join_key.name());
-    let entities = read_entities(&req.entities, join_key).await?;
+    // Shared with the streaming features' task (see below).
+    let entities = Arc::new(read_entities(&req.entities, join_key).await?);
     let mut log = read_event_log(&req.events).await?;
     let (valid_events, invalid_events) = (log.valid, log.invalid.total());
     let dead = std::mem::take(&mut log.dead_letters);
@@ -224,10 +225,12 @@ pub async fn datafusion_training_set(
             .map(|(v, f)| ((*v).clone(), (*f).clone()))
             .collect();
         let (ctx, ev) = (ctx.clone(), ev.clone());
-        let (keys, ts) = (entities.keys.clone(), entities.ts.clone());
+        let entities = entities.clone();
         tokio::spawn(async move {
             let features: Vec<(&View, &Feature)> = owned.iter().map(|(v, f)| (v, f)).collect();
-            let columns = crate::asof::streaming_as_of(&ctx, ev, &keys, &ts, &features).await?;
+            let columns =
+                crate::asof::streaming_as_of(&ctx, ev, &entities.keys, &entities.ts, &features)
+                    .await?;
             tracing::debug!(
                 ms = started.elapsed().as_millis() as u64,
                 features = features.len(),
