@@ -2,9 +2,11 @@
 //! point-in-time training rows and the consistency checker's recomputation.
 //!
 //! Each row `(key, t)` joins the entity's events in `[t - lookback, t)`; windows are filters on
-//! that join. Sessions are numbered once over all events with window functions (a gap greater
-//! than the session gap starts a new one) and carry running aggregates, so a row reads its
-//! current session from the latest event before `t`.
+//! that join. Sessions are numbered once with window functions (a gap greater than the session
+//! gap starts a new one) and carry running aggregates, so a row reads its current session from
+//! the latest event before `t`. They are numbered over the events that can decide a row's
+//! session: those from a gap before the earliest row's lookback, and the whole history of the
+//! entities whose session was open then ([`session_events`]).
 
 use std::sync::Arc;
 
@@ -123,6 +125,62 @@ fn running(
         w
     };
     w.build().map_err(df_err)
+}
+
+/// The events that decide every session feature at events from `from` on, when the largest
+/// session gap is `gap`: the events from `from - gap` on, and every event of the entities whose
+/// session at `from` began before it.
+///
+/// An event at or after `from` starts a session when the entity's event before it is more
+/// than a gap older. That event is either at or after `from - gap`, and so kept, or older, and
+/// then the event starts a session whether it is kept or not. So every session start from
+/// `from` on is seen. An entity's sessions from `from` on then hold only kept events, unless
+/// its first event at or after `from` continues a session: its event before it is at most
+/// `gap` older. Those entities, found from the events in `[from - gap, from + gap)`, keep their
+/// whole history, however far back the session reaches.
+async fn session_events(ev: DataFrame, key: &str, from: i64, gap: i64) -> Result<DataFrame> {
+    let near = from.saturating_sub(gap);
+    let open = ev
+        .clone()
+        .filter(
+            col(MS)
+                .gt_eq(lit(near))
+                .and(col(MS).lt(lit(from.saturating_add(gap)))),
+        )
+        .and_then(|df| {
+            let before = max(col(MS)).filter(col(MS).lt(lit(from))).build()?;
+            let after = min(col(MS)).filter(col(MS).gt_eq(lit(from))).build()?;
+            df.aggregate(
+                vec![col(key)],
+                vec![before.alias("before_ms"), after.alias("after_ms")],
+            )
+        })
+        .and_then(|df| df.filter((col("after_ms") - col("before_ms")).lt_eq(lit(gap))))
+        .and_then(|df| df.select(vec![col(key)]))
+        .map_err(df_err)?
+        .collect()
+        .await
+        .map_err(df_err)?;
+    let mut continuing: Vec<Expr> = Vec::new();
+    for b in &open {
+        let keys = b
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or_else(|| Error::Internal("entity keys are not strings".into()))?;
+        continuing.extend(keys.iter().flatten().map(lit));
+    }
+    tracing::debug!(
+        continuing = continuing.len(),
+        "entities whose session at the earliest row's lookback began before it"
+    );
+    let keep = col(MS).gt_eq(lit(near));
+    let keep = if continuing.is_empty() {
+        keep
+    } else {
+        keep.or(col(key).in_list(continuing, false))
+    };
+    ev.filter(keep).map_err(df_err)
 }
 
 /// Adds session columns for every session feature: `g{gap}_sid` numbers sessions per entity,
@@ -506,34 +564,48 @@ pub async fn streaming_as_of(
     )
     .map_err(|e| Error::Internal(e.to_string()))?;
     let rows = ctx.read_batch(batch).map_err(df_err)?;
-    // Only the rows' entities' events can count: when sessions are numbered (which sorts
-    // every event given), the others are left out first.
-    let sessions = features
+    // A row joins its entity's events in `[t - lookback, t)`: no row reads an event before
+    // `from`.
+    let earliest = ts.iter().min().copied().unwrap_or(0);
+    let from = earliest.saturating_sub(lookback(features));
+    let gap = features
         .iter()
-        .any(|(_, f)| matches!(f.extent, Extent::Session { .. }));
-    let ev = if sessions {
-        ev.join(
-            rows.clone().select(vec![col("row_key")]).map_err(df_err)?,
-            JoinType::LeftSemi,
-            &[key],
-            &["row_key"],
-            None,
-        )
-        .map_err(df_err)?
-    } else {
-        ev
+        .filter_map(|(_, f)| match f.extent {
+            Extent::Session { gap } => Some(gap.as_ms()),
+            _ => None,
+        })
+        .max();
+    let ev = match gap {
+        // Sessions are numbered over the events that can decide them (which sorts every event
+        // given), and only the rows' entities' events can count: the others are left out first.
+        Some(gap) => session_events(ev, key, from, gap)
+            .await?
+            .join(
+                rows.clone().select(vec![col("row_key")]).map_err(df_err)?,
+                JoinType::LeftSemi,
+                &[key],
+                &["row_key"],
+                None,
+            )
+            .map_err(df_err)?,
+        None => ev,
     };
     let ev = with_sessions(ev, key, features).await?;
-    // A row joins its entity's events in `[t - lookback, t)`: events before every row's range
-    // are left out of the join (after the sessions are numbered over all of them).
-    let earliest = ts.iter().min().copied().unwrap_or(0);
-    let ev = ev
-        .filter(col(MS).gt_eq(lit(earliest.saturating_sub(lookback(features)))))
-        .map_err(df_err)?;
-    let result = rows_query(ev, rows, key, features)?
-        .collect()
+    let ev = ev.filter(col(MS).gt_eq(lit(from))).map_err(df_err)?;
+    let plan = rows_query(ev, rows, key, features)?
+        .create_physical_plan()
         .await
         .map_err(df_err)?;
+    let result = datafusion::physical_plan::collect(plan.clone(), ctx.task_ctx())
+        .await
+        .map_err(df_err)?;
+    tracing::trace!(
+        plan = %datafusion::physical_plan::display::DisplayableExecutionPlan::with_metrics(
+            plan.as_ref()
+        )
+        .indent(true),
+        "streaming features' plan, with the time each step took"
+    );
     let result = arrow::compute::concat_batches(&result[0].schema(), &result)
         .map_err(|e| Error::Internal(e.to_string()))?;
     Ok((0..features.len())

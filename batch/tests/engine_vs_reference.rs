@@ -181,3 +181,190 @@ proptest! {
         }
     }
 }
+
+/// Sessions that chain back before the earliest row's lookback, with gaps at and around each
+/// session gap: the streaming features equal the reference's however far back a row's session
+/// began.
+const CHAINS: &str = r#"
+[[entity]]
+name = "user"
+join_key = "user_id"
+
+[[view]]
+name = "s"
+entity = "user"
+layer = "streaming"
+
+[[view.feature]]
+name = "events_in_session"
+aggregation = "count"
+session_gap = "30m"
+
+[[view.feature]]
+name = "session_length"
+aggregation = "duration"
+session_gap = "30m"
+
+[[view.feature]]
+name = "purchases_in_short_session"
+aggregation = "count"
+where = { event_type = ["purchase"] }
+session_gap = "10m"
+
+[[view.feature]]
+name = "spend_in_long_session"
+aggregation = "sum"
+value = "amount"
+where = { event_type = ["purchase"] }
+session_gap = "45m"
+
+[[view.feature]]
+name = "last_amount_in_session"
+aggregation = "last"
+value = "amount"
+where = { event_type = ["purchase", "refund"] }
+session_gap = "20m"
+
+[[view.feature]]
+name = "events_3h"
+aggregation = "count"
+window = "3h"
+resolution = "1m"
+"#;
+
+fn arb_chains() -> impl Strategy<Value = Vec<Event>> {
+    const MIN: i64 = 60_000;
+    // Gaps at, just under and just over each session gap, and long breaks.
+    let gaps = vec![
+        0,
+        1,
+        MIN,
+        7 * MIN,
+        10 * MIN - 1,
+        10 * MIN,
+        10 * MIN + 1,
+        20 * MIN,
+        20 * MIN + 1,
+        30 * MIN - 1,
+        30 * MIN,
+        30 * MIN + 1,
+        45 * MIN,
+        45 * MIN + 1,
+        3 * HOUR,
+    ];
+    let user = (
+        0i64..HOUR,
+        prop::collection::vec(
+            (prop::sample::select(gaps), 0usize..4, 1u32..5000, 0u8..12),
+            1..80,
+        ),
+    );
+    prop::collection::vec(user, 1..4).prop_map(|users| {
+        let types = ["login", "view", "purchase", "refund"];
+        let mut out = Vec::new();
+        for (u, (start, steps)) in users.into_iter().enumerate() {
+            let mut ts = T0 + start;
+            for (i, (gap, ty, cents, dup)) in steps.into_iter().enumerate() {
+                ts += gap;
+                let e = Event {
+                    event_id: format!("u{u}e{i:03}"),
+                    user_id: format!("u{u}"),
+                    event_type: types[ty].into(),
+                    amount: (ty >= 2).then_some(cents as f64 / 100.0),
+                    ts,
+                };
+                if dup == 0 {
+                    out.push(e.clone());
+                }
+                out.push(e);
+            }
+        }
+        out
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sessions_reaching_back_before_the_earliest_row(events in arb_chains(), probes in prop::collection::vec((0usize..1000, prop::sample::select(vec![0i64, 1, -1, 60_000, 600_000, 1_800_000, 1_800_001, 2_700_000, 3 * HOUR, 3 * HOUR + 1]), any::<bool>()), 1..12)) {
+        let spec = parse_spec("chains.toml", CHAINS).unwrap();
+        let reference = Reference::new(&spec, events.clone());
+        let streaming: Vec<_> = spec.features().collect();
+        // Rows at, after and (by the 3h window's lookback) before events, so that the earliest
+        // row's lookback falls inside sessions, at their edges, or between them.
+        let near: Vec<&Event> = probes.iter().map(|(i, _, _)| &events[i % events.len()]).collect();
+        let keys: Vec<String> = near.iter().map(|e| e.user_id.clone()).collect();
+        let times: Vec<i64> = probes.iter().zip(&near).map(|((_, d, later), e)| if *later { e.ts + d } else { e.ts - d }).collect();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cols = rt.block_on(async {
+            let ctx = session();
+            let ev = deduplicated_events(&ctx, vec![batch_of(&events)], i64::MAX).await.unwrap();
+            duet_batch::asof::streaming_as_of(&ctx, ev, &keys, &times, &streaming).await.unwrap()
+        });
+        for (j, (_, f)) in streaming.iter().enumerate() {
+            for i in 0..keys.len() {
+                let expected = reference.value(f, &keys[i], times[i]);
+                let got = value_at(cols[j].as_ref(), i, f.value_type);
+                prop_assert!(agree(expected, got), "{} of {} as of {}: reference {:?}, datafusion {:?}", f.name, keys[i], times[i], expected, got);
+            }
+        }
+    }
+}
+
+/// A session whose events are exactly one gap apart continues across the earliest row's
+/// lookback, and reaches back further than a gap before it.
+#[test]
+fn a_session_chained_at_exactly_the_gap_across_the_earliest_lookback() {
+    const MIN: i64 = 60_000;
+    let spec = parse_spec("chains.toml", CHAINS).unwrap();
+    let streaming: Vec<_> = spec.features().collect();
+    let t = T0 + 10 * HOUR;
+    let events: Vec<Event> = (0..8)
+        .map(|i| Event {
+            event_id: format!("e{i}"),
+            user_id: "u0".into(),
+            event_type: "purchase".into(),
+            amount: Some(1.0 + i as f64),
+            ts: t + (i - 1) * 45 * MIN,
+        })
+        .collect();
+    let reference = Reference::new(&spec, events.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // The chain's events are 45 minutes apart, from t - 45m to t + 4h30m. The earliest row (of
+    // an entity without events) puts the lookback (3h) at `from`, just after an event of the
+    // chain, between two, or exactly on one; the chain's row is after the last event.
+    for from in [t + 1, t + 30 * MIN, t + 45 * MIN] {
+        let keys = vec!["nobody".to_string(), "u0".to_string()];
+        let times = vec![from + 3 * HOUR, t + 270 * MIN + 1];
+        assert!(times[0] < times[1]);
+        let cols = rt.block_on(async {
+            let ctx = session();
+            let ev = deduplicated_events(&ctx, vec![batch_of(&events)], i64::MAX)
+                .await
+                .unwrap();
+            duet_batch::asof::streaming_as_of(&ctx, ev, &keys, &times, &streaming)
+                .await
+                .unwrap()
+        });
+        for (j, (_, f)) in streaming.iter().enumerate() {
+            let expected = reference.value(f, "u0", times[1]);
+            let got = value_at(cols[j].as_ref(), 1, f.value_type);
+            assert!(
+                agree(expected, got),
+                "{} as of {} (lookback from {from}): reference {expected:?}, datafusion {got:?}",
+                f.name,
+                times[1]
+            );
+        }
+        // The whole chain is one session under the 45-minute gap: 1 + 2 + ... + 8.
+        assert_eq!(
+            value_at(cols[3].as_ref(), 1, ValueType::Float),
+            Value::Float(36.0)
+        );
+    }
+}
