@@ -43,9 +43,11 @@ fn lookback(features: &[(&View, &Feature)]) -> i64 {
         .unwrap_or(0)
 }
 
-/// Session counts and session starts as running aggregates over each entity's events (ordered
-/// as the sessions were numbered, so the plan sorts the events once):
-/// - a session's first time is the latest time, so far, of an event that starts a session;
+/// Session counts and session starts as running aggregates over the events in entity order
+/// (the order the sessions were numbered in, so the plan sorts the events once). They run over
+/// all entities at once, without a partition per entity: every entity's first event starts a
+/// session, so the latest start so far is always the entity's own.
+/// - a session's first time is the time of the latest event, so far, that starts a session;
 /// - a session count is the running count so far, less the running count before the latest
 ///   session start. Counts only grow, so that is the largest "count before" of any start so far.
 fn by_entity(
@@ -58,10 +60,9 @@ fn by_entity(
     if counts.is_empty() && firsts.is_empty() {
         return Ok(ev);
     }
-    let entity = || vec![col(key)];
     let mut first_windows: Vec<(Expr, String)> = Vec::new();
     for (j, at_start) in firsts {
-        let w = running(max_udaf(), at_start.clone(), entity(), false)?;
+        let w = in_event_order(last_value_udaf(), at_start.clone(), key, true)?;
         match first_windows.iter().find(|(e, _)| *e == w) {
             Some((_, name)) => copies.push((format!("f{j}_first"), name.clone())),
             None => first_windows.push((w, format!("f{j}_first"))),
@@ -71,7 +72,7 @@ fn by_entity(
     // Counts of one filter under different session gaps share their running count.
     let mut cumulative = Vec::with_capacity(counts.len());
     for (j, _, x) in counts {
-        let w = running(sum_udaf(), x.clone(), entity(), false)?;
+        let w = in_event_order(sum_udaf(), x.clone(), key, false)?;
         match stage.iter().find(|(e, _)| *e == w) {
             Some((_, name)) => cumulative.push(name.clone()),
             None => {
@@ -91,7 +92,8 @@ fn by_entity(
         let at_start = when(started.clone(), col(cum) - x.clone())
             .end()
             .map_err(df_err)?;
-        before.push(running(max_udaf(), at_start, entity(), false)?.alias(format!("f{j}_before")));
+        before
+            .push(in_event_order(max_udaf(), at_start, key, false)?.alias(format!("f{j}_before")));
     }
     let mut ev = ev.window(before).map_err(df_err)?;
     for ((j, _, _), cum) in counts.iter().zip(&cumulative) {
@@ -103,6 +105,35 @@ fn by_entity(
             .map_err(df_err)?;
     }
     Ok(ev)
+}
+
+/// The event order: by entity, then `(ms, event_id)`.
+fn event_order(key: &str) -> Vec<datafusion::logical_expr::SortExpr> {
+    vec![
+        col(key).sort(true, false),
+        col(MS).sort(true, false),
+        col("event_id").sort(true, false),
+    ]
+}
+
+/// Running aggregate over all events in event order, without partitions: DataFusion's window
+/// node keeps state per partition, which costs more than the aggregate when entities have a
+/// few events each.
+fn in_event_order(
+    fun: Arc<datafusion::logical_expr::AggregateUDF>,
+    arg: Expr,
+    key: &str,
+    ignore_nulls: bool,
+) -> Result<Expr> {
+    let w = Expr::from(WindowFunction::new(fun, vec![arg]))
+        .order_by(event_order(key))
+        .window_frame(WindowFrame::new(Some(true)));
+    let w = if ignore_nulls {
+        w.null_treatment(NullTreatment::IgnoreNulls)
+    } else {
+        w
+    };
+    w.build().map_err(df_err)
 }
 
 /// Running aggregate over an entity's current session, ordered by `(ms, event_id)`.
@@ -183,7 +214,7 @@ async fn session_events(ev: DataFrame, key: &str, from: i64, gap: i64) -> Result
     ev.filter(keep).map_err(df_err)
 }
 
-/// Adds session columns for every session feature: `g{gap}_sid` numbers sessions per entity,
+/// Adds session columns for every session feature: `g{gap}_sid` numbers sessions (each number is one entity's),
 /// and `f{j}_sess` (plus `f{j}_sess_n`) holds the feature's running value in its session.
 async fn with_sessions(
     ev: DataFrame,
@@ -202,14 +233,19 @@ async fn with_sessions(
     if gaps.is_empty() {
         return Ok(ev);
     }
-    let order = vec![col(MS).sort(true, false), col("event_id").sort(true, false)];
-    let prev = datafusion::functions_window::expr_fn::lag(col(MS), Some(1), None)
-        .partition_by(vec![col(key)])
-        .order_by(order.clone())
-        .build()
-        .map_err(df_err)?
-        .alias("prev_ms");
-    let mut ev = ev.window(vec![prev]).map_err(df_err)?;
+    // The event before, in event order (its entity's, unless the event is its entity's first).
+    let prev = |c: &str, alias: &str| -> Result<Expr> {
+        Ok(
+            datafusion::functions_window::expr_fn::lag(col(c), Some(1), None)
+                .order_by(event_order(key))
+                .build()
+                .map_err(df_err)?
+                .alias(alias),
+        )
+    };
+    let mut ev = ev
+        .window(vec![prev(MS, "prev_ms")?, prev(key, "prev_key")?])
+        .map_err(df_err)?;
     // Session numbers partition the other session aggregates; counts and durations run over
     // the entity's events (`by_entity`) and need none.
     let numbered: Vec<i64> = features
@@ -225,8 +261,9 @@ async fn with_sessions(
         .collect();
     for gap in &gaps {
         let starts = when(
-            col("prev_ms")
+            col("prev_key")
                 .is_null()
+                .or(col("prev_key").not_eq(col(key)))
                 .or((col(MS) - col("prev_ms")).gt(lit(*gap))),
             lit(1i64),
         )
@@ -238,13 +275,9 @@ async fn with_sessions(
         if numbered.contains(gap) {
             ev = ev
                 .window(vec![
-                    running(
-                        sum_udaf(),
-                        col(format!("g{gap}_new")),
-                        vec![col(key)],
-                        false,
-                    )?
-                    .alias(format!("g{gap}_sid")),
+                    // Numbered over all entities: a session's number is unique.
+                    in_event_order(sum_udaf(), col(format!("g{gap}_new")), key, false)?
+                        .alias(format!("g{gap}_sid")),
                 ])
                 .map_err(df_err)?;
         }
