@@ -125,15 +125,7 @@ fn in_event_order(
     key: &str,
     ignore_nulls: bool,
 ) -> Result<Expr> {
-    let w = Expr::from(WindowFunction::new(fun, vec![arg]))
-        .order_by(event_order(key))
-        .window_frame(WindowFrame::new(Some(true)));
-    let w = if ignore_nulls {
-        w.null_treatment(NullTreatment::IgnoreNulls)
-    } else {
-        w
-    };
-    w.build().map_err(df_err)
+    running_over(fun, arg, vec![], event_order(key), ignore_nulls)
 }
 
 /// Running aggregate over an entity's current session, ordered by `(ms, event_id)`.
@@ -143,12 +135,21 @@ fn running(
     partition: Vec<Expr>,
     ignore_nulls: bool,
 ) -> Result<Expr> {
+    let order = vec![col(MS).sort(true, false), col("event_id").sort(true, false)];
+    running_over(fun, arg, partition, order, ignore_nulls)
+}
+
+/// Running aggregate (rows from the partition's first to the current one) in `order`.
+fn running_over(
+    fun: Arc<datafusion::logical_expr::AggregateUDF>,
+    arg: Expr,
+    partition: Vec<Expr>,
+    order: Vec<datafusion::logical_expr::SortExpr>,
+    ignore_nulls: bool,
+) -> Result<Expr> {
     let w = Expr::from(WindowFunction::new(fun, vec![arg]))
         .partition_by(partition)
-        .order_by(vec![
-            col(MS).sort(true, false),
-            col("event_id").sort(true, false),
-        ])
+        .order_by(order)
         .window_frame(WindowFrame::new(Some(true)));
     let w = if ignore_nulls {
         w.null_treatment(NullTreatment::IgnoreNulls)
@@ -156,6 +157,20 @@ fn running(
         w
     };
     w.build().map_err(df_err)
+}
+
+/// The session gaps of `features`, in milliseconds, ascending, each once.
+fn session_gaps(features: &[(&View, &Feature)]) -> Vec<i64> {
+    let mut gaps: Vec<i64> = features
+        .iter()
+        .filter_map(|(_, f)| match f.extent {
+            Extent::Session { gap } => Some(gap.as_ms()),
+            _ => None,
+        })
+        .collect();
+    gaps.sort_unstable();
+    gaps.dedup();
+    gaps
 }
 
 /// The events that decide every session feature at events from `from` on, when the largest
@@ -214,22 +229,15 @@ async fn session_events(ev: DataFrame, key: &str, from: i64, gap: i64) -> Result
     ev.filter(keep).map_err(df_err)
 }
 
-/// Adds session columns for every session feature: `g{gap}_sid` numbers sessions (each number is one entity's),
-/// and `f{j}_sess` (plus `f{j}_sess_n`) holds the feature's running value in its session.
+/// Adds session columns for every session feature: `g{gap}_sid` numbers sessions (each number
+/// is one entity's), and `f{j}_sess` (plus `f{j}_sess_n`) holds the feature's running value in
+/// its session.
 async fn with_sessions(
     ev: DataFrame,
     key: &str,
     features: &[(&View, &Feature)],
 ) -> Result<DataFrame> {
-    let mut gaps: Vec<i64> = features
-        .iter()
-        .filter_map(|(_, f)| match f.extent {
-            Extent::Session { gap } => Some(gap.as_ms()),
-            _ => None,
-        })
-        .collect();
-    gaps.sort_unstable();
-    gaps.dedup();
+    let gaps = session_gaps(features);
     if gaps.is_empty() {
         return Ok(ev);
     }
@@ -601,17 +609,10 @@ pub async fn streaming_as_of(
     // `from`.
     let earliest = ts.iter().min().copied().unwrap_or(0);
     let from = earliest.saturating_sub(lookback(features));
-    let gap = features
-        .iter()
-        .filter_map(|(_, f)| match f.extent {
-            Extent::Session { gap } => Some(gap.as_ms()),
-            _ => None,
-        })
-        .max();
-    let ev = match gap {
+    let ev = match session_gaps(features).last() {
         // Sessions are numbered over the events that can decide them (which sorts every event
         // given), and only the rows' entities' events can count: the others are left out first.
-        Some(gap) => session_events(ev, key, from, gap)
+        Some(&gap) => session_events(ev, key, from, gap)
             .await?
             .join(
                 rows.clone().select(vec![col("row_key")]).map_err(df_err)?,

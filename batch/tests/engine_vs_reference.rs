@@ -2,13 +2,13 @@
 //! batch snapshots (tiles folded into windows, ranks over the population) and streaming
 //! features exactly as of arbitrary instants.
 
-use arrow::array::{Array, AsArray};
+use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 use duet_batch::snapshot::{Snapshots, snapshot};
 use duet_batch::tiles::{TilePlan, compute_tiles, deduplicated_events, session};
 use duet_spec::event::{Event, EventBatchBuilder};
 use duet_spec::reference::Reference;
-use duet_spec::{Layer, Value, ValueType, parse_spec};
+use duet_spec::{Feature, Layer, Value, ValueType, View, parse_spec};
 use proptest::prelude::*;
 
 const HOUR: i64 = 3_600_000;
@@ -95,6 +95,34 @@ fn batch_of(events: &[Event]) -> arrow::record_batch::RecordBatch {
     b.finish()
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The streaming `features` of `events` (deduplicated) as of each `(keys[i], times[i])`, by
+/// the DataFusion engine: one column per feature.
+fn streaming_columns(
+    rt: &tokio::runtime::Runtime,
+    events: &[Event],
+    keys: &[String],
+    times: &[i64],
+    features: &[(&View, &Feature)],
+) -> Vec<ArrayRef> {
+    rt.block_on(async {
+        let ctx = session();
+        let ev = deduplicated_events(&ctx, vec![batch_of(events)], i64::MAX)
+            .await
+            .unwrap();
+        duet_batch::asof::streaming_as_of(&ctx, ev, keys, times, features)
+            .await
+            .unwrap()
+    })
+}
+
 fn agree(a: Value, b: Value) -> bool {
     match (a, b) {
         (Value::Float(x), Value::Float(y)) => (x - y).abs() <= 1e-9 * x.abs().max(1.0),
@@ -122,7 +150,7 @@ proptest! {
         let shift = if before_1970 { -2 * T0 } else { 0 };
         let events: Vec<Event> = events.into_iter().map(|e| Event { ts: e.ts + shift, ..e }).collect();
         let reference = Reference::new(&spec, events.clone());
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = runtime();
         let view = spec.views_of(Layer::Batch).next().unwrap();
         let plan = TilePlan::compile(view);
         let instants: Vec<i64> = days.iter().map(|d| T0 + shift + d * DAY).collect();
@@ -167,11 +195,7 @@ proptest! {
         let near: Vec<&Event> = probes.iter().map(|(i, _, _)| &events[i % events.len()]).collect();
         let keys: Vec<String> = near.iter().map(|e| e.user_id.clone()).collect();
         let times: Vec<i64> = probes.iter().zip(&near).map(|((_, m, ms), e)| e.ts + m * 60_000 + ms).collect();
-        let cols = rt.block_on(async {
-            let ctx = session();
-            let ev = deduplicated_events(&ctx, vec![batch_of(&events)], i64::MAX).await.unwrap();
-            duet_batch::asof::streaming_as_of(&ctx, ev, &keys, &times, &streaming).await.unwrap()
-        });
+        let cols = streaming_columns(&rt, &events, &keys, &times, &streaming);
         for (j, (_, f)) in streaming.iter().enumerate() {
             for i in 0..keys.len() {
                 let expected = reference.value(f, &keys[i], times[i]);
@@ -296,12 +320,8 @@ proptest! {
         let near: Vec<&Event> = probes.iter().map(|(i, _, _)| &events[i % events.len()]).collect();
         let keys: Vec<String> = near.iter().map(|e| e.user_id.clone()).collect();
         let times: Vec<i64> = probes.iter().zip(&near).map(|((_, d, later), e)| if *later { e.ts + d } else { e.ts - d }).collect();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cols = rt.block_on(async {
-            let ctx = session();
-            let ev = deduplicated_events(&ctx, vec![batch_of(&events)], i64::MAX).await.unwrap();
-            duet_batch::asof::streaming_as_of(&ctx, ev, &keys, &times, &streaming).await.unwrap()
-        });
+        let rt = runtime();
+        let cols = streaming_columns(&rt, &events, &keys, &times, &streaming);
         for (j, (_, f)) in streaming.iter().enumerate() {
             for i in 0..keys.len() {
                 let expected = reference.value(f, &keys[i], times[i]);
@@ -330,11 +350,7 @@ fn a_session_chained_at_exactly_the_gap_across_the_earliest_lookback() {
         })
         .collect();
     let reference = Reference::new(&spec, events.clone());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     // The chain's events are 45 minutes apart, from t - 45m to t + 4h30m. The earliest row (of
     // an entity without events) puts the lookback (3h) at `from`, just after an event of the
     // chain, between two, or exactly on one; the chain's row is after the last event.
@@ -342,15 +358,7 @@ fn a_session_chained_at_exactly_the_gap_across_the_earliest_lookback() {
         let keys = vec!["nobody".to_string(), "u0".to_string()];
         let times = vec![from + 3 * HOUR, t + 270 * MIN + 1];
         assert!(times[0] < times[1]);
-        let cols = rt.block_on(async {
-            let ctx = session();
-            let ev = deduplicated_events(&ctx, vec![batch_of(&events)], i64::MAX)
-                .await
-                .unwrap();
-            duet_batch::asof::streaming_as_of(&ctx, ev, &keys, &times, &streaming)
-                .await
-                .unwrap()
-        });
+        let cols = streaming_columns(&rt, &events, &keys, &times, &streaming);
         for (j, (_, f)) in streaming.iter().enumerate() {
             let expected = reference.value(f, "u0", times[1]);
             let got = value_at(cols[j].as_ref(), 1, f.value_type);
