@@ -78,13 +78,18 @@ impl Partial {
             _ => {
                 let x = v.as_f64().unwrap_or(0.0);
                 self.absorb(x, 1);
-                let latest = Latest {
-                    ts: e.ts,
-                    id: e.event_id.clone(),
-                    value: x,
-                };
-                if m.agg == Agg::Last && self.last.as_ref().is_none_or(|l| latest.newer_than(l)) {
-                    self.last = Some(latest);
+                // The id is copied only when the event becomes the latest.
+                if m.agg == Agg::Last
+                    && self
+                        .last
+                        .as_ref()
+                        .is_none_or(|l| (e.ts, e.event_id.as_str()) > (l.ts, l.id.as_str()))
+                {
+                    self.last = Some(Latest {
+                        ts: e.ts,
+                        id: e.event_id.clone(),
+                        value: x,
+                    });
                 }
             }
         }
@@ -389,14 +394,20 @@ impl EntityState {
                     p.add(&plan.slots[*slot].measure, e);
                 }
             }
-            for (i, slot) in plan.recent_slots.iter().enumerate() {
+        }
+        // Records are in `(ts, event_id)` order, the order in which a latest value is newer:
+        // the last folded record a latest-value slot takes is the newest it can get.
+        for (i, slot) in plan.recent_slots.iter().enumerate() {
+            let m = &plan.slots[*slot].measure;
+            let latest = folded.iter().rev().find_map(|e| {
                 let mut p = Partial::default();
-                p.add(&plan.slots[*slot].measure, e);
-                if let Some(l) = p.last
-                    && self.recent[i].as_ref().is_none_or(|cur| l.newer_than(cur))
-                {
-                    self.recent[i] = Some(l);
-                }
+                p.add(m, e);
+                p.last
+            });
+            if let Some(l) = latest
+                && self.recent[i].as_ref().is_none_or(|cur| l.newer_than(cur))
+            {
+                self.recent[i] = Some(l);
             }
         }
         self.boundary = to;

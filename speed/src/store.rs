@@ -428,19 +428,43 @@ impl StateStore for RedisStore {
         if writes.is_empty() {
             return Ok(vec![]);
         }
-        // One script call per group of keys sharing a hash slot, all in one pipeline.
+        // A key that must be absent is created with `SET NX`, which needs no script: a fresh
+        // entity's first state costs Redis one command instead of a script call's share. The
+        // other writes go in one script call per group of keys sharing a hash slot. All of it
+        // in one pipeline.
+        let stored = |w: &CasWrite, bytes: &[u8]| {
+            let mut v = Vec::with_capacity(8 + bytes.len());
+            v.extend_from_slice(&(w.expected.unwrap_or(0) + 1).to_be_bytes());
+            v.extend_from_slice(bytes);
+            v
+        };
         let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+        let mut creations = Vec::new();
         for (i, w) in writes.iter().enumerate() {
-            by_slot
-                .entry(hash_slot(w.key.as_bytes()))
-                .or_default()
-                .push(i);
+            if w.expected.is_none() && w.value.is_some() {
+                creations.push(i);
+            } else {
+                by_slot
+                    .entry(hash_slot(w.key.as_bytes()))
+                    .or_default()
+                    .push(i);
+            }
         }
         let calls: Vec<&[usize]> = by_slot
             .values()
             .flat_map(|group| group.chunks(CAS_KEYS_PER_CALL))
             .collect();
         let mut pipe = redis::pipe();
+        for &i in &creations {
+            let w = &writes[i];
+            let bytes = w.value.as_deref().expect("creations have a value");
+            pipe.cmd("SET")
+                .arg(&w.key)
+                .arg(stored(w, bytes))
+                .arg("PX")
+                .arg(w.ttl_ms.max(1))
+                .arg("NX");
+        }
         for call in &calls {
             let mut invocation = self.script.prepare_invoke();
             for &i in *call {
@@ -450,12 +474,7 @@ impl StateStore for RedisStore {
                     .map(|v| v.to_be_bytes().to_vec())
                     .unwrap_or_default();
                 let value = match &w.value {
-                    Some(bytes) => {
-                        let mut v = Vec::with_capacity(8 + bytes.len());
-                        v.extend_from_slice(&(w.expected.unwrap_or(0) + 1).to_be_bytes());
-                        v.extend_from_slice(bytes);
-                        v
-                    }
+                    Some(bytes) => stored(w, bytes),
                     None => Vec::new(),
                 };
                 invocation
@@ -467,10 +486,11 @@ impl StateStore for RedisStore {
             pipe.invoke_script(&invocation);
         }
         let mut con = self.connection().await?;
-        let replies: Vec<Vec<i64>> = match pipe.query_async(&mut con).await {
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
             Ok(a) => a,
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted and forgot the script: load it and try once more.
+                // Redis restarted and forgot the script: load it and try once more (a creation
+                // that landed the first time loses now, and is recomputed like any other).
                 self.load_script().await?;
                 pipe.query_async(&mut con)
                     .await
@@ -478,8 +498,32 @@ impl StateStore for RedisStore {
             }
             Err(e) => return Err(redis_err(&self.url, e)),
         };
+        if replies.len() != creations.len() + calls.len() {
+            return Err(Error::Redis(format!(
+                "{}: {} replies to a pipeline of {} commands",
+                self.url,
+                replies.len(),
+                creations.len() + calls.len()
+            )));
+        }
         let mut applied = vec![false; writes.len()];
+        let mut replies = replies.into_iter();
+        for (&i, reply) in creations.iter().zip(replies.by_ref()) {
+            // `OK` when the key was absent and is now set; nil when it exists.
+            applied[i] = match reply {
+                redis::Value::Okay => true,
+                redis::Value::Nil => false,
+                other => {
+                    return Err(Error::Redis(format!(
+                        "{}: SET NX answered {other:?}",
+                        self.url
+                    )));
+                }
+            };
+        }
         for (call, reply) in calls.iter().zip(replies) {
+            let reply: Vec<i64> = redis::from_redis_value(reply)
+                .map_err(|e| Error::Redis(format!("{}: compare-and-set answered {e}", self.url)))?;
             if reply.len() != call.len() {
                 return Err(Error::Redis(format!(
                     "{}: compare-and-set answered {} results for {} keys",
