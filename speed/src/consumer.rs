@@ -249,11 +249,13 @@ pub async fn run<S: StateStore + Clone>(
             received = consumer.recv(), if room => {
                 let mut next = Some(received);
                 let mut taken = 0;
+                let mut received_messages = 0;
                 // Take what is already waiting without going around the select each time.
                 while let Some(received) = next.take() {
                     taken += 1;
                     match received {
                         Ok(m) => {
+                            received_messages += 1;
                             at_end.remove(&m.partition());
                             buffer.push(Message {
                                 partition: m.partition(),
@@ -274,6 +276,7 @@ pub async fn run<S: StateStore + Clone>(
                         next = consumer.recv().now_or_never();
                     }
                 }
+                metrics.received.add(received_messages);
                 if !buffer.is_empty() {
                     oldest.get_or_insert_with(Instant::now);
                     caught_up_since = None;

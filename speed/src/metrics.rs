@@ -144,6 +144,8 @@ impl Histogram {
 
 /// The speed layer's metrics.
 pub struct SpeedMetrics {
+    /// Messages taken from Kafka (valid or not), counted as they are received.
+    pub received: Counter,
     /// Events that now count.
     pub events: Counter,
     /// Duplicates dropped.
@@ -169,6 +171,7 @@ pub struct SpeedMetrics {
 impl Default for SpeedMetrics {
     fn default() -> Self {
         SpeedMetrics {
+            received: Counter::default(),
             events: Counter::default(),
             duplicates: Counter::default(),
             late: Counter::default(),
@@ -193,6 +196,12 @@ impl SpeedMetrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
+        counter(
+            &mut out,
+            "duet_speed_received_total",
+            "Messages received from Kafka, before they are processed.",
+            self.received.get(),
+        );
         counter(
             &mut out,
             "duet_speed_events_total",
@@ -261,6 +270,29 @@ impl SpeedMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_exposition_names_every_counter_with_its_value() {
+        let m = SpeedMetrics::default();
+        m.received.add(7);
+        m.events.add(5);
+        m.duplicates.add(1);
+        m.late.add(1);
+        let text = m.render();
+        for line in [
+            "# TYPE duet_speed_received_total counter",
+            "duet_speed_received_total 7",
+            "duet_speed_events_total 5",
+            "duet_speed_duplicates_total 1",
+            "duet_speed_late_total 1",
+            "duet_speed_flushes_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line `{line}` in:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn shards_add_up_across_threads() {
