@@ -9,7 +9,7 @@
 use std::process::Command;
 use std::time::Instant;
 
-use duet_bench::kafka::{create_topic, preload};
+use duet_bench::kafka::{create_topic, delete_topics, preload};
 use duet_bench::{
     Conn, arg, delete_prefix, duet, metric, metrics, now_ms, peak_rss_mib, request,
     speed_until_idle, start_serve,
@@ -174,4 +174,5 @@ async fn main() {
         }
     );
     println!("  report: {}", dir.join("report/report.html").display());
+    delete_topics(&brokers, &[&topic]).await;
 }

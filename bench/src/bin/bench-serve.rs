@@ -184,6 +184,7 @@ async fn main() {
     }
     let prefix = format!("benchserve{}:", now_ms());
     speed_until_idle(&bin, &brokers, &topic, &redis, &prefix);
+    duet_bench::kafka::delete_topics(&brokers, &[&topic]).await;
 
     let addr = "127.0.0.1:18080";
     let mut server = start_serve(&bin, [&d("store"), &redis, &prefix, addr], "0");

@@ -1,13 +1,15 @@
 //! The speed layer end to end (Kafka → Redis, exactly once) against a bare rdkafka consumer
 //! that only parses the same topic; then produce-to-visible latency at a steady 10k events/s,
-//! and Redis bytes per active user.
+//! and Redis bytes per active user. Each side is timed from its first message received to its
+//! last event done (for `duet speed run`: counted as applied, duplicate or late), so neither the
+//! group join nor the topic's preloading counts. The topics are deleted at the end.
 //!
 //! Usage: bench-speed --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--events 5000000] [--users 200000]
 
 use std::time::{Duration, Instant};
 
-use duet_bench::kafka::{create_topic, preload, producer, send};
+use duet_bench::kafka::{create_topic, delete_topics, preload, producer, send};
 use duet_bench::{arg, delete_prefix, metric, metrics, now_ms, speed_command};
 use duet_spec::event::parse_json_event;
 use duet_spec::generate::{GenerateOptions, generate, write_jsonl};
@@ -156,17 +158,27 @@ async fn main() {
         Some("2"),
     );
     let mut first: Option<Instant> = None;
+    // Until 2026-12-06 the run was timed from its first committed batch, which left that
+    // batch's work (a tenth of the events) out of the time; kept to compare with older figures.
+    let mut first_commit: Option<Instant> = None;
     let elapsed;
+    let since_commit;
     loop {
         let m = metrics(admin).await;
         let done = metric(&m, "duet_speed_events_total")
             + metric(&m, "duet_speed_duplicates_total")
             + metric(&m, "duet_speed_late_total");
-        if done > 0.0 {
+        // From the first message received, as for the bare consumer: the group join before
+        // it is not counted, the first batch's processing is.
+        if metric(&m, "duet_speed_received_total") > 0.0 {
             first.get_or_insert_with(Instant::now);
+        }
+        if done > 0.0 {
+            first_commit.get_or_insert_with(Instant::now);
         }
         if done >= total as f64 {
             elapsed = first.unwrap().elapsed();
+            since_commit = first_commit.unwrap().elapsed();
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -234,6 +246,7 @@ async fn main() {
     let _ = steady.wait();
     delete_prefix(&mut con, &prefix);
     delete_prefix(&mut con, &steady_prefix);
+    delete_topics(&brokers, &[&topic, &steady_topic]).await;
 
     println!(
         "speed layer benchmark ({} events, {users} users, {partitions} partitions, {} cores)",
@@ -251,6 +264,12 @@ async fn main() {
     println!(
         "  ratio duet / raw                      {:>10.2}   (target ≥ 0.50)",
         speed_rate / raw_rate
+    );
+    let old_rate = total as f64 / since_commit.as_secs_f64();
+    println!(
+        "  (timed from the first commit, as before 2026-12-06: {:.0} events/s, ratio {:.2})",
+        old_rate,
+        old_rate / raw_rate
     );
     println!(
         "  target ≥ 250,000 events/s             {}",
