@@ -69,13 +69,16 @@ pub mod kafka {
     use rdkafka::client::DefaultClientContext;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-    /// Creates `topic` with `partitions` partitions.
-    pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
+        ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .create()
-            .expect("admin client");
-        for r in admin
+            .expect("admin client")
+    }
+
+    /// Creates `topic` with `partitions` partitions.
+    pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+        for r in admin(brokers)
             .create_topics(
                 &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
                 &AdminOptions::new(),
@@ -90,13 +93,12 @@ pub mod kafka {
     /// Deletes `topics`, so that repeated runs do not pile messages up in the broker (tansu's
     /// in-memory storage keeps every message of a topic until it is deleted: after ten 5M-event
     /// runs it held 12 GB, and the machine's page faults slowed everything measured next). A
-    /// failure is reported, not fatal: the run's figures are already printed.
+    /// failure is reported, not fatal: what was measured does not depend on it.
     pub async fn delete_topics(brokers: &str, topics: &[&str]) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .expect("admin client");
-        match admin.delete_topics(topics, &AdminOptions::new()).await {
+        match admin(brokers)
+            .delete_topics(topics, &AdminOptions::new())
+            .await
+        {
             Ok(results) => {
                 for r in results {
                     if let Err((topic, e)) = r {

@@ -32,7 +32,12 @@ pub struct Latest {
 
 impl Latest {
     fn newer_than(&self, other: &Latest) -> bool {
-        (self.ts, self.id.as_str()) > (other.ts, other.id.as_str())
+        other.older_than(self.ts, &self.id)
+    }
+
+    /// True when an event at `ts` with id `id` is newer than this one.
+    fn older_than(&self, ts: i64, id: &str) -> bool {
+        (self.ts, self.id.as_str()) < (ts, id)
     }
 }
 
@@ -83,7 +88,7 @@ impl Partial {
                     && self
                         .last
                         .as_ref()
-                        .is_none_or(|l| (e.ts, e.event_id.as_str()) > (l.ts, l.id.as_str()))
+                        .is_none_or(|l| l.older_than(e.ts, &e.event_id))
                 {
                     self.last = Some(Latest {
                         ts: e.ts,

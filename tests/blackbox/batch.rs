@@ -28,10 +28,9 @@ fn batch_run(as_of: &str, events: &str, store: &str, extra: &[&str]) -> std::pro
     run(&args)
 }
 
-/// Published manifests of `user_batch` under a local store.
-/// The published manifests, as a reader sees them: a name with `#` is a write object_store
-/// has staged and not yet renamed into place (a job killed mid-write leaves one), which its
-/// listings skip.
+/// The published manifests of `user_batch` under a local store, as a reader sees them: a name
+/// with `#` is a write object_store has staged and not yet renamed into place (a job killed
+/// mid-write leaves one), which its listings skip.
 fn commits(store: &Path) -> Vec<serde_json::Value> {
     let dir = store.join("snapshots/user_batch/commits");
     let mut out: Vec<serde_json::Value> = std::fs::read_dir(&dir)

@@ -177,17 +177,17 @@ async fn main() {
             first_commit.get_or_insert_with(Instant::now);
         }
         if done >= total as f64 {
+            since_commit = first_commit.expect("set above").elapsed();
             // A duet older than the received counter is timed from its first commit.
-            elapsed = match first {
-                Some(t) => t.elapsed(),
-                None => {
+            elapsed = first.map_or_else(
+                || {
                     eprintln!(
                         "{duet} reports no duet_speed_received_total: timed from its first commit"
                     );
-                    first_commit.expect("set above").elapsed()
-                }
-            };
-            since_commit = first_commit.expect("set above").elapsed();
+                    since_commit
+                },
+                |t| t.elapsed(),
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
