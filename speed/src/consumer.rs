@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use bytes::{Bytes, BytesMut};
+use futures::{FutureExt, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -233,6 +234,10 @@ pub async fn run<S: StateStore + Clone>(
     // Partitions whose end the consumer has reached and that have had no message since.
     let mut at_end: BTreeSet<i32> = BTreeSet::new();
     let mut caught_up_since: Option<Instant> = None;
+    let mut payloads = Payloads::default();
+    // One stream for the whole run: `recv` makes a stream per message, registering and
+    // unregistering a waker under a lock each time.
+    let mut messages = consumer.stream();
     loop {
         let room = buffer.len() < config.max_batch;
         tokio::select! {
@@ -246,8 +251,8 @@ pub async fn run<S: StateStore + Clone>(
                 stages.committing = None;
                 stages.committed(done)?;
             }
-            received = consumer.recv(), if room => {
-                let mut next = Some(received);
+            received = messages.next(), if room => {
+                let mut next = received;
                 let mut taken = 0;
                 let mut received_messages = 0;
                 // Take what is already waiting without going around the select each time.
@@ -260,7 +265,7 @@ pub async fn run<S: StateStore + Clone>(
                             buffer.push(Message {
                                 partition: m.partition(),
                                 offset: m.offset(),
-                                payload: m.payload().map(<[u8]>::to_vec),
+                                payload: m.payload().map(|p| payloads.copy(p)),
                                 timestamp_ms: match m.timestamp() {
                                     Timestamp::CreateTime(t) | Timestamp::LogAppendTime(t) => Some(t),
                                     Timestamp::NotAvailable => None,
@@ -273,7 +278,7 @@ pub async fn run<S: StateStore + Clone>(
                         Err(e) => tracing::warn!(error = %e, "consumer error"),
                     }
                     if buffer.len() < config.max_batch && taken < DRAIN {
-                        next = consumer.recv().now_or_never();
+                        next = messages.next().now_or_never().flatten();
                     }
                 }
                 metrics.received.add(received_messages);
@@ -463,6 +468,34 @@ impl<S: StateStore + Clone> Stages<S> {
     }
 }
 
+/// Received payloads, copied side by side into shared buffers of [`PAYLOAD_CHUNK`] bytes: one
+/// allocation per few thousand messages instead of one per message. A buffer is freed once
+/// every message cut from it has been dropped (after its batch is committed).
+#[derive(Default)]
+struct Payloads {
+    chunk: BytesMut,
+}
+
+/// The size of a [`Payloads`] buffer.
+const PAYLOAD_CHUNK: usize = 4 << 20;
+
+/// Payloads larger than this get an allocation of their own, so that the room a buffer leaves
+/// unused when it is replaced stays under 1/16 of it.
+const OWN_ALLOCATION: usize = PAYLOAD_CHUNK / 16;
+
+impl Payloads {
+    fn copy(&mut self, payload: &[u8]) -> Bytes {
+        if payload.len() > OWN_ALLOCATION {
+            return Bytes::copy_from_slice(payload);
+        }
+        if self.chunk.capacity() < payload.len() {
+            self.chunk = BytesMut::with_capacity(PAYLOAD_CHUNK);
+        }
+        self.chunk.extend_from_slice(payload);
+        self.chunk.split().freeze()
+    }
+}
+
 /// Most messages taken in one turn of the receiving loop (the loop then looks at flushes,
 /// rebalances and the shutdown token again).
 const DRAIN: usize = 4096;
@@ -574,4 +607,60 @@ async fn handle_rebalances(
         }
     }
     Ok(newly)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_cut_from_shared_buffers_and_large_ones_get_their_own() {
+        let mut payloads = Payloads::default();
+        let small: Vec<Vec<u8>> = (0..20_000u32)
+            .map(|i| format!("{{\"event_id\": \"e{i}\"}}").into_bytes())
+            .collect();
+        let copies: Vec<Bytes> = small.iter().map(|p| payloads.copy(p)).collect();
+        for (c, p) in copies.iter().zip(&small) {
+            assert_eq!(c, p);
+        }
+        // Consecutive small payloads sit side by side in one buffer.
+        assert_eq!(
+            copies[0].as_ptr().wrapping_add(copies[0].len()),
+            copies[1].as_ptr()
+        );
+        // About 400 KB of payloads: one buffer, not one allocation each.
+        let distinct_buffers = copies
+            .windows(2)
+            .filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) != w[1].as_ptr())
+            .count();
+        assert_eq!(distinct_buffers, 0);
+
+        // A buffer holds PAYLOAD_CHUNK bytes; the payload that does not fit starts a new one.
+        let mut payloads = Payloads::default();
+        let filler = vec![7u8; OWN_ALLOCATION];
+        let full: Vec<Bytes> = (0..PAYLOAD_CHUNK / OWN_ALLOCATION)
+            .map(|_| payloads.copy(&filler))
+            .collect();
+        assert!(full.iter().all(|c| *c == filler));
+        assert!(
+            full.windows(2)
+                .all(|w| w[0].as_ptr().wrapping_add(OWN_ALLOCATION) == w[1].as_ptr())
+        );
+        assert_eq!(payloads.chunk.capacity(), 0);
+        let next = payloads.copy(&filler);
+        assert_eq!(next, filler);
+        assert_ne!(
+            full[full.len() - 1].as_ptr().wrapping_add(OWN_ALLOCATION),
+            next.as_ptr()
+        );
+        assert_eq!(payloads.chunk.capacity(), PAYLOAD_CHUNK - OWN_ALLOCATION);
+
+        // A large payload is copied on its own and the shared buffer is kept.
+        let room = payloads.chunk.capacity();
+        let large = vec![1u8; OWN_ALLOCATION + 1];
+        assert_eq!(payloads.copy(&large), large);
+        assert_eq!(payloads.chunk.capacity(), room);
+        // An empty payload stays empty.
+        assert!(payloads.copy(b"").is_empty());
+    }
 }

@@ -33,8 +33,9 @@ pub struct Message {
     pub partition: i32,
     /// Offset.
     pub offset: i64,
-    /// The value: one JSON event.
-    pub payload: Option<Vec<u8>>,
+    /// The value: one JSON event. Consumed from Kafka, it is a slice of a buffer shared with
+    /// the messages received around it.
+    pub payload: Option<bytes::Bytes>,
     /// Producer timestamp (epoch ms), when known.
     pub timestamp_ms: Option<i64>,
 }

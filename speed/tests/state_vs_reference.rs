@@ -114,7 +114,7 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut processor = Processor::new(plan.clone(), store.clone(), "t:", "events");
         let messages: Vec<Message> = stream.iter().enumerate().map(|(i, e)| Message {
-            partition: 0, offset: i as i64, payload: Some(to_json(e)), timestamp_ms: None,
+            partition: 0, offset: i as i64, payload: Some(to_json(e).into()), timestamp_ms: None,
         }).collect();
         let mut rest = &messages[..];
         let mut cut = cuts.iter().cycle();
@@ -191,7 +191,7 @@ proptest! {
         let mut a = Processor::new(plan.clone(), store.clone(), "t:", "events");
         let mut b = Processor::new(plan.clone(), store.clone(), "t:", "events");
         let messages: Vec<Message> = stream.iter().enumerate().map(|(i, e)| Message {
-            partition: 0, offset: i as i64, payload: Some(to_json(e)), timestamp_ms: None,
+            partition: 0, offset: i as i64, payload: Some(to_json(e).into()), timestamp_ms: None,
         }).collect();
         let mut batches = Vec::new();
         let mut rest = &messages[..];
@@ -336,7 +336,7 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
             Message {
                 partition: 0,
                 offset: i,
-                payload: Some(to_json(&e)),
+                payload: Some(to_json(&e).into()),
                 timestamp_ms: None,
             }
         })

@@ -36,7 +36,7 @@ async fn main() {
         .map(|(i, l)| Message {
             partition: 0,
             offset: i as i64,
-            payload: Some(l.to_vec()),
+            payload: Some(l.to_vec().into()),
             timestamp_ms: None,
         })
         .collect();
