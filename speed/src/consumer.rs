@@ -252,7 +252,7 @@ pub async fn run<S: StateStore + Clone>(
                 stages.committed(done)?;
             }
             received = messages.next(), if room => {
-                let mut next = received;
+                let mut next = Some(received.expect("kafka message streams never end"));
                 let mut taken = 0;
                 let mut received_messages = 0;
                 // Take what is already waiting without going around the select each time.
@@ -469,8 +469,9 @@ impl<S: StateStore + Clone> Stages<S> {
 }
 
 /// Received payloads, copied side by side into shared buffers of [`PAYLOAD_CHUNK`] bytes: one
-/// allocation per few thousand messages instead of one per message. A buffer is freed once
-/// every message cut from it has been dropped (after its batch is committed).
+/// allocation per few thousand messages instead of one per message. A buffer is freed once it
+/// has been replaced and the last message cut from it is dropped (after the state writes of the
+/// last batch holding one): about two batches' payloads plus one buffer at most.
 #[derive(Default)]
 struct Payloads {
     chunk: BytesMut,

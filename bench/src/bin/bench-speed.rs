@@ -4,9 +4,10 @@
 //! last event done (for `duet speed run`: counted as applied, duplicate or late), so neither the
 //! group join nor the topic's preloading counts. The bare consumer and `duet speed run` take
 //! turns over the same topic, `--rounds` times (each `duet` round in a consumer group and key
-//! prefix of its own): the machine's speed drifts, and a ratio is only fair between runs made
-//! close together. Every round is printed; the summary is the median round by ratio. The topics
-//! are deleted at the end.
+//! prefix of its own; the side that goes first alternates): the machine's speed drifts, and a
+//! ratio is only fair between runs made close together. Every round is printed; the summary is
+//! the median round by ratio (the upper middle one for an even count). The topics are deleted
+//! at the end.
 //!
 //! Usage: bench-speed --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--events 5000000] [--users 200000] [--rounds 3]
@@ -95,6 +96,14 @@ fn speed_run(
     )
     .spawn()
     .expect("duet runs")
+}
+
+/// The time of the bare consumer over the whole topic.
+async fn raw_round(brokers: &str, topic: &str, total: u64) -> Duration {
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || raw_consume(&b, &t, total))
+        .await
+        .unwrap()
 }
 
 /// The times of one `duet speed run` over the whole topic: from its first message received, and
@@ -196,16 +205,22 @@ async fn main() {
     let mut rounds = Vec::new();
     let (mut per_user_usage, mut per_user_delta, mut sampled_keys, mut all_keys) = (0.0, 0.0, 0, 0);
     for round in 0..rounds_wanted {
-        let raw = {
-            let (b, t) = (brokers.clone(), topic.clone());
-            tokio::task::spawn_blocking(move || raw_consume(&b, &t, total))
-                .await
-                .unwrap()
+        // Which side goes first alternates, so that a machine whose speed drifts during a
+        // round favours neither.
+        let raw_first = round % 2 == 0;
+        let raw_before = if raw_first {
+            Some(raw_round(&brokers, &topic, total).await)
+        } else {
+            None
         };
         let before = used(&mut con);
         let prefix = format!("bench{run}r{round}:");
         let (elapsed, since_commit) =
             catch_up(&duet, [&brokers, &topic, &redis_url, &prefix], total).await;
+        let raw = match raw_before {
+            Some(raw) => raw,
+            None => raw_round(&brokers, &topic, total).await,
+        };
         eprintln!(
             "round {}: bare consumer {:.0} events/s, duet {:.0} events/s",
             round + 1,
