@@ -126,21 +126,7 @@ async fn main() {
         ],
     );
     let topic = format!("bench-serve-{}", now_ms());
-    {
-        use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-        let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-            rdkafka::ClientConfig::new()
-                .set("bootstrap.servers", &brokers)
-                .create()
-                .unwrap();
-        admin
-            .create_topics(
-                &[NewTopic::new(&topic, 4, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await
-            .unwrap();
-    }
+    duet_bench::kafka::create_topic(&brokers, &topic, 4).await;
     duet(
         &bin,
         &[

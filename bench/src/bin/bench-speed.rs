@@ -221,17 +221,13 @@ async fn main() {
             Some(raw) => raw,
             None => raw_round(&brokers, &topic, total).await,
         };
+        let rate = |d: Duration| total as f64 / d.as_secs_f64();
+        let (raw_rate, duet_rate) = (rate(raw), rate(elapsed));
         eprintln!(
-            "round {}: bare consumer {:.0} events/s, duet {:.0} events/s",
-            round + 1,
-            total as f64 / raw.as_secs_f64(),
-            total as f64 / elapsed.as_secs_f64()
+            "round {}: bare consumer {raw_rate:.0} events/s, duet {duet_rate:.0} events/s",
+            round + 1
         );
-        rounds.push((
-            total as f64 / raw.as_secs_f64(),
-            total as f64 / elapsed.as_secs_f64(),
-            total as f64 / since_commit.as_secs_f64(),
-        ));
+        rounds.push((raw_rate, duet_rate, rate(since_commit)));
         if round == 0 {
             let keys: Vec<String> = redis::cmd("KEYS")
                 .arg(format!("{prefix}s:*"))
