@@ -8,7 +8,7 @@
 //! aligned to every tile resolution. Evaluation as of any `T >= B` is therefore exact: complete
 //! tiles before `B`, plus the records in `[B, T)`.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use duet_spec::duration::{ceil_to, floor_to};
 use duet_spec::event::Event;
@@ -215,6 +215,30 @@ impl Partial {
     }
 }
 
+/// One resolution group's tiles: `(tile index, partials of the group's slots)`, sorted by
+/// index without repeats. Folding appends after the newest tile and trimming drops the oldest,
+/// so a deque does both in constant time, and a sorted search answers window ranges.
+pub type Tiles = VecDeque<(i64, Vec<Partial>)>;
+
+/// The partials of tile `idx`, created empty (`slots` of them) when the tile is absent.
+fn tile_mut(tiles: &mut Tiles, idx: i64, slots: usize) -> &mut Vec<Partial> {
+    let at = match tiles.back() {
+        None => 0,
+        Some((last, _)) if *last < idx => tiles.len(),
+        Some(_) => tiles.partition_point(|(k, _)| *k < idx),
+    };
+    if tiles.get(at).is_none_or(|(k, _)| *k != idx) {
+        tiles.insert(at, (idx, vec![Partial::default(); slots]));
+    }
+    &mut tiles[at].1
+}
+
+/// True when two event ids are equal. Ids of one source mostly share their length and leading
+/// bytes and differ at the end, so the last byte is compared before the whole.
+fn same_id(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.as_bytes().last() == b.as_bytes().last() && a == b
+}
+
 /// The last session of a gap group that ended before the boundary.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionSummary {
@@ -255,8 +279,8 @@ pub struct EntityState {
     pub boundary: i64,
     /// Events at or after the boundary, sorted by `(ts, event_id)`.
     pub records: Vec<Event>,
-    /// Per resolution group: tile index → partials of the group's slots.
-    pub tiles: Vec<BTreeMap<i64, Vec<Partial>>>,
+    /// Per resolution group: its tiles, oldest first.
+    pub tiles: Vec<Tiles>,
     /// Per session group: the last session before the boundary.
     pub sessions: Vec<Option<SessionSummary>>,
     /// Per latest-value slot: the latest matching event before the boundary.
@@ -269,7 +293,7 @@ impl EntityState {
         EntityState {
             boundary,
             records: Vec::new(),
-            tiles: vec![BTreeMap::new(); plan.resolutions.len()],
+            tiles: vec![Tiles::new(); plan.resolutions.len()],
             sessions: vec![None; plan.gaps.len()],
             recent: vec![None; plan.recent_slots.len()],
         }
@@ -278,7 +302,7 @@ impl EntityState {
     /// True when nothing is kept.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
-            && self.tiles.iter().all(BTreeMap::is_empty)
+            && self.tiles.iter().all(Tiles::is_empty)
             && self.sessions.iter().all(Option::is_none)
             && self.recent.iter().all(Option::is_none)
     }
@@ -302,16 +326,16 @@ impl EntityState {
         let mut counts = ApplyCounts::default();
         // Decide first (borrowing), then move the events that count.
         let mut keep = vec![false; events.len()];
-        if self.records.len() + events.len() <= 16 {
-            // Few ids: comparing them directly beats hashing.
+        if self.records.len() + events.len() <= 16 || events.len() <= 2 {
+            // Few ids, or one or two new ones: comparing them directly beats hashing.
             for (i, e) in events.iter().enumerate() {
                 if e.ts < self.boundary {
                     counts.late += 1;
-                } else if self.records.iter().any(|r| r.event_id == e.event_id)
+                } else if self.records.iter().any(|r| same_id(&r.event_id, &e.event_id))
                     || events[..i]
                         .iter()
                         .zip(&keep)
-                        .any(|(f, k)| *k && f.event_id == e.event_id)
+                        .any(|(f, k)| *k && same_id(&f.event_id, &e.event_id))
                 {
                     counts.duplicates += 1;
                 } else {
@@ -319,21 +343,34 @@ impl EntityState {
                 }
             }
         } else {
-            let mut seen: std::collections::HashSet<&str, foldhash::fast::RandomState> =
-                std::collections::HashSet::with_capacity_and_hasher(
-                    self.records.len() + events.len(),
+            // Index the batch's ids (the first copy of each), then look every kept record up
+            // in that index: a busy entity keeps hundreds of records, and only the few new
+            // events need a table of their own.
+            let mut first: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
+                std::collections::HashMap::with_capacity_and_hasher(
+                    events.len(),
                     Default::default(),
                 );
-            for r in &self.records {
-                seen.insert(r.event_id.as_str());
-            }
             for (i, e) in events.iter().enumerate() {
                 if e.ts < self.boundary {
                     counts.late += 1;
-                } else if !seen.insert(e.event_id.as_str()) {
-                    counts.duplicates += 1;
                 } else {
-                    keep[i] = true;
+                    match first.entry(e.event_id.as_str()) {
+                        std::collections::hash_map::Entry::Occupied(_) => counts.duplicates += 1,
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(i);
+                            keep[i] = true;
+                        }
+                    }
+                }
+            }
+            // Record ids are distinct: each kept first copy is matched at most once.
+            if !first.is_empty() {
+                for r in &self.records {
+                    if let Some(&i) = first.get(r.event_id.as_str()) {
+                        keep[i] = false;
+                        counts.duplicates += 1;
+                    }
                 }
             }
         }
@@ -371,17 +408,28 @@ impl EntityState {
             return;
         }
         let k = self.records.partition_point(|r| r.ts < to);
-        let folded: Vec<Event> = self.records.drain(..k).collect();
-        for e in &folded {
-            for (g, r) in plan.resolutions.iter().enumerate() {
-                let slots = &plan.tile_slots[g];
-                let tile = self.tiles[g]
-                    .entry(e.ts.div_euclid(*r))
-                    .or_insert_with(|| vec![Partial::default(); slots.len()]);
-                for (p, s) in tile.iter_mut().zip(slots) {
-                    p.add(&plan.slots[*s].measure, e);
+        let folded = &self.records[..k];
+        for (g, r) in plan.resolutions.iter().enumerate() {
+            let slots = &plan.tile_slots[g];
+            // Tiles older than this are dropped below: records for them are not folded.
+            let oldest_needed = (to - plan.group_windows[g]).div_euclid(*r);
+            // Records are in time order: one tile lookup per run of records in the same tile.
+            let mut rest = folded;
+            while let Some(first) = rest.first() {
+                let idx = first.ts.div_euclid(*r);
+                let run = rest.partition_point(|e| e.ts.div_euclid(*r) == idx);
+                if idx >= oldest_needed {
+                    let tile = tile_mut(&mut self.tiles[g], idx, slots.len());
+                    for e in &rest[..run] {
+                        for (p, s) in tile.iter_mut().zip(slots) {
+                            p.add(&plan.slots[*s].measure, e);
+                        }
+                    }
                 }
+                rest = &rest[run..];
             }
+        }
+        for e in folded {
             for (g, gap) in plan.gaps.iter().enumerate() {
                 let slots = &plan.session_slots[g];
                 let current = &mut self.sessions[g];
@@ -415,14 +463,13 @@ impl EntityState {
                 self.recent[i] = Some(l);
             }
         }
+        self.records.drain(..k);
         self.boundary = to;
         for (g, r) in plan.resolutions.iter().enumerate() {
             let oldest_needed = (to - plan.group_windows[g]).div_euclid(*r);
-            while let Some(oldest) = self.tiles[g].first_entry() {
-                if *oldest.key() >= oldest_needed {
-                    break;
-                }
-                oldest.remove();
+            let tiles = &mut self.tiles[g];
+            while tiles.front().is_some_and(|(idx, _)| *idx < oldest_needed) {
+                tiles.pop_front();
             }
         }
         for (g, gap) in plan.gaps.iter().enumerate() {
@@ -449,7 +496,7 @@ impl EntityState {
             bump(r.ts + plan.horizon);
         }
         for (g, tiles) in self.tiles.iter().enumerate() {
-            if let Some((idx, _)) = tiles.last_key_value() {
+            if let Some((idx, _)) = tiles.back() {
                 bump((idx + 1) * plan.resolutions[g] + plan.group_windows[g]);
             }
         }
@@ -521,7 +568,10 @@ impl EntityState {
                 let first_tile = lower.div_euclid(r);
                 let last_tile = t.min(self.boundary).div_euclid(r);
                 if first_tile < last_tile {
-                    for (_, partials) in self.tiles[*g].range(first_tile..last_tile) {
+                    let tiles = &self.tiles[*g];
+                    let from = tiles.partition_point(|(k, _)| *k < first_tile);
+                    let to = tiles.partition_point(|(k, _)| *k < last_tile);
+                    for (_, partials) in tiles.range(from..to) {
                         acc.merge(&partials[pos]);
                     }
                 }
@@ -591,7 +641,7 @@ impl EntityState {
 
     /// Encodes the state (a format byte, then its parts).
     pub fn encode(&self, plan: &SpeedPlan) -> Vec<u8> {
-        let tiles: usize = self.tiles.iter().map(BTreeMap::len).sum();
+        let tiles: usize = self.tiles.iter().map(Tiles::len).sum();
         let mut w = Writer::with_capacity(96 + 48 * self.records.len() + 24 * tiles);
         w.u(FORMAT);
         w.i(self.boundary);
@@ -669,7 +719,7 @@ impl EntityState {
                     .iter()
                     .map(|s| Partial::decode(plan.slots[*s].measure.agg, &mut r))
                     .collect::<Result<Vec<_>, _>>()?;
-                state.tiles[g].insert(idx, partials);
+                *tile_mut(&mut state.tiles[g], idx, 0) = partials;
             }
         }
         for g in 0..plan.gaps.len() {

@@ -370,3 +370,44 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
     assert_eq!((replay.applied, replay.duplicates, replay.late), (0, 60, 0));
     assert_eq!(stored(), written);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Applying a batch at once (ids indexed in a table when the batch is large) counts and
+    /// keeps exactly what applying its events one by one does (ids compared directly): the
+    /// first copy of an id counts, later copies and copies of kept records are duplicates,
+    /// events before the boundary are late.
+    #[test]
+    fn a_batch_counts_as_its_events_one_by_one(
+        kept in prop::collection::vec((0u8..60, 0i64..30), 0..80),
+        batch in prop::collection::vec((0u8..60, 0i64..30), 1..60),
+        boundary in 0i64..5,
+    ) {
+        let spec = duet_spec::load_spec(None).unwrap();
+        let plan = SpeedPlan::compile(&spec);
+        let ev = |id: u8, minute: i64| Event {
+            event_id: format!("e{id:03}"),
+            user_id: "u".into(),
+            event_type: "view".into(),
+            amount: None,
+            ts: T0 + minute * MIN + i64::from(id),
+        };
+        let mut base = EntityState::new(&plan, T0 + boundary * MIN);
+        base.apply_all(kept.iter().map(|&(id, m)| ev(id, m)).collect());
+        let events: Vec<Event> = batch.iter().map(|&(id, m)| ev(id, m)).collect();
+        let mut at_once = base.clone();
+        let counts = at_once.apply_all(events.clone());
+        let mut one_by_one = base;
+        let (mut applied, mut duplicates, mut late) = (0, 0, 0);
+        for e in &events {
+            match one_by_one.apply(e) {
+                duet_speed::state::Outcome::Applied => applied += 1,
+                duet_speed::state::Outcome::Duplicate => duplicates += 1,
+                duet_speed::state::Outcome::Late => late += 1,
+            }
+        }
+        prop_assert_eq!((counts.applied, counts.duplicates, counts.late), (applied, duplicates, late));
+        prop_assert_eq!(at_once, one_by_one);
+    }
+}
