@@ -974,9 +974,9 @@ fn per_tile_distinct(
             .entry(tile)
             .or_insert_with(|| {
                 let start = duet_spec::event::Event {
-                    event_id: String::new(),
-                    user_id: String::new(),
-                    event_type: String::new(),
+                    event_id: Default::default(),
+                    user_id: Default::default(),
+                    event_type: Default::default(),
                     amount: None,
                     ts: tile.saturating_mul(slot.resolution),
                 };

@@ -72,8 +72,8 @@ fn arb_events() -> impl Strategy<Value = Vec<Event>> {
         let mut out = Vec::new();
         for (i, (u, ty, off, cents, dup)) in raw.into_iter().enumerate() {
             let e = Event {
-                event_id: format!("e{i:03}"),
-                user_id: format!("u{u}"),
+                event_id: format!("e{i:03}").into(),
+                user_id: format!("u{u}").into(),
                 event_type: types[ty].into(),
                 amount: (ty >= 2).then_some(cents as f64 / 100.0),
                 ts: T0 + off / 60_000 * 60_000,
@@ -193,7 +193,7 @@ proptest! {
         let streaming: Vec<_> = spec.features().filter(|(v, _)| v.layer == Layer::Streaming).collect();
         // Probe near events, on the minute grid and a millisecond either side of it.
         let near: Vec<&Event> = probes.iter().map(|(i, _, _)| &events[i % events.len()]).collect();
-        let keys: Vec<String> = near.iter().map(|e| e.user_id.clone()).collect();
+        let keys: Vec<String> = near.iter().map(|e| e.user_id.to_string()).collect();
         let times: Vec<i64> = probes.iter().zip(&near).map(|((_, m, ms), e)| e.ts + m * 60_000 + ms).collect();
         let cols = streaming_columns(&rt, &events, &keys, &times, &streaming);
         for (j, (_, f)) in streaming.iter().enumerate() {
@@ -291,8 +291,8 @@ fn arb_chains() -> impl Strategy<Value = Vec<Event>> {
             for (i, (gap, ty, cents, dup)) in steps.into_iter().enumerate() {
                 ts += gap;
                 let e = Event {
-                    event_id: format!("u{u}e{i:03}"),
-                    user_id: format!("u{u}"),
+                    event_id: format!("u{u}e{i:03}").into(),
+                    user_id: format!("u{u}").into(),
                     event_type: types[ty].into(),
                     amount: (ty >= 2).then_some(cents as f64 / 100.0),
                     ts,
@@ -318,7 +318,7 @@ proptest! {
         // Rows at, after and (by the 3h window's lookback) before events, so that the earliest
         // row's lookback falls inside sessions, at their edges, or between them.
         let near: Vec<&Event> = probes.iter().map(|(i, _, _)| &events[i % events.len()]).collect();
-        let keys: Vec<String> = near.iter().map(|e| e.user_id.clone()).collect();
+        let keys: Vec<String> = near.iter().map(|e| e.user_id.to_string()).collect();
         let times: Vec<i64> = probes.iter().zip(&near).map(|((_, d, later), e)| if *later { e.ts + d } else { e.ts - d }).collect();
         let rt = runtime();
         let cols = streaming_columns(&rt, &events, &keys, &times, &streaming);
@@ -342,7 +342,7 @@ fn a_session_chained_at_exactly_the_gap_across_the_earliest_lookback() {
     let t = T0 + 10 * HOUR;
     let events: Vec<Event> = (0..8)
         .map(|i| Event {
-            event_id: format!("e{i}"),
+            event_id: format!("e{i}").into(),
             user_id: "u0".into(),
             event_type: "purchase".into(),
             amount: Some(1.0 + i as f64),

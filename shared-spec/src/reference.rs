@@ -29,7 +29,7 @@ impl<'s> Reference<'s> {
     pub fn new(spec: &'s Spec, events: Vec<Event>) -> Self {
         let mut by_entity: HashMap<String, Vec<Event>> = HashMap::new();
         for e in dedupe(events) {
-            by_entity.entry(e.user_id.clone()).or_default().push(e);
+            by_entity.entry(e.user_id.to_string()).or_default().push(e);
         }
         Reference {
             spec,

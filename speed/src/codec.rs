@@ -90,14 +90,16 @@ impl<'a> Reader<'a> {
         Ok(f64::from_le_bytes(bytes.try_into().expect("eight bytes")))
     }
     /// Length-prefixed UTF-8.
-    pub fn s(&mut self) -> Result<String, Corrupt> {
+    pub fn s<T: for<'s> From<&'s str>>(&mut self) -> Result<T, Corrupt> {
         let n = self.u()? as usize;
         let bytes = self
             .buf
             .get(self.pos..self.pos.checked_add(n).ok_or(Corrupt(self.pos))?)
             .ok_or(Corrupt(self.pos))?;
         self.pos += n;
-        String::from_utf8(bytes.to_vec()).map_err(|_| Corrupt(self.pos))
+        std::str::from_utf8(bytes)
+            .map(T::from)
+            .map_err(|_| Corrupt(self.pos))
     }
     /// A presence flag.
     pub fn b(&mut self) -> Result<bool, Corrupt> {
@@ -134,7 +136,7 @@ mod tests {
         w.b(true);
         let mut r = Reader::new(&w.buf);
         assert_eq!(
-            (r.u(), r.i(), r.i(), r.f(), r.s(), r.b()),
+            (r.u(), r.i(), r.i(), r.f(), r.s::<String>(), r.b()),
             (
                 Ok(300),
                 Ok(-5),

@@ -490,7 +490,7 @@ fn group(by_entity: &mut ByEntity, event: Event) {
     match by_entity.get_mut(event.user_id.as_str()) {
         Some(events) => events.push(event),
         None => {
-            by_entity.insert(event.user_id.clone(), vec![event]);
+            by_entity.insert(event.user_id.to_string(), vec![event]);
         }
     }
 }
@@ -500,13 +500,7 @@ fn parse_message(
     m: &Message,
 ) -> std::result::Result<Event, (duet_spec::event::InvalidReason, Option<String>)> {
     match &m.payload {
-        Some(p) => parse_json_event(p).map(|e| Event {
-            event_id: e.event_id.into_owned(),
-            user_id: e.user_id.into_owned(),
-            event_type: e.event_type.into_owned(),
-            amount: e.amount,
-            ts: e.ts,
-        }),
+        Some(p) => parse_json_event(p).map(|e| e.to_event()),
         None => Err((
             duet_spec::event::InvalidReason::Json,
             Some("empty message".into()),

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use duet_spec::duration::{ceil_to, floor_to};
-use duet_spec::event::Event;
+use duet_spec::event::{Event, Text};
 use duet_spec::expr::Scalar;
 use duet_spec::reference::distinct_key;
 use duet_spec::{Agg, Extent, Measure, Value, ValueType};
@@ -25,7 +25,7 @@ pub struct Latest {
     /// Its time.
     pub ts: i64,
     /// Its id (breaks ties at equal times: the greatest wins).
-    pub id: String,
+    pub id: Text,
     /// Its value.
     pub value: f64,
 }
@@ -331,7 +331,10 @@ impl EntityState {
             for (i, e) in events.iter().enumerate() {
                 if e.ts < self.boundary {
                     counts.late += 1;
-                } else if self.records.iter().any(|r| same_id(&r.event_id, &e.event_id))
+                } else if self
+                    .records
+                    .iter()
+                    .any(|r| same_id(&r.event_id, &e.event_id))
                     || events[..i]
                         .iter()
                         .zip(&keep)
@@ -705,7 +708,7 @@ impl EntityState {
             let amount = if r.b()? { Some(r.f()?) } else { None };
             state.records.push(Event {
                 event_id,
-                user_id: entity.to_string(),
+                user_id: entity.into(),
                 event_type,
                 amount,
                 ts,

@@ -79,9 +79,9 @@ fn arb_stream() -> impl Strategy<Value = Vec<Event>> {
             // bounds and session gaps.
             let ts = T0 + (offset / (7 * MIN) * (7 * MIN) + offset % (3 * MIN)) / 30_000 * 30_000;
             let e = Event {
-                event_id: format!("e{i:04}"),
-                user_id: format!("u{user}"),
-                event_type: types[ty].to_string(),
+                event_id: format!("e{i:04}").into(),
+                user_id: format!("u{user}").into(),
+                event_type: types[ty].into(),
                 amount: (ty >= 2).then_some(cents as f64 / 100.0),
                 ts,
             };
@@ -327,7 +327,7 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
         .map(|i| {
             let purchase = i % 3 == 0;
             let e = Event {
-                event_id: format!("e{i}"),
+                event_id: format!("e{i}").into(),
                 user_id: "u1".into(),
                 event_type: if purchase { "purchase" } else { "view" }.into(),
                 amount: purchase.then_some(i as f64),
@@ -387,7 +387,7 @@ proptest! {
         let spec = duet_spec::load_spec(None).unwrap();
         let plan = SpeedPlan::compile(&spec);
         let ev = |id: u8, minute: i64| Event {
-            event_id: format!("e{id:03}"),
+            event_id: format!("e{id:03}").into(),
             user_id: "u".into(),
             event_type: "view".into(),
             amount: None,

@@ -36,13 +36,7 @@ pub fn generated(
     let valid = lines
         .iter()
         .filter_map(|l| parse_json_event(l).ok())
-        .map(|e| duet_spec::event::Event {
-            event_id: e.event_id.into_owned(),
-            user_id: e.user_id.into_owned(),
-            event_type: e.event_type.into_owned(),
-            amount: e.amount,
-            ts: e.ts,
-        })
+        .map(|e| e.to_event())
         .collect();
     (lines, valid)
 }
@@ -135,7 +129,7 @@ pub fn assert_state_matches(prefix: &str, valid: Vec<duet_spec::event::Event>, t
     let batch = read_parquet(&out);
     let users: Vec<String> = valid
         .iter()
-        .map(|e| e.user_id.clone())
+        .map(|e| e.user_id.to_string())
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();

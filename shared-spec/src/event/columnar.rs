@@ -282,9 +282,9 @@ pub fn events_from_batch(batch: &RecordBatch) -> Vec<Event> {
     let ts: &TimestampMillisecondArray = batch.column(4).as_primitive::<TimestampMillisecondType>();
     (0..batch.num_rows())
         .map(|i| Event {
-            event_id: id.value(i).to_string(),
-            user_id: user.value(i).to_string(),
-            event_type: ty.value(i).to_string(),
+            event_id: id.value(i).into(),
+            user_id: user.value(i).into(),
+            event_type: ty.value(i).into(),
             amount: if amount.is_null(i) {
                 None
             } else {

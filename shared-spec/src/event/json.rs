@@ -136,6 +136,19 @@ pub struct JsonEvent<'a> {
     pub ts: i64,
 }
 
+impl JsonEvent<'_> {
+    /// The event, owning its text (short text is kept inline, without an allocation).
+    pub fn to_event(&self) -> super::Event {
+        super::Event {
+            event_id: (*self.event_id).into(),
+            user_id: (*self.user_id).into(),
+            event_type: (*self.event_type).into(),
+            amount: self.amount,
+            ts: self.ts,
+        }
+    }
+}
+
 fn text<'a>(
     s: Option<Scalar<'a>>,
     name: &'static str,

@@ -16,15 +16,19 @@ use serde::Serialize;
 pub use columnar::{EventBatchBuilder, events_from_batch, normalize_batch};
 pub use json::{JsonLinesDecoder, MAX_LINE_BYTES, parse_json_event};
 
+/// An event's text field. Ids, users and types are short: up to 24 bytes are kept inline,
+/// without an allocation of their own (longer text is allocated as a `String` would be).
+pub type Text = compact_str::CompactString;
+
 /// One valid event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Event {
     /// Identity: two records with the same id are the same event.
-    pub event_id: String,
+    pub event_id: Text,
     /// The user the event belongs to.
-    pub user_id: String,
+    pub user_id: Text,
     /// `login`, `view`, `purchase`, `refund`, or any other type.
-    pub event_type: String,
+    pub event_type: Text,
     /// The amount; always present, finite and `>= 0` for purchases and refunds.
     pub amount: Option<f64>,
     /// Event time, epoch milliseconds UTC.
