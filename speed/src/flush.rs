@@ -112,7 +112,7 @@ pub(crate) struct Prepared {
 
 /// What a committed batch tells the processor: the entities whose cached states are stale.
 pub(crate) struct Committed {
-    reloaded: Vec<String>,
+    reloaded: Vec<duet_spec::event::Text>,
 }
 
 impl Committed {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use duet_batch::par::par_map;
-use duet_spec::event::{DeadLetter, Event, InvalidCounts, parse_json_event};
+use duet_spec::event::{DeadLetter, Event, InvalidCounts, Text, parse_json_event};
 
 use crate::Result;
 use crate::plan::SpeedPlan;
@@ -24,7 +24,7 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 const CACHE_LIMIT: usize = 500_000;
 
 /// A batch's accepted events grouped by entity.
-pub(crate) type ByEntity = HashMap<String, Vec<Event>, foldhash::fast::RandomState>;
+pub(crate) type ByEntity = HashMap<Text, Vec<Event>, foldhash::fast::RandomState>;
 
 /// One consumed message.
 #[derive(Debug, Clone)]
@@ -81,7 +81,7 @@ pub struct Processor<S: StateStore> {
     prefix: String,
     topic: String,
     watermarks: HashMap<i32, i64>,
-    cache: HashMap<String, (u64, EntityState), foldhash::fast::RandomState>,
+    cache: HashMap<Text, (u64, EntityState), foldhash::fast::RandomState>,
     /// Entities in the last batch: the next batch's grouping is sized for as many.
     last_entities: usize,
     archive: bool,
@@ -198,7 +198,7 @@ impl<S: StateStore> Processor<S> {
     }
 
     /// Drops the cached states of `entities` (their stored versions moved on).
-    pub fn forget(&mut self, entities: &[String]) {
+    pub fn forget(&mut self, entities: &[Text]) {
         for e in entities {
             self.cache.remove(e);
         }
@@ -388,7 +388,7 @@ impl<S: StateStore> Processor<S> {
             target: self.boundary_target(before),
             reference_now: self.watermarks.values().copied().max().unwrap_or(i64::MIN),
         };
-        let missing: Vec<&String> = by_entity
+        let missing: Vec<&Text> = by_entity
             .keys()
             .filter(|e| !self.cache.contains_key(*e))
             .collect();
@@ -404,7 +404,7 @@ impl<S: StateStore> Processor<S> {
             // Keep this batch's entities; the others are read again when next needed.
             self.cache.retain(|e, _| by_entity.contains_key(e));
         }
-        let work: Vec<(String, Vec<Event>, u64, EntityState)> = by_entity
+        let work: Vec<(Text, Vec<Event>, u64, EntityState)> = by_entity
             .into_iter()
             .map(|(e, events)| {
                 let (version, state) = self.cache.remove(&e).expect("loaded above");
@@ -470,9 +470,9 @@ pub(crate) struct Replay {
 
 impl Replay {
     /// The accepted events of `entities`, grouped by entity, in batch order.
-    pub(crate) fn events_of(&self, entities: &[String]) -> ByEntity {
+    pub(crate) fn events_of(&self, entities: &[Text]) -> ByEntity {
         let wanted: std::collections::HashSet<&str, foldhash::fast::RandomState> =
-            entities.iter().map(String::as_str).collect();
+            entities.iter().map(Text::as_str).collect();
         let mut out = ByEntity::default();
         for &i in &self.accepted {
             if let Ok(e) = parse_message(&self.messages[i as usize])
@@ -490,7 +490,7 @@ fn group(by_entity: &mut ByEntity, event: Event) {
     match by_entity.get_mut(event.user_id.as_str()) {
         Some(events) => events.push(event),
         None => {
-            by_entity.insert(event.user_id.to_string(), vec![event]);
+            by_entity.insert(event.user_id.clone(), vec![event]);
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duet_batch::par::par_map;
+use duet_spec::event::Text;
 
 use crate::plan::SpeedPlan;
 use crate::processor::{BatchOutcome, PAR_MIN, Replay, state_key};
@@ -91,7 +92,7 @@ pub struct StateWrites {
     pub(crate) replay: Replay,
     pub(crate) writes: Vec<CasWrite>,
     /// Per write: its entity and counts.
-    pub(crate) entries: Vec<(String, ApplyCounts)>,
+    pub(crate) entries: Vec<(Text, ApplyCounts)>,
 }
 
 impl StateWrites {
@@ -113,7 +114,7 @@ impl StateWrites {
         self,
         store: &S,
         out: &mut BatchOutcome,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<Text>> {
         let StateWrites {
             settle,
             prefix,
@@ -145,7 +146,7 @@ impl StateWrites {
             let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
             let stored = retrying("the reads", || store.get_many(&keys)).await?;
             let mut events = replay.events_of(&lost);
-            let work: Vec<(String, Vec<duet_spec::event::Event>, Option<Versioned>)> = lost
+            let work: Vec<(Text, Vec<duet_spec::event::Event>, Option<Versioned>)> = lost
                 .into_iter()
                 .zip(stored)
                 .map(|(entity, value)| {
