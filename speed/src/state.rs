@@ -367,11 +367,13 @@ impl EntityState {
                     }
                 }
             }
-            // Record ids are distinct: each kept first copy is matched at most once.
+            // Record ids are distinct, so each kept first copy is matched at most once; should a
+            // state ever hold an id twice, the copy is still counted once.
             if !first.is_empty() {
                 for r in &self.records {
-                    if let Some(&i) = first.get(r.event_id.as_str()) {
-                        keep[i] = false;
+                    if let Some(&i) = first.get(r.event_id.as_str())
+                        && std::mem::replace(&mut keep[i], false)
+                    {
                         counts.duplicates += 1;
                     }
                 }

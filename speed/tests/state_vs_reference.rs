@@ -411,3 +411,50 @@ proptest! {
         prop_assert_eq!(at_once, one_by_one);
     }
 }
+
+/// Tiles stored out of order or twice (a foreign or damaged value) decode sorted, the last
+/// copy of an index winning, as a map insert would do.
+#[test]
+fn tiles_stored_out_of_order_decode_sorted_with_the_last_copy_winning() {
+    use duet_speed::codec::Writer;
+    let spec = duet_spec::load_spec(None).unwrap();
+    let plan = SpeedPlan::compile(&spec);
+    assert_eq!(plan.resolutions.len(), 1, "the catalog has one tile group");
+    let slots = plan.tile_slots[0].len();
+    let mut w = Writer::default();
+    w.u(1); // format
+    w.i(T0);
+    w.u(0); // records
+    let stored = [(5i64, 1i64), (3, 2), (5, 3), (1, 4)];
+    w.u(stored.len() as u64);
+    for (idx, n) in stored {
+        w.i(idx);
+        for s in &plan.tile_slots[0] {
+            // Every partial holds `n` events, and a value where its aggregation keeps one.
+            w.i(n);
+            match plan.slots[*s].measure.agg {
+                duet_spec::Agg::Count => {}
+                duet_spec::Agg::Sum
+                | duet_spec::Agg::Mean
+                | duet_spec::Agg::Min
+                | duet_spec::Agg::Max => w.f(n as f64),
+                other => panic!("the catalog keeps no {other:?} in tiles"),
+            }
+        }
+    }
+    for _ in &plan.gaps {
+        w.b(false);
+    }
+    for _ in &plan.recent_slots {
+        w.b(false);
+    }
+    let state = EntityState::decode(&plan, "u", &w.buf).unwrap();
+    let got: Vec<(i64, i64)> = state.tiles[0]
+        .iter()
+        .map(|(idx, partials)| {
+            assert_eq!(partials.len(), slots);
+            (*idx, partials[0].n)
+        })
+        .collect();
+    assert_eq!(got, vec![(1, 4), (3, 2), (5, 3)]);
+}
