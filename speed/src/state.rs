@@ -416,7 +416,8 @@ impl EntityState {
         let folded = &self.records[..k];
         for (g, r) in plan.resolutions.iter().enumerate() {
             let slots = &plan.tile_slots[g];
-            // Tiles older than this are dropped below: records for them are not folded.
+            // Tiles older than this can serve no window from `to` on: records for them are not
+            // folded, and the group's older tiles are dropped after the fold.
             let oldest_needed = (to - plan.group_windows[g]).div_euclid(*r);
             // Records are in time order: one tile lookup per run of records in the same tile.
             let mut rest = folded;
@@ -432,6 +433,10 @@ impl EntityState {
                     }
                 }
                 rest = &rest[run..];
+            }
+            let tiles = &mut self.tiles[g];
+            while tiles.front().is_some_and(|(idx, _)| *idx < oldest_needed) {
+                tiles.pop_front();
             }
         }
         for e in folded {
@@ -470,13 +475,6 @@ impl EntityState {
         }
         self.records.drain(..k);
         self.boundary = to;
-        for (g, r) in plan.resolutions.iter().enumerate() {
-            let oldest_needed = (to - plan.group_windows[g]).div_euclid(*r);
-            let tiles = &mut self.tiles[g];
-            while tiles.front().is_some_and(|(idx, _)| *idx < oldest_needed) {
-                tiles.pop_front();
-            }
-        }
         for (g, gap) in plan.gaps.iter().enumerate() {
             if self.sessions[g]
                 .as_ref()
