@@ -238,6 +238,32 @@ end
 return out
 "#;
 
+/// A state as stored: its new version (8 bytes, big-endian) and then its bytes, written as one
+/// command argument without first joining them in a buffer of their own.
+struct Stored<'a> {
+    version: u64,
+    bytes: &'a [u8],
+}
+
+impl<'a> Stored<'a> {
+    fn new(w: &CasWrite, bytes: &'a [u8]) -> Self {
+        Stored {
+            version: w.expected.unwrap_or(0) + 1,
+            bytes,
+        }
+    }
+}
+
+impl redis::ToRedisArgs for Stored<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut arg = out.writer_for_next_arg();
+        arg.write_all(&self.version.to_be_bytes())
+            .and_then(|()| arg.write_all(self.bytes))
+            .expect("writing to a command buffer does not fail");
+    }
+}
+
 /// Most keys one compare-and-set call carries.
 const CAS_KEYS_PER_CALL: usize = 64;
 
@@ -432,12 +458,6 @@ impl StateStore for RedisStore {
         // entity's first state costs Redis one command instead of a script call's share. The
         // other writes go in one script call per group of keys sharing a hash slot. All of it
         // in one pipeline.
-        let stored = |w: &CasWrite, bytes: &[u8]| {
-            let mut v = Vec::with_capacity(8 + bytes.len());
-            v.extend_from_slice(&(w.expected.unwrap_or(0) + 1).to_be_bytes());
-            v.extend_from_slice(bytes);
-            v
-        };
         let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
         let mut creations = Vec::new();
         for (i, w) in writes.iter().enumerate() {
@@ -460,30 +480,34 @@ impl StateStore for RedisStore {
             let bytes = w.value.as_deref().expect("creations have a value");
             pipe.cmd("SET")
                 .arg(&w.key)
-                .arg(stored(w, bytes))
+                .arg(Stored::new(w, bytes))
                 .arg("PX")
                 .arg(w.ttl_ms.max(1))
                 .arg("NX");
         }
         for call in &calls {
-            let mut invocation = self.script.prepare_invoke();
+            // `EVALSHA` written directly into one command buffer: a script invocation would
+            // allocate every key and argument on its own and then copy them all again.
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.script.get_hash())
+                .arg(call.len());
+            for &i in *call {
+                cmd.arg(&writes[i].key);
+            }
             for &i in *call {
                 let w = &writes[i];
-                let expected = w
-                    .expected
-                    .map(|v| v.to_be_bytes().to_vec())
-                    .unwrap_or_default();
-                let value = match &w.value {
-                    Some(bytes) => stored(w, bytes),
-                    None => Vec::new(),
+                let expected: &[u8] = match &w.expected {
+                    Some(v) => &v.to_be_bytes(),
+                    None => &[],
                 };
-                invocation
-                    .key(&w.key)
-                    .arg(expected)
-                    .arg(value)
-                    .arg(w.ttl_ms.max(1));
+                cmd.arg(expected);
+                match &w.value {
+                    Some(bytes) => cmd.arg(Stored::new(w, bytes)),
+                    None => cmd.arg(&[] as &[u8]),
+                };
+                cmd.arg(w.ttl_ms.max(1));
             }
-            pipe.invoke_script(&invocation);
         }
         let mut con = self.connection().await?;
         let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
@@ -736,7 +760,39 @@ impl StateStore for AnyStore {
 
 #[cfg(test)]
 mod tests {
-    use super::hash_slot;
+    use super::{CasWrite, Stored, hash_slot};
+
+    #[test]
+    fn a_stored_state_is_one_argument_of_its_new_version_then_its_bytes() {
+        let write = |expected| CasWrite {
+            key: "k".into(),
+            expected,
+            value: Some(b"state".to_vec()),
+            ttl_ms: 1,
+        };
+        for (expected, version) in [
+            (None, 1u64),
+            (Some(1), 2),
+            (Some(0x0102_0304_0506), 0x0102_0304_0507),
+        ] {
+            let w = write(expected);
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&w.key).arg(Stored::new(&w, b"state")).arg("PX");
+            let args: Vec<Vec<u8>> = cmd
+                .args_iter()
+                .map(|a| match a {
+                    redis::Arg::Simple(b) => b.to_vec(),
+                    other => panic!("not a plain argument: {other:?}"),
+                })
+                .collect();
+            let mut stored = version.to_be_bytes().to_vec();
+            stored.extend_from_slice(b"state");
+            assert_eq!(
+                args,
+                vec![b"SET".to_vec(), b"k".to_vec(), stored, b"PX".to_vec()]
+            );
+        }
+    }
 
     #[test]
     fn hash_slots_match_redis_cluster() {
