@@ -264,6 +264,39 @@ impl redis::ToRedisArgs for Stored<'_> {
     }
 }
 
+/// The `EVALSHA` of [`CAS_SCRIPT`] (SHA-1 `hash`) for the writes at positions `call`, written
+/// into one command buffer sized up front. `redis::ScriptInvocation` would allocate every key and
+/// argument on its own and then copy them all into the command.
+fn cas_call(hash: &str, writes: &[CasWrite], call: &[usize]) -> redis::Cmd {
+    let data: usize = call
+        .iter()
+        .map(|&i| {
+            let w = &writes[i];
+            // The key, the version, the stored value and the TTL's digits.
+            w.key.len() + 8 + w.value.as_ref().map_or(0, |v| 8 + v.len()) + 20
+        })
+        .sum();
+    let mut cmd = redis::Cmd::with_capacity(3 + 4 * call.len(), 64 + data);
+    cmd.arg("EVALSHA").arg(hash).arg(call.len());
+    for &i in call {
+        cmd.arg(&writes[i].key);
+    }
+    for &i in call {
+        let w = &writes[i];
+        let expected: &[u8] = match &w.expected {
+            Some(v) => &v.to_be_bytes(),
+            None => &[],
+        };
+        cmd.arg(expected);
+        match &w.value {
+            Some(bytes) => cmd.arg(Stored::new(w, bytes)),
+            None => cmd.arg(&[] as &[u8]),
+        };
+        cmd.arg(w.ttl_ms.max(1));
+    }
+    cmd
+}
+
 /// Most keys one compare-and-set call carries.
 const CAS_KEYS_PER_CALL: usize = 64;
 
@@ -486,28 +519,7 @@ impl StateStore for RedisStore {
                 .arg("NX");
         }
         for call in &calls {
-            // `EVALSHA` written directly into one command buffer: a script invocation would
-            // allocate every key and argument on its own and then copy them all again.
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(self.script.get_hash())
-                .arg(call.len());
-            for &i in *call {
-                cmd.arg(&writes[i].key);
-            }
-            for &i in *call {
-                let w = &writes[i];
-                let expected: &[u8] = match &w.expected {
-                    Some(v) => &v.to_be_bytes(),
-                    None => &[],
-                };
-                cmd.arg(expected);
-                match &w.value {
-                    Some(bytes) => cmd.arg(Stored::new(w, bytes)),
-                    None => cmd.arg(&[] as &[u8]),
-                };
-                cmd.arg(w.ttl_ms.max(1));
-            }
+            pipe.add_command(cas_call(self.script.get_hash(), writes, call));
         }
         let mut con = self.connection().await?;
         let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
@@ -760,7 +772,48 @@ impl StateStore for AnyStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{CasWrite, Stored, hash_slot};
+    use super::{CAS_SCRIPT, CasWrite, Stored, cas_call, hash_slot};
+
+    #[test]
+    fn a_compare_and_set_call_sends_what_a_script_invocation_would() {
+        let w = |key: &str, expected, value: Option<&[u8]>, ttl_ms| CasWrite {
+            key: key.into(),
+            expected,
+            value: value.map(<[u8]>::to_vec),
+            ttl_ms,
+        };
+        // An update, a deletion, a deletion of an absent key, a zero TTL, an empty state.
+        let writes = [
+            w("p:s:{7}a", Some(3), Some(b"state a"), 60_000),
+            w("p:s:{7}b", Some(0x0102_0304_0506), None, 1),
+            w("p:s:{7}c", None, None, 5),
+            w("p:s:{7}d", Some(1), Some(b"state d"), 0),
+            w("p:s:{7}e", Some(9), Some(b""), 7),
+        ];
+        let call = [4, 0, 2, 1, 3];
+        let script = redis::Script::new(CAS_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        for &i in &call {
+            let w = &writes[i];
+            let stored = w.value.as_ref().map_or(Vec::new(), |v| {
+                let mut s = (w.expected.unwrap_or(0) + 1).to_be_bytes().to_vec();
+                s.extend_from_slice(v);
+                s
+            });
+            invocation
+                .key(&w.key)
+                .arg(w.expected.map_or(Vec::new(), |v| v.to_be_bytes().to_vec()))
+                .arg(stored)
+                .arg(w.ttl_ms.max(1));
+        }
+        let expected = redis::pipe()
+            .invoke_script(&invocation)
+            .get_packed_pipeline();
+        let got = redis::pipe()
+            .add_command(cas_call(script.get_hash(), &writes, &call))
+            .get_packed_pipeline();
+        assert_eq!(got, expected);
+    }
 
     #[test]
     fn a_stored_state_is_one_argument_of_its_new_version_then_its_bytes() {
