@@ -186,29 +186,30 @@ pub struct ServeArgs {
     #[arg(long, env = "DUET_PREFIX")]
     pub prefix: Option<String>,
     /// Most entities per request.
-    #[arg(long, env = "DUET_MAX_ENTITIES", default_value_t = 1000)]
+    #[arg(long, env = "DUET_MAX_ENTITIES", default_value_t = 1000, value_parser = at_least_one)]
     pub max_entities: usize,
     /// Largest request body in bytes.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, env = "DUET_MAX_BODY_BYTES", default_value_t = 1 << 20, value_parser = at_least_one)]
     pub max_body_bytes: usize,
     /// Require `Authorization: Bearer <token>`.
     #[arg(long, env = "DUET_AUTH_TOKEN")]
     pub auth_token: Option<String>,
     /// Longest wait for Redis per request, in milliseconds.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "DUET_REDIS_TIMEOUT_MS", default_value_t = 200)]
     pub redis_timeout_ms: u64,
     /// How often to look for a newer snapshot, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, env = "DUET_SNAPSHOT_POLL_MS", default_value_t = 5000)]
     pub snapshot_poll_ms: u64,
     /// Longest wait of a request with `as_of` for a past snapshot to be read from the store,
     /// in milliseconds (its batch features are INVALID after it; the read goes on).
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, env = "DUET_SNAPSHOT_LOAD_TIMEOUT_MS", default_value_t = 5000)]
     pub snapshot_load_timeout_ms: u64,
     /// Threads serving requests, each with its own Redis connection (default: one per core).
     #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: Option<u32>,
-    /// Fraction of entities whose served vectors are logged for `duet check` (0 disables).
-    #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01)]
+    /// Fraction of entities whose served vectors are logged for `duet check`, from 0 (no log)
+    /// to 1 (every entity).
+    #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01, value_parser = fraction)]
     pub log_sample: f64,
 }
 
@@ -509,4 +510,22 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     .await??;
     eprintln!("wrote {count} records to {}", args.out.display());
     Ok(())
+}
+
+/// A count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// A fraction from 0 to 1.
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        Ok(_) => Err(format!("`{s}` is not between 0 and 1")),
+        Err(e) => Err(format!("`{s}` is not a number: {e}")),
+    }
 }

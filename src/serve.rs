@@ -21,6 +21,9 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
     let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
     let state = AnyStore::open_lazily(&redis, timeout.max(Duration::from_secs(2)))?;
     let shutdown = shutdown_token();
+    // The log writer stops only after the server has finished its requests in flight, so their
+    // records are written too.
+    let log_stop = tokio_util::sync::CancellationToken::new();
     let (log, log_task) = if args.log_sample > 0.0 {
         let (log, task) = ServedLog::start(
             store.clone(),
@@ -30,7 +33,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
                 flush_every: Duration::from_secs(10),
                 capacity: 100_000,
             },
-            shutdown.clone(),
+            log_stop.clone(),
         );
         (Some(log), Some(task))
     } else {
@@ -53,12 +56,13 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         ),
     };
     let app = App::new(spec, store, state, serve_config, log).await?;
-    serve(app, &listen, shutdown, |addr| {
+    let served = serve(app, &listen, shutdown, |addr| {
         eprintln!("duet serve: listening on http://{addr}")
     })
-    .await?;
+    .await;
+    log_stop.cancel();
     if let Some(t) = log_task {
         let _ = t.await;
     }
-    Ok(())
+    Ok(served?)
 }

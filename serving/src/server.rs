@@ -196,6 +196,17 @@ impl App {
                     message: "no such endpoint (see /openapi.json)".into(),
                 }
             })
+            .method_not_allowed_fallback(
+                |method: axum::http::Method, uri: axum::http::Uri| async move {
+                    ApiError {
+                        status: StatusCode::METHOD_NOT_ALLOWED,
+                        message: format!(
+                            "{method} is not allowed on {} (see /openapi.json)",
+                            uri.path()
+                        ),
+                    }
+                },
+            )
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .with_state(Arc::new(Worker {
                 app: self.clone(),
@@ -552,7 +563,7 @@ struct AsOfQuery {
 async fn entity_features(
     State(worker): State<Arc<Worker>>,
     headers: HeaderMap,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<AsOfQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let started = Instant::now();
@@ -560,6 +571,8 @@ async fn entity_features(
     app.metrics.requests.add(1);
     let result = async {
         app.authorize(&headers)?;
+        let Path(user_id) =
+            user_id.map_err(|e| ApiError::bad(format!("bad entity key in the path: {e}")))?;
         let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
         let (t, explicit) = as_of(q.as_of.as_deref())?;
         Ok::<_, ApiError>(axum::Json(
@@ -685,26 +698,40 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
         out,
         "# HELP duet_serve_snapshot_age_seconds Age of the loaded snapshot.\n# TYPE duet_serve_snapshot_age_seconds gauge"
     );
-    for v in app.views.iter().flatten() {
-        if let Some(s) = v.current() {
-            let _ = writeln!(
-                out,
-                "duet_serve_snapshot_age_seconds{{view=\"{}\"}} {}",
-                v.view.name,
-                (now - s.manifest.as_of_ms) as f64 / 1000.0
-            );
-            let _ = writeln!(
-                out,
-                "duet_serve_snapshot_entities{{view=\"{}\"}} {}",
-                v.view.name,
-                s.len()
-            );
-            let _ = writeln!(
-                out,
-                "duet_serve_snapshot_bytes{{view=\"{}\"}} {}",
-                v.view.name, s.bytes
-            );
-        }
+    let loaded: Vec<_> = app
+        .views
+        .iter()
+        .flatten()
+        .filter_map(|v| Some((&v.view.name, v.current()?)))
+        .collect();
+    for (name, s) in &loaded {
+        let _ = writeln!(
+            out,
+            "duet_serve_snapshot_age_seconds{{view=\"{name}\"}} {}",
+            (now - s.manifest.as_of_ms) as f64 / 1000.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP duet_serve_snapshot_entities Entities in the loaded snapshot.\n# TYPE duet_serve_snapshot_entities gauge"
+    );
+    for (name, s) in &loaded {
+        let _ = writeln!(
+            out,
+            "duet_serve_snapshot_entities{{view=\"{name}\"}} {}",
+            s.len()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP duet_serve_snapshot_bytes Heap bytes of the loaded snapshot (keys, hash table, values).\n# TYPE duet_serve_snapshot_bytes gauge"
+    );
+    for (name, s) in &loaded {
+        let _ = writeln!(
+            out,
+            "duet_serve_snapshot_bytes{{view=\"{name}\"}} {}",
+            s.bytes
+        );
     }
     let _ = writeln!(
         out,

@@ -72,9 +72,10 @@ impl LoadedSnapshot {
         let mut bytes = 0;
         for i in 0..n {
             let k: Box<str> = keys.value(i).into();
-            bytes += k.len() + 16 + 8;
+            bytes += k.len();
             rows.insert(k, i as u32);
         }
+        bytes += table_bytes(&rows);
         let mut kinds = Vec::with_capacity(features);
         let mut cells = vec![0u64; n * width];
         for (j, f) in view.features.iter().enumerate() {
@@ -410,6 +411,16 @@ fn evict_oldest(
     Some(past.remove(oldest))
 }
 
+/// Heap bytes of a hash table's buckets: the table holds a power of two of them, at most
+/// 7/8 full, each an entry plus one control byte.
+fn table_bytes<K, V, S>(table: &HashMap<K, V, S>) -> usize {
+    if table.capacity() == 0 {
+        return 0;
+    }
+    let buckets = (table.capacity() * 8 / 7).next_power_of_two();
+    buckets * (std::mem::size_of::<(K, V)>() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -428,6 +439,21 @@ mod tests {
             "created_at": "2026-12-01T00:00:00Z", "duet_version": "0"
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_hash_table_counts_all_its_buckets_not_only_the_full_ones() {
+        let empty: HashMap<Box<str>, u32> = HashMap::new();
+        assert_eq!(table_bytes(&empty), 0);
+        // 100,000 keys need 131,072 buckets (a power of two, at most 7/8 full), each a 24-byte
+        // entry and a control byte: 32.8 bytes per key, not 24.
+        let mut rows: HashMap<Box<str>, u32> = HashMap::with_capacity(100_000);
+        for i in 0..100_000u32 {
+            rows.insert(format!("u{i:07}").into(), i);
+        }
+        assert_eq!(table_bytes(&rows), 131_072 * 25);
+        let small: HashMap<Box<str>, u32> = HashMap::with_capacity(3);
+        assert_eq!(table_bytes(&small), 4 * 25);
     }
 
     /// A view of `n` features alternating int and float, and a batch holding every other one.

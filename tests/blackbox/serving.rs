@@ -271,6 +271,41 @@ fn feast_client_format_and_errors() {
     assert_eq!(results[1]["statuses"][1], "NOT_FOUND");
     assert_eq!(results[1]["values"][1], 0);
     assert_eq!(results[3]["values"][1], serde_json::Value::Null);
+    // Byte for byte what Feast's RemoteOnlineStore posts (`_construct_online_read_api_json_request`:
+    // `json.dumps` of one view's features and one join key, sent by `requests` with
+    // `data=`, so without a content type), decoded as it decodes it: a value is read only
+    // when its status is PRESENT, and the event time is `results[1].event_timestamps[0]`
+    // parsed by `datetime.fromisoformat` after replacing `Z` with `+00:00`.
+    let raw = br#"{"features": ["user_batch:txn_count_90d", "user_batch:avg_txn_amount_30d_v2"], "entities": {"user_id": ["u0000071", "nobody"]}}"#;
+    let (status, text) = server.request("POST", "/get-online-features", Some(raw), &[]);
+    assert_eq!(status, 200, "{text}");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body["metadata"]["feature_names"],
+        serde_json::json!(["user_id", "txn_count_90d", "avg_txn_amount_30d_v2"])
+    );
+    let stamp = body["results"][1]["event_timestamps"][0].as_str().unwrap();
+    let iso = stamp.replace('Z', "+00:00");
+    let (date, time) = iso.split_once('T').unwrap();
+    assert!(
+        date.len() == 10 && time.ends_with("+00:00") && time.len() >= 14,
+        "fromisoformat needs YYYY-MM-DDTHH:MM:SS[.ffffff]+00:00, got {stamp}"
+    );
+    let fraction = time[8..time.len() - 6].strip_prefix('.').unwrap_or("");
+    assert!(
+        matches!(fraction.len(), 0 | 3 | 6) && fraction.bytes().all(|b| b.is_ascii_digit()),
+        "{stamp}"
+    );
+    for (j, r) in body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .skip(1)
+    {
+        assert_eq!(r["values"].as_array().unwrap().len(), 2, "{j}: {r}");
+        assert_eq!(r["statuses"].as_array().unwrap().len(), 2, "{j}: {r}");
+    }
     // Full feature names.
     let (_, body) = server.features(&serde_json::json!({"entities": {"user_id": ["u1"]}, "full_feature_names": true, "features": ["user_batch:txn_count_90d"]}));
     assert_eq!(
@@ -378,6 +413,30 @@ fn feast_client_format_and_errors() {
     let (status, text) = server.request("POST", "/get-online-features", Some(&big), &[]);
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("larger than 2000 bytes"), "{text}");
+    // A wrong method, and an entity key that does not decode: JSON errors naming the problem.
+    let (status, text) = server.request("GET", "/get-online-features", None, &[]);
+    assert_eq!(status, 405, "{text}");
+    let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        err["error"],
+        "GET is not allowed on /get-online-features (see /openapi.json)"
+    );
+    let (status, text) = server.request("DELETE", "/v1/features/u0000071", None, &[]);
+    assert_eq!(status, 405, "{text}");
+    assert!(text.contains("DELETE is not allowed"), "{text}");
+    let (status, text) = server.request("GET", "/v1/features/%FF", None, &[]);
+    assert_eq!(status, 400, "{text}");
+    let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("bad entity key in the path"),
+        "{text}"
+    );
+    let (status, text) = server.request("GET", "/nowhere", None, &[]);
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("no such endpoint"), "{text}");
 
     let (status, text) = server.request("GET", "/v1/features/u0000071", None, &[]);
     assert_eq!(status, 200, "{text}");
@@ -396,6 +455,27 @@ fn feast_client_format_and_errors() {
         metrics.contains("duet_serve_snapshot_age_seconds{view=\"user_batch\"}"),
         "{metrics}"
     );
+    // Every sample follows its own family's TYPE line, and no family is split.
+    let mut seen = std::collections::HashSet::new();
+    let mut current = String::new();
+    for line in metrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            current = rest.split(' ').next().unwrap().to_string();
+            assert!(seen.insert(current.clone()), "{current} twice: {metrics}");
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|f| *f == current))
+                .unwrap_or(name);
+            assert_eq!(family, current, "{line} outside its family: {metrics}");
+        }
+    }
+    let bytes = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("duet_serve_snapshot_bytes{view=\"user_batch\"} "))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(bytes.parse::<u64>().unwrap() > 0, "{metrics}");
 }
 
 #[test]
@@ -468,6 +548,53 @@ fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
     assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
     assert_eq!(body["results"][2]["statuses"][0], "INVALID");
     assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
+}
+
+#[test]
+fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
+    // Accepts connections and reads nothing back: no error ever arrives, only silence.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for c in silent.incoming().flatten() {
+            keep.lock().unwrap().push(c);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &format!("redis://127.0.0.1:{port}/0"),
+            "--redis-timeout-ms",
+            "150",
+        ],
+    );
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, body) = server.features(&serde_json::json!({
+            "entities": {"user_id": ["u0000071"]},
+            "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
+        }));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(status, 200, "{body}");
+        assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
+        assert_eq!(body["results"][2]["statuses"][0], "INVALID");
+        assert_eq!(body["results"][2]["values"][0], serde_json::Value::Null);
+    }
+    let started = Instant::now();
+    assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the server never connected"
+    );
 }
 
 #[test]
@@ -599,10 +726,66 @@ fn fuzzed_bodies_never_get_a_5xx() {
                 prop_assert!((200..500).contains(&status), "{v} -> {status} {text}");
                 let (status, _) = server.request("POST", "/get-online-features", Some(&junk), &[]);
                 prop_assert!((200..500).contains(&status));
+                // The entity endpoint with fuzzed keys and query strings, and other methods.
+                let enc = |bytes: &[u8]| -> String {
+                    bytes
+                        .iter()
+                        .map(|b| match b {
+                            b'a'..=b'z' | b'0'..=b'9' => char::from(*b).to_string(),
+                            _ => format!("%{b:02X}"),
+                        })
+                        .collect()
+                };
+                let key = enc(&junk);
+                let query = match v.as_str() {
+                    Some(s) => format!("?as_of={}", enc(s.as_bytes())),
+                    None => format!("?as_of={}&x={}", enc(v.to_string().as_bytes()), enc(&junk)),
+                };
+                let method = ["GET", "PUT", "DELETE", "PATCH"][junk.len() % 4];
+                for (m, path) in [
+                    ("GET", format!("/v1/features/{key}{query}")),
+                    (method, format!("/v1/features/{key}")),
+                    (method, "/get-online-features".to_string()),
+                ] {
+                    let (status, text) = server.request(m, &path, None, &[]);
+                    prop_assert!(
+                        (200..500).contains(&status),
+                        "{m} {path} -> {status} {text}"
+                    );
+                    if status >= 400 {
+                        let err: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                            TestCaseError::fail(format!("{m} {path} -> {status} {text}: {e}"))
+                        })?;
+                        prop_assert!(err["error"].is_string(), "{m} {path} -> {text}");
+                    }
+                }
                 Ok(())
             },
         )
         .unwrap();
+}
+
+#[test]
+fn serve_refuses_settings_out_of_range() {
+    for (flag, value) in [
+        ("--log-sample", "1.5"),
+        ("--log-sample", "-0.1"),
+        ("--max-entities", "0"),
+        ("--max-body-bytes", "0"),
+    ] {
+        let out = run(&[
+            "serve",
+            "--store",
+            "/nonexistent",
+            "--redis",
+            &redis_url(),
+            // `--flag=value`: a negative value would otherwise read as another flag.
+            &format!("{flag}={value}"),
+        ]);
+        expect_status(&out, 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
 }
 
 #[test]
