@@ -29,7 +29,7 @@ use crate::api::{
     feast_response, openapi,
 };
 use crate::served_log::{ServedLog, ServedRecord};
-use crate::snapshots::{AsOf, ViewSnapshots};
+use crate::snapshots::{AsOf, LoadedSnapshot, ViewSnapshots};
 use crate::{Error, Result};
 
 /// Settings of `duet serve`.
@@ -694,44 +694,36 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
         );
     }
     let now = duet_speed::now_ms();
-    let _ = writeln!(
-        out,
-        "# HELP duet_serve_snapshot_age_seconds Age of the loaded snapshot.\n# TYPE duet_serve_snapshot_age_seconds gauge"
-    );
     let loaded: Vec<_> = app
         .views
         .iter()
         .flatten()
         .filter_map(|v| Some((&v.view.name, v.current()?)))
         .collect();
-    for (name, s) in &loaded {
-        let _ = writeln!(
-            out,
-            "duet_serve_snapshot_age_seconds{{view=\"{name}\"}} {}",
-            (now - s.manifest.as_of_ms) as f64 / 1000.0
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP duet_serve_snapshot_entities Entities in the loaded snapshot.\n# TYPE duet_serve_snapshot_entities gauge"
-    );
-    for (name, s) in &loaded {
-        let _ = writeln!(
-            out,
-            "duet_serve_snapshot_entities{{view=\"{name}\"}} {}",
-            s.len()
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP duet_serve_snapshot_bytes Heap bytes of the loaded snapshot (keys, hash table, values).\n# TYPE duet_serve_snapshot_bytes gauge"
-    );
-    for (name, s) in &loaded {
-        let _ = writeln!(
-            out,
-            "duet_serve_snapshot_bytes{{view=\"{name}\"}} {}",
-            s.bytes
-        );
+    // One gauge family per line of HELP and TYPE, then its sample for every view.
+    type Gauge<'a> = &'a dyn Fn(&LoadedSnapshot) -> f64;
+    let families: [(&str, &str, Gauge<'_>); 3] = [
+        (
+            "duet_serve_snapshot_age_seconds",
+            "Age of the loaded snapshot.",
+            &|s| (now - s.manifest.as_of_ms) as f64 / 1000.0,
+        ),
+        (
+            "duet_serve_snapshot_entities",
+            "Entities in the loaded snapshot.",
+            &|s| s.len() as f64,
+        ),
+        (
+            "duet_serve_snapshot_bytes",
+            "Heap bytes of the loaded snapshot (keys, hash table, values).",
+            &|s| s.bytes as f64,
+        ),
+    ];
+    for (family, help, value) in families {
+        let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} gauge");
+        for (view, s) in &loaded {
+            let _ = writeln!(out, "{family}{{view=\"{view}\"}} {}", value(s));
+        }
     }
     let _ = writeln!(
         out,
