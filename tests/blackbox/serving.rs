@@ -421,6 +421,18 @@ fn feast_client_format_and_errors() {
         err["error"],
         "GET is not allowed on /get-online-features (see /openapi.json)"
     );
+    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
+    std::io::Write::write_all(
+        &mut raw,
+        b"GET /get-online-features HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = String::new();
+    std::io::Read::read_to_string(&mut raw, &mut head).unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
+        "{head}"
+    );
     let (status, text) = server.request("DELETE", "/v1/features/u0000071", None, &[]);
     assert_eq!(status, 405, "{text}");
     assert!(text.contains("DELETE is not allowed"), "{text}");
@@ -550,9 +562,12 @@ fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
     assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
 }
 
-#[test]
-fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
-    // Accepts connections and reads nothing back: no error ever arrives, only silence.
+/// A Redis URL whose server accepts connections and never answers: no error ever arrives,
+/// only silence. Also returns the connections it has accepted.
+fn silent_redis() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+) {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
     let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -562,6 +577,12 @@ fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
             keep.lock().unwrap().push(c);
         }
     });
+    (format!("redis://127.0.0.1:{port}/0"), held)
+}
+
+#[test]
+fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
+    let (url, held) = silent_redis();
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
     let server = Server::start(
@@ -570,7 +591,7 @@ fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
             "--store",
             &store,
             "--redis",
-            &format!("redis://127.0.0.1:{port}/0"),
+            &url,
             "--redis-timeout-ms",
             "150",
         ],
@@ -582,7 +603,7 @@ fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
             "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
         }));
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
         assert_eq!(status, 200, "{body}");
         assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
         assert_eq!(body["results"][2]["statuses"][0], "INVALID");
@@ -590,10 +611,71 @@ fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
     }
     let started = Instant::now();
     assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
-    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(started.elapsed() < Duration::from_secs(2));
     assert!(
         !held.lock().unwrap().is_empty(),
         "the server never connected"
+    );
+}
+
+#[test]
+fn requests_in_flight_at_shutdown_are_answered_and_logged() {
+    // Requests wait for a Redis that never answers, and the server is stopped meanwhile.
+    let (url, _held) = silent_redis();
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &url,
+            "--redis-timeout-ms",
+            "1500",
+            "--log-sample",
+            "1",
+        ],
+    );
+    let entities = ["u0000071", "u0000072", "u0000073"];
+    let clients: Vec<_> = entities
+        .iter()
+        .map(|e| {
+            let (addr, e) = (server.addr.clone(), e.to_string());
+            std::thread::spawn(move || {
+                let body = serde_json::json!({
+                    "entities": {"user_id": [e]},
+                    "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
+                });
+                crate::http::request(
+                    &addr,
+                    "POST",
+                    "/get-online-features",
+                    Some(body.to_string().as_bytes()),
+                    &[],
+                )
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(400));
+    server.stop_gracefully();
+    for c in clients {
+        let (status, text) = c.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("INVALID"), "{text}");
+    }
+    // Every one of them is in the served log, written after they were answered.
+    let mut logged = std::collections::BTreeSet::new();
+    for f in std::fs::read_dir(Path::new(&store).join("served_log")).unwrap() {
+        for line in std::fs::read_to_string(f.unwrap().path()).unwrap().lines() {
+            let r: serde_json::Value = serde_json::from_str(line).unwrap();
+            logged.insert(r["entity"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        logged,
+        entities.iter().map(|e| e.to_string()).collect(),
+        "served log"
     );
 }
 
@@ -773,18 +855,24 @@ fn serve_refuses_settings_out_of_range() {
         ("--max-entities", "0"),
         ("--max-body-bytes", "0"),
     ] {
+        // A Redis URL duet refuses: were the value accepted, `serve` would still exit 2 at once
+        // (for `--redis`) instead of serving, and the message check below would fail.
         let out = run(&[
             "serve",
             "--store",
             "/nonexistent",
             "--redis",
-            &redis_url(),
+            "nope://redis",
             // `--flag=value`: a negative value would otherwise read as another flag.
             &format!("{flag}={value}"),
         ]);
         expect_status(&out, 2);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag), "{flag} {value}: {err}");
+        assert!(
+            err.contains("not between 0 and 1") || err.contains("must be at least 1"),
+            "{flag} {value}: {err}"
+        );
     }
 }
 
