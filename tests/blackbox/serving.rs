@@ -530,8 +530,10 @@ fn bearer_token_guards_features() {
     );
 }
 
-#[test]
-fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
+/// Starts a server over one snapshot and the Redis at `redis`, which fails (refuses, or never
+/// answers): three requests in a row get their batch values and `INVALID` streaming ones, each
+/// within 2 s, and `/readyz` answers 503 within 2 s.
+fn serves_batch_and_fails_streaming_fast(redis: &str, timeout_ms: &str) {
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
     let server = Server::start(
@@ -540,26 +542,33 @@ fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
             "--store",
             &store,
             "--redis",
-            "redis://127.0.0.1:1/0",
+            redis,
             "--redis-timeout-ms",
-            "100",
+            timeout_ms,
         ],
     );
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (status, body) = server.features(&serde_json::json!({
+            "entities": {"user_id": ["u0000071"]},
+            "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
+        }));
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["results"][1]["statuses"][0], "OUTSIDE_MAX_AGE");
+        assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
+        assert_eq!(body["results"][2]["statuses"][0], "INVALID");
+        assert_eq!(body["results"][2]["values"][0], serde_json::Value::Null);
+    }
     let started = Instant::now();
-    let (status, body) = server.features(&serde_json::json!({
-        "entities": {"user_id": ["u0000071"]},
-        "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
-    }));
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
-    );
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(body["results"][1]["statuses"][0], "OUTSIDE_MAX_AGE");
-    assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
-    assert_eq!(body["results"][2]["statuses"][0], "INVALID");
     assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn redis_unreachable_serves_batch_and_fails_streaming_fast() {
+    serves_batch_and_fails_streaming_fast("redis://127.0.0.1:1/0", "100");
 }
 
 /// A Redis URL whose server accepts connections and never answers: no error ever arrives,
@@ -583,35 +592,7 @@ fn silent_redis() -> (
 #[test]
 fn a_redis_that_never_answers_fails_streaming_features_within_the_timeout() {
     let (url, held) = silent_redis();
-    let dir = tempfile::tempdir().unwrap();
-    let store = one_snapshot_store(dir.path());
-    let server = Server::start(
-        &[],
-        &[
-            "--store",
-            &store,
-            "--redis",
-            &url,
-            "--redis-timeout-ms",
-            "150",
-        ],
-    );
-    for _ in 0..3 {
-        let started = Instant::now();
-        let (status, body) = server.features(&serde_json::json!({
-            "entities": {"user_id": ["u0000071"]},
-            "features": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"],
-        }));
-        let took = started.elapsed();
-        assert!(took < Duration::from_secs(2), "{took:?}");
-        assert_eq!(status, 200, "{body}");
-        assert!(body["results"][1]["values"][0].as_i64().unwrap() > 0);
-        assert_eq!(body["results"][2]["statuses"][0], "INVALID");
-        assert_eq!(body["results"][2]["values"][0], serde_json::Value::Null);
-    }
-    let started = Instant::now();
-    assert_eq!(server.request("GET", "/readyz", None, &[]).0, 503);
-    assert!(started.elapsed() < Duration::from_secs(2));
+    serves_batch_and_fails_streaming_fast(&url, "150");
     assert!(
         !held.lock().unwrap().is_empty(),
         "the server never connected"
