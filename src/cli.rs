@@ -185,32 +185,33 @@ pub struct ServeArgs {
     /// Key prefix of the speed layer's state.
     #[arg(long, env = "DUET_PREFIX")]
     pub prefix: Option<String>,
-    /// Most entities per request.
-    #[arg(long, env = "DUET_MAX_ENTITIES", default_value_t = 1000, value_parser = at_least_one)]
-    pub max_entities: usize,
-    /// Largest request body in bytes.
-    #[arg(long, env = "DUET_MAX_BODY_BYTES", default_value_t = 1 << 20, value_parser = at_least_one)]
-    pub max_body_bytes: usize,
+    /// Most entities per request [default: 1000].
+    #[arg(long, env = "DUET_MAX_ENTITIES", value_parser = at_least_one)]
+    pub max_entities: Option<usize>,
+    /// Largest request body in bytes [default: 1048576].
+    #[arg(long, env = "DUET_MAX_BODY_BYTES", value_parser = at_least_one)]
+    pub max_body_bytes: Option<usize>,
     /// Require `Authorization: Bearer <token>`.
     #[arg(long, env = "DUET_AUTH_TOKEN")]
     pub auth_token: Option<String>,
-    /// Longest wait for Redis per request, in milliseconds.
-    #[arg(long, env = "DUET_REDIS_TIMEOUT_MS", default_value_t = 200)]
-    pub redis_timeout_ms: u64,
-    /// How often to look for a newer snapshot, in milliseconds.
-    #[arg(long, env = "DUET_SNAPSHOT_POLL_MS", default_value_t = 5000)]
-    pub snapshot_poll_ms: u64,
+    /// Longest wait for Redis per request, in milliseconds [default: 200].
+    #[arg(long, env = "DUET_REDIS_TIMEOUT_MS")]
+    pub redis_timeout_ms: Option<u64>,
+    /// How often to look for a newer snapshot, in milliseconds [default: 5000].
+    #[arg(long, env = "DUET_SNAPSHOT_POLL_MS")]
+    pub snapshot_poll_ms: Option<u64>,
     /// Longest wait of a request with `as_of` for a past snapshot to be read from the store,
-    /// in milliseconds (its batch features are INVALID after it; the read goes on).
-    #[arg(long, env = "DUET_SNAPSHOT_LOAD_TIMEOUT_MS", default_value_t = 5000)]
-    pub snapshot_load_timeout_ms: u64,
+    /// in milliseconds (its batch features are INVALID after it; the read goes on)
+    /// [default: 5000].
+    #[arg(long, env = "DUET_SNAPSHOT_LOAD_TIMEOUT_MS")]
+    pub snapshot_load_timeout_ms: Option<u64>,
     /// Threads serving requests, each with its own Redis connection (default: one per core).
     #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub workers: Option<u32>,
     /// Fraction of entities whose served vectors are logged for `duet check`, from 0 (no log)
-    /// to 1 (every entity).
-    #[arg(long, env = "DUET_LOG_SAMPLE", default_value_t = 0.01, value_parser = fraction)]
-    pub log_sample: f64,
+    /// to 1 (every entity) [default: 0.01].
+    #[arg(long, env = "DUET_LOG_SAMPLE", value_parser = fraction)]
+    pub log_sample: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -513,7 +514,7 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// A count of at least one.
-fn at_least_one(s: &str) -> Result<usize, String> {
+pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
@@ -522,7 +523,7 @@ fn at_least_one(s: &str) -> Result<usize, String> {
 }
 
 /// A fraction from 0 to 1.
-fn fraction(s: &str) -> Result<f64, String> {
+pub(crate) fn fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
         Ok(_) => Err(format!("`{s}` is not between 0 and 1")),

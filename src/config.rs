@@ -35,6 +35,23 @@ pub struct Config {
     pub dead_letter_topic: Option<String>,
     /// Where the speed layer archives consumed events.
     pub archive: Option<String>,
+    /// Most entities in one request to the server.
+    pub max_entities: Option<usize>,
+    /// Largest request body the server accepts, in bytes.
+    pub max_body_bytes: Option<usize>,
+    /// The server's longest wait for Redis per request, in milliseconds.
+    pub redis_timeout_ms: Option<u64>,
+    /// How often the server looks for a newer snapshot, in milliseconds.
+    pub snapshot_poll_ms: Option<u64>,
+    /// The server's longest wait for a past snapshot (`as_of`), in milliseconds.
+    pub snapshot_load_timeout_ms: Option<u64>,
+    /// The server's threads.
+    pub serve_workers: Option<u32>,
+    /// Fraction of entities in the served-feature log.
+    pub log_sample: Option<f64>,
+    /// The file these settings came from, for messages.
+    #[serde(skip)]
+    pub path: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -45,7 +62,7 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| crate::BadInput(format!("--config {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| {
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
             let (line, col) = e
                 .span()
                 .map(|s| duet_spec::diagnostic::line_col(&text, s.start))
@@ -55,9 +72,36 @@ impl Config {
                 path.display(),
                 e.message().trim()
             ))
-            .into()
-        })
+        })?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
+}
+
+/// The first of `flag` (already merged with its environment variable by clap), the config
+/// file's value of `key` (checked by `check`, as the flag's parser checks the flag) and
+/// `default`. A bad value in the file is an error naming the file and the key.
+pub fn setting<T: Copy + std::fmt::Display>(
+    flag: Option<T>,
+    file: Option<T>,
+    config: &Config,
+    key: &str,
+    check: impl Fn(&str) -> Result<T, String>,
+    default: T,
+) -> anyhow::Result<T> {
+    if let Some(v) = flag {
+        return Ok(v);
+    }
+    let Some(v) = file else {
+        return Ok(default);
+    };
+    check(&v.to_string()).map_err(|why| {
+        let file = config
+            .path
+            .as_ref()
+            .map_or_else(|| "the config file".into(), |p| p.display().to_string());
+        crate::BadInput(format!("{file}: `{key}` = {v}: {why}")).into()
+    })
 }
 
 /// The first of `flag` (already merged with its environment variable by clap) and the config
@@ -74,4 +118,33 @@ pub fn required(
         ))
         .into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_the_example_config_is_known() {
+        let example = include_str!("../duet.example.toml");
+        // Every commented-out setting, uncommented.
+        let keys: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| {
+                l.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                })
+            })
+            .collect();
+        assert!(keys.len() >= 20, "{keys:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("duet.toml");
+        std::fs::write(&path, keys.join("\n")).unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.max_entities, Some(1000));
+        assert_eq!(config.log_sample, Some(0.01));
+        assert_eq!(config.serve_workers, Some(2));
+        assert_eq!(config.path.as_deref(), Some(path.as_path()));
+    }
 }

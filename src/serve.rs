@@ -6,8 +6,8 @@ use duet_serving::served_log::{LogConfig, ServedLog};
 use duet_serving::server::{App, ServeConfig, serve};
 use duet_speed::store::AnyStore;
 
-use crate::cli::ServeArgs;
-use crate::config::{Config, required};
+use crate::cli::{ServeArgs, at_least_one, fraction};
+use crate::config::{Config, required, setting};
 use crate::shutdown::shutdown_token;
 
 pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> anyhow::Result<()> {
@@ -17,18 +17,79 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         .listen
         .or(config.listen.clone())
         .unwrap_or_else(|| "127.0.0.1:8080".into());
+    let any = |s: &str| s.parse::<u64>().map_err(|e| e.to_string());
+    let max_entities = setting(
+        args.max_entities,
+        config.max_entities,
+        config,
+        "max_entities",
+        at_least_one,
+        1000,
+    )?;
+    let max_body_bytes = setting(
+        args.max_body_bytes,
+        config.max_body_bytes,
+        config,
+        "max_body_bytes",
+        at_least_one,
+        1 << 20,
+    )?;
+    let redis_timeout_ms = setting(
+        args.redis_timeout_ms,
+        config.redis_timeout_ms,
+        config,
+        "redis_timeout_ms",
+        any,
+        200,
+    )?;
+    let snapshot_poll_ms = setting(
+        args.snapshot_poll_ms,
+        config.snapshot_poll_ms,
+        config,
+        "snapshot_poll_ms",
+        any,
+        5000,
+    )?;
+    let snapshot_load_timeout_ms = setting(
+        args.snapshot_load_timeout_ms,
+        config.snapshot_load_timeout_ms,
+        config,
+        "snapshot_load_timeout_ms",
+        any,
+        5000,
+    )?;
+    let log_sample = setting(
+        args.log_sample,
+        config.log_sample,
+        config,
+        "log_sample",
+        fraction,
+        0.01,
+    )?;
+    let workers = setting(
+        args.workers,
+        config.serve_workers,
+        config,
+        "serve_workers",
+        |s| match s.parse::<u32>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            Ok(_) => Err("must be from 1 to 1024".into()),
+            Err(e) => Err(e.to_string()),
+        },
+        u32::try_from(ServeConfig::default().workers).unwrap_or(1),
+    )?;
     let store = duet_batch::store::resolve(&store_url)?;
-    let timeout = Duration::from_millis(args.redis_timeout_ms.max(1));
+    let timeout = Duration::from_millis(redis_timeout_ms.max(1));
     let state = AnyStore::open_lazily(&redis, timeout.max(Duration::from_secs(2)))?;
     let shutdown = shutdown_token();
     // The log writer stops only after the server has finished its requests in flight, so their
     // records are written too.
     let log_stop = tokio_util::sync::CancellationToken::new();
-    let (log, log_task) = if args.log_sample > 0.0 {
+    let (log, log_task) = if log_sample > 0.0 {
         let (log, task) = ServedLog::start(
             store.clone(),
             LogConfig {
-                sample: args.log_sample,
+                sample: log_sample,
                 max_files: 2000,
                 flush_every: Duration::from_secs(10),
                 capacity: 100_000,
@@ -44,16 +105,13 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
             .prefix
             .or(config.prefix.clone())
             .unwrap_or_else(|| "duet:".into()),
-        max_entities: args.max_entities,
-        max_body_bytes: args.max_body_bytes,
+        max_entities,
+        max_body_bytes,
         auth_token: args.auth_token.or(config.auth_token.clone()),
         redis_timeout: timeout,
-        snapshot_poll: Duration::from_millis(args.snapshot_poll_ms.max(100)),
-        snapshot_load_timeout: Duration::from_millis(args.snapshot_load_timeout_ms.max(1)),
-        workers: args.workers.map_or_else(
-            || ServeConfig::default().workers,
-            |n| usize::try_from(n).unwrap_or(1),
-        ),
+        snapshot_poll: Duration::from_millis(snapshot_poll_ms.max(100)),
+        snapshot_load_timeout: Duration::from_millis(snapshot_load_timeout_ms.max(1)),
+        workers: usize::try_from(workers).unwrap_or(1),
     };
     let app = App::new(spec, store, state, serve_config, log).await?;
     let served = serve(app, &listen, shutdown, |addr| {

@@ -130,8 +130,42 @@ async fn read_manifest(store: &Location, path: &Path) -> Result<Manifest> {
 }
 
 /// The newest published manifest of a view, if any.
+///
+/// Manifest names sort as their as-of instants do, so this lists the names and reads only the
+/// newest manifest, not every one (a server polls this every few seconds). A file under
+/// `commits/` that is not a manifest (a stray file, or one damaged by hand) is skipped with a
+/// warning, so it cannot hide the snapshots around it; a failure to read from the store is
+/// returned.
 pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Manifest>> {
-    Ok(list_manifests(store, view).await?.pop())
+    let prefix = store.child(&format!("{}/commits", view_dir(view)));
+    let mut names: Vec<Path> = store
+        .store
+        .list(Some(&prefix))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .map_err(|e| storage(&format!("cannot list snapshots in {}", store.url), e))?;
+    names.sort();
+    while let Some(path) = names.pop() {
+        let what = format!("cannot read {}", store.display(&path));
+        let bytes = store
+            .store
+            .get(&path)
+            .await
+            .map_err(|e| storage(&what, e))?
+            .bytes()
+            .await
+            .map_err(|e| storage(&what, e))?;
+        match serde_json::from_slice::<Manifest>(&bytes) {
+            Ok(m) => return Ok(Some(m)),
+            Err(e) => tracing::warn!(
+                file = %store.display(&path),
+                error = %e,
+                "skipping a file that is not a snapshot manifest"
+            ),
+        }
+    }
+    Ok(None)
 }
 
 /// The manifest of the snapshot as of exactly `as_of_ms`, if published.
@@ -358,5 +392,41 @@ mod tests {
         let read = arrow::compute::concat_batches(&batch.schema(), &read).unwrap();
         assert_eq!(read, batch);
         assert_eq!(read.column(1).null_count(), batch.column(1).null_count());
+    }
+
+    fn manifest(as_of_ms: i64) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "view": "v", "as_of": duet_spec::timestamp::format_ms(as_of_ms), "as_of_ms": as_of_ms,
+            "join_key": "user_id", "spec_version": 1, "spec_fingerprint": "f", "features": [],
+            "rows": 3, "data": "d", "data_bytes": 0, "inputs": [], "valid_events": 0,
+            "duplicates": 0, "invalid": {}, "invalid_total": 0, "run_id": "r", "duration_ms": 0,
+            "created_at": "2026-12-01T00:00:00Z", "duet_version": "0"
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_latest_manifest_is_the_newest_readable_one() {
+        let store = crate::store::resolve("memory://latest-manifest-test").unwrap();
+        assert!(latest_manifest(&store, "v").await.unwrap().is_none());
+        let day = 86_400_000;
+        // Published out of order: the newest is chosen by its instant, not by when it came.
+        for d in [20_400, 20_402, 20_401] {
+            commit(&store, &manifest(d * day)).await.unwrap();
+        }
+        // A stray file that sorts after every manifest, and one damaged by hand.
+        for (name, body) in [
+            ("zz-notes.json", "not json"),
+            ("2099-01-01.json", "{\"view\": 1}"),
+        ] {
+            let path = store.child(&format!("snapshots/v/commits/{name}"));
+            store
+                .store
+                .put(&path, body.as_bytes().to_vec().into())
+                .await
+                .unwrap();
+        }
+        let latest = latest_manifest(&store, "v").await.unwrap().unwrap();
+        assert_eq!(latest.as_of_ms, 20_402 * day);
     }
 }

@@ -37,11 +37,19 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            // Tells the client which scheme to use (RFC 6750).
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"duet\""),
+            );
+        }
+        response
     }
 }
 
@@ -785,6 +793,7 @@ pub fn openapi() -> Json_ {
         "paths": {
             "/get-online-features": {"post": {
                 "summary": "Feature vectors for many entities (Feast wire format)",
+                "security": [{"bearer": []}, {}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeastRequest"}}}},
                 "responses": {
                     "200": {"description": "One result per column", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeastResponse"}}}},
@@ -795,6 +804,7 @@ pub fn openapi() -> Json_ {
                 }}},
             "/v1/features/{user_id}": {"get": {
                 "summary": "One entity's merged vector as a flat object",
+                "security": [{"bearer": []}, {}],
                 "parameters": [
                     {"name": "user_id", "in": "path", "required": true, "schema": {"type": "string"}},
                     {"name": "as_of", "in": "query", "required": false, "schema": {"type": "string", "format": "date-time"}}
@@ -810,7 +820,10 @@ pub fn openapi() -> Json_ {
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition"}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3"}}}}
         },
-        "components": {"schemas": {
+        "components": {
+          "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+              "description": "Required on the feature endpoints when the server has a token (`--auth-token`, `DUET_AUTH_TOKEN` or `auth_token` in the config file); the other endpoints never need it."}},
+          "schemas": {
             "FeastRequest": {"type": "object", "required": ["entities"], "properties": {
                 "features": {"type": "array", "items": {"type": "string"}, "example": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"]},
                 "feature_service": {"type": "string"},

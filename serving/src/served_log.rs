@@ -53,7 +53,7 @@ pub struct LogConfig {
 pub struct ServedLog {
     tx: mpsc::Sender<ServedRecord>,
     sample: f64,
-    /// Records dropped because the buffer was full.
+    /// Records lost: dropped because the buffer was full, or in a file the store refused.
     pub dropped: Arc<AtomicU64>,
 }
 
@@ -80,7 +80,7 @@ impl ServedLog {
             sample: config.sample,
             dropped: Arc::new(AtomicU64::new(0)),
         };
-        let task = tokio::spawn(writer(store, config, rx, shutdown));
+        let task = tokio::spawn(writer(store, config, rx, shutdown, log.dropped.clone()));
         (log, task)
     }
 
@@ -102,10 +102,17 @@ async fn writer(
     config: LogConfig,
     mut rx: mpsc::Receiver<ServedRecord>,
     shutdown: CancellationToken,
+    dropped: Arc<AtomicU64>,
 ) {
     let mut buf: Vec<ServedRecord> = Vec::new();
     let mut tick = tokio::time::interval(config.flush_every);
-    let mut seq = 0u64;
+    let mut files = Files {
+        // Random per process: replicas in containers all run as process 1, and two of them
+        // starting a file in the same millisecond must not overwrite each other's.
+        id: std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8),
+        seq: 0,
+        dropped,
+    };
     loop {
         tokio::select! {
             r = rx.recv() => match r {
@@ -114,13 +121,13 @@ async fn writer(
                     // At most `capacity` records wait here (and as many in the channel), and
                     // no file holds more: memory and disk stay bounded at any request rate.
                     if buf.len() >= config.capacity.max(1) {
-                        flush(&store, &config, &mut buf, &mut seq).await;
+                        flush(&store, &config, &mut buf, &mut files).await;
                     }
                 }
                 None => break,
             },
             _ = tick.tick() => {
-                flush(&store, &config, &mut buf, &mut seq).await;
+                flush(&store, &config, &mut buf, &mut files).await;
             }
             _ = shutdown.cancelled() => break,
         }
@@ -128,43 +135,68 @@ async fn writer(
     while let Ok(r) = rx.try_recv() {
         buf.push(r);
     }
-    flush(&store, &config, &mut buf, &mut seq).await;
+    flush(&store, &config, &mut buf, &mut files).await;
 }
 
-async fn flush(store: &Location, config: &LogConfig, buf: &mut Vec<ServedRecord>, seq: &mut u64) {
+/// What the writer needs to name its files and count what it loses.
+struct Files {
+    /// This process's random id, in every file name.
+    id: u64,
+    /// Files written so far.
+    seq: u64,
+    /// Records lost (shared with [`ServedLog::dropped`]).
+    dropped: Arc<AtomicU64>,
+}
+
+async fn flush(
+    store: &Location,
+    config: &LogConfig,
+    buf: &mut Vec<ServedRecord>,
+    files: &mut Files,
+) {
     if buf.is_empty() {
         return;
     }
     let first = buf[0].served_at_ms;
+    let records = buf.len() as u64;
     let mut text = String::new();
     for r in buf.drain(..) {
         text.push_str(&serde_json::to_string(&r).expect("serializable"));
         text.push('\n');
     }
-    *seq += 1;
+    files.seq += 1;
     let name = format!(
-        "{LOG_DIR}/{first:015}-{}-{seq:06}.jsonl",
-        std::process::id()
+        "{LOG_DIR}/{first:015}-{}-{:016x}-{:06}.jsonl",
+        std::process::id(),
+        files.id,
+        files.seq
     );
-    if let Err(e) = store.store.put(&store.child(&name), text.into()).await {
-        tracing::warn!(error = %e, "could not write the served-feature log");
+    let path = store.child(&name);
+    if let Err(e) = store.store.put(&path, text.into()).await {
+        files.dropped.fetch_add(records, Ordering::Relaxed);
+        tracing::warn!(file = %store.display(&path), records, error = %e, "could not write the served-feature log; its records are counted as dropped");
         return;
     }
     let prefix = store.child(LOG_DIR);
-    let mut files: Vec<_> = match store
+    let mut kept: Vec<_> = match store
         .store
         .list(Some(&prefix))
         .try_collect::<Vec<_>>()
         .await
     {
         Ok(f) => f,
-        Err(_) => return,
+        Err(e) => {
+            tracing::warn!(dir = %store.display(&prefix), error = %e, "cannot list the served-feature log to delete its oldest files");
+            return;
+        }
     };
-    if files.len() > config.max_files {
-        files.sort_by(|a, b| a.location.cmp(&b.location));
-        let excess = files.len() - config.max_files;
-        for f in &files[..excess] {
-            let _ = store.store.delete(&f.location).await;
+    if kept.len() > config.max_files {
+        kept.sort_by(|a, b| a.location.cmp(&b.location));
+        let excess = kept.len() - config.max_files;
+        for f in &kept[..excess] {
+            if let Err(e) = store.store.delete(&f.location).await {
+                tracing::warn!(file = %store.display(&f.location), error = %e, "cannot delete an old served-feature log file; the log grows past its bound");
+            }
         }
     }
 }
@@ -263,5 +295,35 @@ mod tests {
         assert!(files.len() >= 2, "{files:?}");
         assert_eq!(written + log.dropped.load(Ordering::Relaxed), 95);
         assert_eq!(read_all(&store).await.unwrap().len() as u64, written);
+    }
+
+    #[tokio::test]
+    async fn records_in_a_file_the_store_refuses_are_counted_as_dropped() {
+        // `served_log` is a plain file, so no log file can be written under it.
+        let dir = std::env::temp_dir().join(format!(
+            "duet-served-log-refused-{}-{}",
+            std::process::id(),
+            duet_speed::now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(LOG_DIR), b"not a directory").unwrap();
+        let store = duet_batch::store::resolve(&dir.display().to_string()).unwrap();
+        let shutdown = CancellationToken::new();
+        let config = LogConfig {
+            sample: 1.0,
+            max_files: 1000,
+            flush_every: Duration::from_secs(3600),
+            capacity: 10,
+        };
+        let (log, task) = ServedLog::start(store, config, shutdown.clone());
+        for i in 0..25 {
+            log.record(record(i));
+            tokio::task::yield_now().await;
+        }
+        shutdown.cancel();
+        task.await.unwrap();
+        // Every record was either refused by the store or by the full queue: all are counted.
+        assert_eq!(log.dropped.load(Ordering::Relaxed), 25);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

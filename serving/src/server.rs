@@ -219,11 +219,14 @@ impl App {
         let Some(token) = &self.config.auth_token else {
             return Ok(());
         };
+        // The scheme is case-insensitive (RFC 9110), and spaces around the token are ignored.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given == Some(token.as_str()) {
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
+        if given.is_some_and(|t| same_secret(t.as_bytes(), token.as_bytes())) {
             Ok(())
         } else {
             Err(ApiError {
@@ -493,6 +496,30 @@ fn stamp_of(t: i64) -> Stamp {
     })
 }
 
+/// Compares a given token with the configured one in time that does not depend on where they
+/// differ.
+fn same_secret(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+/// The `as_of` of a query string. An unencoded `+` of a UTC offset
+/// (`?as_of=2026-11-20T13:45:12+05:30`) arrives as a space, since query strings encode spaces
+/// as `+`; a space where the offset's sign goes is read as that `+`.
+fn query_as_of(text: &str) -> std::borrow::Cow<'_, str> {
+    let b = text.as_bytes();
+    let n = b.len();
+    let offset_after_space = n > 6
+        && b[n - 6] == b' '
+        && b[n - 5..n - 3].iter().all(u8::is_ascii_digit)
+        && b[n - 3] == b':'
+        && b[n - 2..].iter().all(u8::is_ascii_digit);
+    if offset_after_space {
+        format!("{}+{}", &text[..n - 6], &text[n - 5..]).into()
+    } else {
+        text.into()
+    }
+}
+
 fn as_of(text: Option<&str>) -> Result<(i64, bool), ApiError> {
     match text {
         None => Ok((duet_speed::now_ms(), false)),
@@ -574,7 +601,7 @@ async fn entity_features(
         let Path(user_id) =
             user_id.map_err(|e| ApiError::bad(format!("bad entity key in the path: {e}")))?;
         let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
-        let (t, explicit) = as_of(q.as_of.as_deref())?;
+        let (t, explicit) = as_of(q.as_of.as_deref().map(query_as_of).as_deref())?;
         Ok::<_, ApiError>(axum::Json(
             app.entity_vector_in(&worker.state, &user_id, t, explicit)
                 .await,
@@ -689,7 +716,7 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     if let Some(log) = &app.log {
         counter(
             "duet_serve_log_dropped_total",
-            "Served-log records dropped because the buffer was full.",
+            "Served-log records lost: the buffer was full, or the store refused the file.",
             log.dropped.load(Ordering::Relaxed),
         );
     }

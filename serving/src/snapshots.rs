@@ -246,7 +246,9 @@ impl ViewSnapshots {
         }
         let loaded = self.load(store, manifest).await?;
         tracing::info!(view = %self.view.name, as_of = %loaded.manifest.as_of, entities = loaded.len(), bytes = loaded.bytes, "snapshot loaded");
-        self.current.store(Some(Arc::new(loaded)));
+        if let Some(old) = self.current.swap(Some(Arc::new(loaded))) {
+            free_when_unused(old);
+        }
         Ok(true)
     }
 
@@ -409,6 +411,20 @@ fn evict_oldest(
     }
     let oldest = past.iter().position(|(_, p)| kind(p))?;
     Some(past.remove(oldest))
+}
+
+/// Frees a replaced snapshot on a blocking thread once no request holds it any more. A request
+/// that still held it would otherwise drop the last reference, and free millions of keys on
+/// its serving thread while that thread's other connections wait. Gives up waiting after a
+/// minute (a past-snapshot cache may keep it): whoever drops it last then frees it.
+fn free_when_unused(old: Arc<LoadedSnapshot>) {
+    tokio::task::spawn_blocking(move || {
+        let until = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&old) > 1 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(old);
+    });
 }
 
 /// Heap bytes of a hash table's buckets: the table holds a power of two of them, at most

@@ -528,6 +528,70 @@ fn bearer_token_guards_features() {
         server.request("GET", "/v1/features/u0000071", None, &[]).0,
         401
     );
+    // The scheme's case and the spaces around the token do not matter (RFC 9110).
+    for given in ["bearer s3cret", "BEARER  s3cret ", "Bearer\ts3cret"] {
+        let (status, text) = server.request(
+            "POST",
+            "/get-online-features",
+            Some(body),
+            &[("authorization", given)],
+        );
+        let expected = if given.contains('\t') { 401 } else { 200 };
+        assert_eq!(status, expected, "{given:?}: {text}");
+    }
+    for given in ["Basic czNjcmV0", "Bearer s3cre", "Bearer s3cretX", "Bearer"] {
+        let (status, _) = server.request(
+            "POST",
+            "/get-online-features",
+            Some(body),
+            &[("authorization", given)],
+        );
+        assert_eq!(status, 401, "{given:?}");
+    }
+    // A 401 names the scheme to use.
+    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
+    std::io::Write::write_all(
+        &mut raw,
+        b"GET /v1/features/u0000071 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = String::new();
+    std::io::Read::read_to_string(&mut raw, &mut head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\nwww-authenticate: bearer realm=\"duet\"\r\n"),
+        "{head}"
+    );
+    // A UTC offset's `+` written unencoded in the query string (where `+` means a space) is
+    // still the offset: the same instant as the snapshot's, written three ways.
+    let auth = [("authorization", "Bearer s3cret")];
+    let answers: Vec<(u16, String)> = [
+        "2026-09-01T00:00:00Z",
+        "2026-09-01T05:30:00%2B05:30",
+        "2026-09-01T05:30:00+05:30",
+    ]
+    .iter()
+    .map(|t| {
+        server.request(
+            "GET",
+            &format!("/v1/features/u0000071?as_of={t}"),
+            None,
+            &auth,
+        )
+    })
+    .collect();
+    assert_eq!(answers[0].0, 200, "{}", answers[0].1);
+    assert!(answers[0].1.contains("txn_count_90d"), "{}", answers[0].1);
+    assert_eq!(answers[1], answers[0]);
+    assert_eq!(answers[2], answers[0]);
+    let (status, text) = server.request(
+        "GET",
+        "/v1/features/u0000071?as_of=2026-09-01+05:30",
+        None,
+        &auth,
+    );
+    assert_eq!(status, 400, "{text}");
 }
 
 /// Starts a server over one snapshot and the Redis at `redis`, which fails (refuses, or never
@@ -853,6 +917,81 @@ fn serve_refuses_settings_out_of_range() {
         assert!(
             err.contains("not between 0 and 1") || err.contains("must be at least 1"),
             "{flag} {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn serve_settings_come_from_the_config_file_below_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let config = dir.path().join("duet.toml");
+    std::fs::write(
+        &config,
+        "max_entities = 2\nmax_body_bytes = 4096\nlog_sample = 0.0\nserve_workers = 1\nsnapshot_poll_ms = 1000\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let three = serde_json::json!({
+        "entities": {"user_id": ["u0000071", "u0000072", "u0000073"]},
+        "features": ["user_batch:txn_count_90d"],
+    });
+    let server = Server::start(
+        &["--config", &config],
+        &["--store", &store, "--redis", &redis_url()],
+    );
+    let (status, body) = server.features(&three);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("at most 2"),
+        "{body}"
+    );
+    let big = format!(
+        r#"{{"entities": {{"user_id": ["u0000071"]}}, "features": ["user_batch:txn_count_90d"], "pad": "{}"}}"#,
+        "x".repeat(5000)
+    );
+    let (status, text) = server.request("POST", "/get-online-features", Some(big.as_bytes()), &[]);
+    assert_eq!(status, 413, "{text}");
+    drop(server);
+    // A flag wins over the file.
+    let server = Server::start(
+        &["--config", &config],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--max-entities",
+            "3",
+        ],
+    );
+    let (status, body) = server.features(&three);
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+    // A value out of range in the file is refused, naming the file and the key.
+    for (line, key) in [
+        ("max_entities = 0", "max_entities"),
+        ("log_sample = 1.5", "log_sample"),
+        ("serve_workers = 0", "serve_workers"),
+    ] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, format!("{line}\n")).unwrap();
+        // A Redis URL duet refuses: were the value accepted, `serve` would exit 2 at once for
+        // `--redis` instead of serving, and the message check below would fail.
+        let out = run(&[
+            "--config",
+            &bad.display().to_string(),
+            "serve",
+            "--store",
+            "/nonexistent",
+            "--redis",
+            "nope://redis",
+        ]);
+        expect_status(&out, 2);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("bad.toml") && err.contains(&format!("`{key}`")),
+            "{line}: {err}"
         );
     }
 }
