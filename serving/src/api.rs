@@ -346,6 +346,8 @@ impl FeastRequest<'_> {
 pub struct Resolved {
     /// Column name in the response.
     pub column: String,
+    /// The feature's name in its view (as the served-feature log records it).
+    pub name: String,
     /// Its view's index in the spec.
     pub view: usize,
     /// The feature's index in its view.
@@ -367,6 +369,8 @@ pub struct Query {
     pub batch: Vec<(usize, Vec<usize>)>,
     /// The column names as JSON, each preceded by a comma (they follow the join key's name).
     names_json: Vec<u8>,
+    /// The features' names, shared with the served-feature log's records.
+    pub log_names: Arc<[String]>,
     /// What it was resolved from (a cache hit compares it).
     from: (Option<String>, Vec<String>, bool),
 }
@@ -391,6 +395,7 @@ impl Query {
         }
         Query {
             streaming: features.iter().any(|f| f.layer == Layer::Streaming),
+            log_names: features.iter().map(|f| f.name.clone()).collect(),
             features,
             batch,
             names_json,
@@ -581,6 +586,7 @@ pub fn resolve_one(
         } else {
             feature.to_string()
         },
+        name: feature.to_string(),
         view: vi,
         index,
         layer: view.layer,

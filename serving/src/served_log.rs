@@ -1,9 +1,9 @@
 //! The served-feature log: a sample of what the server answered, for the consistency checker.
 //!
-//! Entities are sampled by a hash of their key, so a sampled entity is always logged. Records
-//! go through a bounded channel (dropped and counted when full, never waited on), and a
-//! background task writes them to the store as JSON-lines files, keeping at most a fixed
-//! number of files.
+//! Entities are sampled by a hash of their key, so a sampled entity is always logged. A request
+//! hands over only its values ([`Served`]) through a bounded channel (dropped and counted when
+//! full, never waited on). A background task builds the records and writes them to the store
+//! as JSON-lines files, keeping at most a fixed number of files.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -35,6 +35,48 @@ pub struct ServedRecord {
     pub snapshots: BTreeMap<String, i64>,
 }
 
+/// An answer as a request hands it to the log: what a [`ServedRecord`] is built from. The
+/// writer task builds the record (names, maps), so a request only copies its values.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// When it was answered (epoch ms).
+    pub served_at_ms: i64,
+    /// The instant the features were evaluated as of (epoch ms).
+    pub as_of_ms: i64,
+    /// The entity.
+    pub entity: String,
+    /// The features' names, shared by every answer to the same feature list.
+    pub names: Arc<[String]>,
+    /// Each feature's value as served, in the order of `names`; `None` where it was not served
+    /// (`INVALID`), which the record leaves out.
+    pub values: Vec<Option<Value>>,
+    /// Every view's name, shared by all answers, indexed by `snapshots`.
+    pub views: Arc<[String]>,
+    /// Batch view index → the as-of instant (epoch ms) of the snapshot the values came from.
+    pub snapshots: Vec<(usize, i64)>,
+}
+
+impl From<Served> for ServedRecord {
+    fn from(s: Served) -> ServedRecord {
+        ServedRecord {
+            served_at_ms: s.served_at_ms,
+            as_of_ms: s.as_of_ms,
+            entity: s.entity,
+            values: s
+                .names
+                .iter()
+                .zip(s.values)
+                .filter_map(|(n, v)| Some((n.clone(), v?)))
+                .collect(),
+            snapshots: s
+                .snapshots
+                .iter()
+                .map(|(vi, at)| (s.views[*vi].clone(), *at))
+                .collect(),
+        }
+    }
+}
+
 /// Settings of the log.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -51,7 +93,7 @@ pub struct LogConfig {
 /// The sending side, held by request handlers.
 #[derive(Clone)]
 pub struct ServedLog {
-    tx: mpsc::Sender<ServedRecord>,
+    tx: mpsc::Sender<Served>,
     sample: f64,
     /// Records lost: dropped because the buffer was full, or in a file the store refused.
     pub dropped: Arc<AtomicU64>,
@@ -89,8 +131,8 @@ impl ServedLog {
         sampled(entity, self.sample)
     }
 
-    /// Queues a record without waiting.
-    pub fn record(&self, r: ServedRecord) {
+    /// Queues an answer without waiting.
+    pub fn record(&self, r: Served) {
         if self.tx.try_send(r).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -100,7 +142,7 @@ impl ServedLog {
 async fn writer(
     store: Location,
     config: LogConfig,
-    mut rx: mpsc::Receiver<ServedRecord>,
+    mut rx: mpsc::Receiver<Served>,
     shutdown: CancellationToken,
     dropped: Arc<AtomicU64>,
 ) {
@@ -117,7 +159,7 @@ async fn writer(
         tokio::select! {
             r = rx.recv() => match r {
                 Some(r) => {
-                    buf.push(r);
+                    buf.push(r.into());
                     // At most `capacity` records wait here (and as many in the channel), and
                     // no file holds more: memory and disk stay bounded at any request rate.
                     if buf.len() >= config.capacity.max(1) {
@@ -133,7 +175,7 @@ async fn writer(
         }
     }
     while let Ok(r) = rx.try_recv() {
-        buf.push(r);
+        buf.push(r.into());
     }
     flush(&store, &config, &mut buf, &mut files).await;
 }
@@ -239,13 +281,15 @@ pub async fn read_all(store: &Location) -> duet_batch::Result<Vec<ServedRecord>>
 mod tests {
     use super::*;
 
-    fn record(i: i64) -> ServedRecord {
-        ServedRecord {
+    fn record(i: i64) -> Served {
+        Served {
             served_at_ms: i,
             as_of_ms: i,
             entity: format!("u{i}"),
-            values: BTreeMap::new(),
-            snapshots: BTreeMap::new(),
+            names: Arc::from(["a".to_string(), "b".to_string(), "c".to_string()]),
+            values: vec![Some(Value::Int(i)), None, Some(Value::Null)],
+            views: Arc::from(["v".to_string(), "w".to_string()]),
+            snapshots: vec![(1, 7)],
         }
     }
 
@@ -294,7 +338,15 @@ mod tests {
         // The flush interval never came: files were cut at the capacity.
         assert!(files.len() >= 2, "{files:?}");
         assert_eq!(written + log.dropped.load(Ordering::Relaxed), 95);
-        assert_eq!(read_all(&store).await.unwrap().len() as u64, written);
+        let read = read_all(&store).await.unwrap();
+        assert_eq!(read.len() as u64, written);
+        // An unserved (`INVALID`) value is left out; names and views come from the shared lists.
+        let r = read.iter().find(|r| r.entity == "u3").unwrap();
+        assert_eq!(
+            r.values,
+            BTreeMap::from([("a".into(), Value::Int(3)), ("c".into(), Value::Null)])
+        );
+        assert_eq!(r.snapshots, BTreeMap::from([("w".into(), 7)]));
     }
 
     #[tokio::test]

@@ -28,7 +28,7 @@ use crate::api::{
     ApiError, Cell, EPOCH, FeastRequest, Query as Features, QueryCache, Stamp, Status, Table,
     feast_response, openapi,
 };
-use crate::served_log::{ServedLog, ServedRecord};
+use crate::served_log::{Served, ServedLog};
 use crate::snapshots::{AsOf, LoadedSnapshot, ViewSnapshots};
 use crate::{Error, Result};
 
@@ -104,6 +104,8 @@ pub struct App {
     links: std::sync::Mutex<Vec<AnyStore>>,
     config: ServeConfig,
     log: Option<ServedLog>,
+    /// Every view's name, for the served-feature log.
+    view_names: Arc<[String]>,
     metrics: ServeMetrics,
     started: Instant,
 }
@@ -142,6 +144,7 @@ impl App {
             (None, Vec::new(), false),
         );
         Ok(Arc::new(App {
+            view_names: spec.views.iter().map(|v| v.name.clone()).collect(),
             spec,
             plan,
             all,
@@ -444,31 +447,25 @@ impl App {
             if !log.wants(e) {
                 continue;
             }
-            let values = query
-                .features
-                .iter()
-                .enumerate()
-                .map(|(j, f)| (f, table.column(j)[i]))
-                .filter(|(_, c)| c.status != Status::Invalid)
-                .map(|(f, c)| {
-                    let name = self.spec.views[f.view].features[f.index].name.clone();
+            // Only the values are copied here: the log's writer task builds the record.
+            let values = (0..query.features.len())
+                .map(|j| {
+                    let c = table.column(j)[i];
                     // As served: a non-finite float went out as null.
-                    let v = match c.value {
+                    (c.status != Status::Invalid).then_some(match c.value {
                         Value::Float(x) if !x.is_finite() => Value::Null,
                         v => v,
-                    };
-                    (name, v)
+                    })
                 })
                 .collect();
-            log.record(ServedRecord {
+            log.record(Served {
                 served_at_ms: served_at,
                 as_of_ms: t,
                 entity: e.to_string(),
+                names: query.log_names.clone(),
                 values,
-                snapshots: used
-                    .iter()
-                    .map(|(vi, at)| (self.spec.views[*vi].name.clone(), *at))
-                    .collect(),
+                views: self.view_names.clone(),
+                snapshots: used.to_vec(),
             });
         }
     }
