@@ -249,11 +249,17 @@ fn zero(agg: Agg) -> Option<f64> {
     matches!(agg, Agg::Count | Agg::CountDistinct | Agg::Sum).then_some(0.0)
 }
 
-/// The integer a `pct_rank` compares: the value scaled by `10^round` and rounded half away
-/// from zero (or the value's bits order-preserved when not rounded).
+/// The integer a `pct_rank` compares: the value scaled by `10^round`, rounded to a millionth,
+/// then rounded half away from zero (or the value's bits order-preserved when not rounded).
+///
+/// The first rounding makes the key independent of the order a sum was added in: the same
+/// amounts can add up to 116.5 or to 116.49999999999999, which would round to 117 and 116.
 pub fn rank_key(x: f64, round: Option<u32>) -> i64 {
     match round {
-        Some(d) => (x * 10f64.powi(d as i32)).round() as i64,
+        Some(d) => {
+            let scaled = x * 10f64.powi(d as i32);
+            ((scaled * 1e6).round() / 1e6).round() as i64
+        }
         None => {
             let bits = x.to_bits() as i64;
             if bits < 0 { bits ^ i64::MAX } else { bits }
@@ -269,5 +275,29 @@ fn finish(feature: &Feature, raw: Option<f64>) -> Value {
             ValueType::Int => Value::Int(x as i64),
             ValueType::Float => Value::Float(x),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rank_key;
+
+    #[test]
+    fn a_rank_key_does_not_depend_on_the_order_of_a_sum() {
+        // The same four amounts, added in two orders, differ in the last bit.
+        let a: f64 = [18.77, 49.1, 6.09, 42.54].iter().sum();
+        let b: f64 = [6.09, 42.54, 49.1, 18.77].iter().sum();
+        assert_ne!(a, b);
+        assert_eq!(rank_key(a, Some(0)), 117);
+        assert_eq!(rank_key(b, Some(0)), 117);
+        // Half away from zero, at any number of decimals.
+        assert_eq!(rank_key(-116.5, Some(0)), -117);
+        assert_eq!(rank_key(0.125, Some(2)), 13);
+        assert_eq!(rank_key(0.124, Some(2)), 12);
+        assert_eq!(rank_key(1.23456789, Some(9)), 1_234_567_890);
+        // Unrounded keys keep the order of the values.
+        assert!(rank_key(-1.0, None) < rank_key(-0.5, None));
+        assert!(rank_key(-0.5, None) < rank_key(0.0, None));
+        assert!(rank_key(0.0, None) < rank_key(1e-300, None));
     }
 }
