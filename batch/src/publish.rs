@@ -129,43 +129,58 @@ async fn read_manifest(store: &Location, path: &Path) -> Result<Manifest> {
     })
 }
 
+/// The instant a manifest's file name stands for: the name is [`as_of_key`] of it plus `.json`.
+fn key_instant(file_name: &str) -> Option<i64> {
+    let key = file_name.strip_suffix(".json")?;
+    // `2026-11-20T000000.000Z` is `2026-11-20T00:00:00.000Z` without its colons.
+    let (date_hour, rest) = (key.get(..13)?, key.get(13..)?);
+    let (minute, rest) = (rest.get(..2)?, rest.get(2..)?);
+    let t = duet_spec::timestamp::parse_rfc3339_ms(&format!("{date_hour}:{minute}:{rest}"))?;
+    (as_of_key(t) == key).then_some(t)
+}
+
 /// The newest published manifest of a view, if any.
 ///
-/// Manifest names sort as their as-of instants do, so this lists the names and reads only the
-/// newest manifest, not every one (a server polls this every few seconds). A file under
-/// `commits/` that is not a manifest (a stray file, or one damaged by hand) is skipped with a
-/// warning, so it cannot hide the snapshots around it; a failure to read from the store is
-/// returned.
+/// A manifest's name is its as-of instant, so this lists the names and reads only the newest
+/// manifest, not every one (a server polls this every few seconds). Files under `commits/`
+/// whose names are not manifest names (notes, editor backups, subfolders) are ignored. A
+/// manifest that cannot be read, or whose instant is not its name's, is an error, as is a
+/// failure of the store.
 pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Manifest>> {
     let prefix = store.child(&format!("{}/commits", view_dir(view)));
-    let mut names: Vec<Path> = store
+    let listed: Vec<Path> = store
         .store
         .list(Some(&prefix))
         .map_ok(|m| m.location)
         .try_collect()
         .await
         .map_err(|e| storage(&format!("cannot list snapshots in {}", store.url), e))?;
-    names.sort();
-    while let Some(path) = names.pop() {
-        let what = format!("cannot read {}", store.display(&path));
-        let bytes = store
-            .store
-            .get(&path)
-            .await
-            .map_err(|e| storage(&what, e))?
-            .bytes()
-            .await
-            .map_err(|e| storage(&what, e))?;
-        match serde_json::from_slice::<Manifest>(&bytes) {
-            Ok(m) => return Ok(Some(m)),
-            Err(e) => tracing::warn!(
-                file = %store.display(&path),
-                error = %e,
-                "skipping a file that is not a snapshot manifest"
-            ),
-        }
+    let newest = listed
+        .into_iter()
+        .filter_map(|path| {
+            let name = path
+                .as_ref()
+                .strip_prefix(prefix.as_ref())?
+                .strip_prefix('/')?;
+            let at = key_instant(name);
+            if at.is_none() {
+                tracing::debug!(file = %store.display(&path), "not a manifest name: ignored");
+            }
+            Some((at?, path))
+        })
+        .max_by_key(|(at, _)| *at);
+    let Some((at, path)) = newest else {
+        return Ok(None);
+    };
+    let manifest = read_manifest(store, &path).await?;
+    if manifest.as_of_ms != at {
+        return Err(Error::Storage(format!(
+            "{} is the manifest of a snapshot as of {}, not of the instant its name says",
+            store.display(&path),
+            manifest.as_of
+        )));
     }
-    Ok(None)
+    Ok(Some(manifest))
 }
 
 /// The manifest of the snapshot as of exactly `as_of_ms`, if published.
@@ -414,19 +429,35 @@ mod tests {
         for d in [20_400, 20_402, 20_401] {
             commit(&store, &manifest(d * day)).await.unwrap();
         }
-        // A stray file that sorts after every manifest, and one damaged by hand.
-        for (name, body) in [
-            ("zz-notes.json", "not json"),
-            ("2099-01-01.json", "{\"view\": 1}"),
+        // Files whose names are not manifest names, some sorting after every manifest.
+        for name in [
+            "zz-notes.json",
+            "2099-01-01.json",
+            "2099-01-01T000000.000Z.json~",
+            "old/2099-01-01T000000.000Z.json",
         ] {
             let path = store.child(&format!("snapshots/v/commits/{name}"));
-            store
-                .store
-                .put(&path, body.as_bytes().to_vec().into())
-                .await
-                .unwrap();
+            let body = serde_json::to_vec(&manifest(20_500 * day)).unwrap();
+            store.store.put(&path, body.into()).await.unwrap();
         }
         let latest = latest_manifest(&store, "v").await.unwrap().unwrap();
         assert_eq!(latest.as_of_ms, 20_402 * day);
+        // The newest manifest damaged, or holding another instant than its name: an error, not
+        // a silent fall back to an older snapshot.
+        let newest = store.child(&format!(
+            "snapshots/v/commits/{}.json",
+            as_of_key(20_403 * day)
+        ));
+        store
+            .store
+            .put(&newest, b"{\"view\": 1}".to_vec().into())
+            .await
+            .unwrap();
+        let err = latest_manifest(&store, "v").await.unwrap_err().to_string();
+        assert!(err.contains("is not a snapshot manifest"), "{err}");
+        let body = serde_json::to_vec(&manifest(20_401 * day)).unwrap();
+        store.store.put(&newest, body.into()).await.unwrap();
+        let err = latest_manifest(&store, "v").await.unwrap_err().to_string();
+        assert!(err.contains("not of the instant its name says"), "{err}");
     }
 }

@@ -520,12 +520,16 @@ fn query_as_of(text: &str) -> std::borrow::Cow<'_, str> {
 fn as_of(text: Option<&str>) -> Result<(i64, bool), ApiError> {
     match text {
         None => Ok((duet_speed::now_ms(), false)),
-        Some(s) => parse_rfc3339_ms(s).map(|t| (t, true)).ok_or_else(|| {
-            ApiError::bad(format!(
-                "`as_of` value `{s}` is not RFC 3339, such as 2026-11-20T13:45:12Z"
-            ))
-        }),
+        Some(s) => parse_rfc3339_ms(s)
+            .map(|t| (t, true))
+            .ok_or_else(|| as_of_error(s)),
     }
+}
+
+fn as_of_error(text: &str) -> ApiError {
+    ApiError::bad(format!(
+        "`as_of` value `{text}` is not RFC 3339, such as 2026-11-20T13:45:12Z"
+    ))
 }
 
 async fn online_features(
@@ -598,7 +602,11 @@ async fn entity_features(
         let Path(user_id) =
             user_id.map_err(|e| ApiError::bad(format!("bad entity key in the path: {e}")))?;
         let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
-        let (t, explicit) = as_of(q.as_of.as_deref().map(query_as_of).as_deref())?;
+        let (t, explicit) = match q.as_of.as_deref() {
+            // The message shows the text as it arrived, not as the `+` rule read it.
+            Some(text) => as_of(Some(&query_as_of(text))).map_err(|_| as_of_error(text))?,
+            None => as_of(None)?,
+        };
         Ok::<_, ApiError>(axum::Json(
             app.entity_vector_in(&worker.state, &user_id, t, explicit)
                 .await,

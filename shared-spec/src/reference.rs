@@ -258,7 +258,13 @@ pub fn rank_key(x: f64, round: Option<u32>) -> i64 {
     match round {
         Some(d) => {
             let scaled = x * 10f64.powi(d as i32);
-            ((scaled * 1e6).round() / 1e6).round() as i64
+            // Beyond 2^53 / 10^6 a millionth is below the value's precision: no first rounding.
+            let snapped = if scaled.abs() < 9e9 {
+                (scaled * 1e6).round() / 1e6
+            } else {
+                scaled
+            };
+            snapped.round() as i64
         }
         None => {
             let bits = x.to_bits() as i64;
@@ -295,6 +301,10 @@ mod tests {
         assert_eq!(rank_key(0.125, Some(2)), 13);
         assert_eq!(rank_key(0.124, Some(2)), 12);
         assert_eq!(rank_key(1.23456789, Some(9)), 1_234_567_890);
+        // A mean of cents on an exact half cent: 1.005 * 100 is 100.49999999999999 in binary.
+        assert_eq!(rank_key((1.00 + 1.01) / 2.0, Some(2)), 101);
+        // Large values keep their halves.
+        assert_eq!(rank_key(10_000_000_000_019.5, Some(0)), 10_000_000_000_020);
         // Unrounded keys keep the order of the values.
         assert!(rank_key(-1.0, None) < rank_key(-0.5, None));
         assert!(rank_key(-0.5, None) < rank_key(0.0, None));

@@ -592,6 +592,8 @@ fn bearer_token_guards_features() {
         &auth,
     );
     assert_eq!(status, 400, "{text}");
+    // The message shows the value as it arrived.
+    assert!(text.contains("`2026-09-01 05:30`"), "{text}");
 }
 
 /// Starts a server over one snapshot and the Redis at `redis`, which fails (refuses, or never
@@ -928,7 +930,7 @@ fn serve_settings_come_from_the_config_file_below_flags() {
     let config = dir.path().join("duet.toml");
     std::fs::write(
         &config,
-        "max_entities = 2\nmax_body_bytes = 4096\nlog_sample = 0.0\nserve_workers = 1\nsnapshot_poll_ms = 1000\n",
+        "max_entities = 2\nmax_body_bytes = 4096\nlog_sample = 1.0\nserve_workers = 1\nsnapshot_poll_ms = 1000\n",
     )
     .unwrap();
     let config = config.display().to_string();
@@ -952,7 +954,18 @@ fn serve_settings_come_from_the_config_file_below_flags() {
     );
     let (status, text) = server.request("POST", "/get-online-features", Some(big.as_bytes()), &[]);
     assert_eq!(status, 413, "{text}");
-    drop(server);
+    // `log_sample = 1.0`: every entity answered is in the served log once the server stops.
+    let (status, body) = server.features(&serde_json::json!({
+        "entities": {"user_id": ["u0000071"]},
+        "features": ["user_batch:txn_count_90d"],
+    }));
+    assert_eq!(status, 200, "{body}");
+    server.stop_gracefully();
+    let logged: Vec<String> = std::fs::read_dir(dir.path().join("store/served_log"))
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .collect();
+    assert!(logged.concat().contains("\"u0000071\""), "{logged:?}");
     // A flag wins over the file.
     let server = Server::start(
         &["--config", &config],
