@@ -293,16 +293,22 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn files_and_queue_stay_bounded_and_nothing_is_lost_silently() {
-        let store = duet_batch::store::resolve("memory://served-log-test").unwrap();
-        let shutdown = CancellationToken::new();
-        let config = LogConfig {
+    /// Every entity logged, at most 10 records queued and per file, and files cut only at that
+    /// size (the flush interval never comes in a test).
+    fn every_entity_ten_per_file() -> LogConfig {
+        LogConfig {
             sample: 1.0,
             max_files: 1000,
             flush_every: Duration::from_secs(3600),
             capacity: 10,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn files_and_queue_stay_bounded_and_nothing_is_lost_silently() {
+        let store = duet_batch::store::resolve("memory://served-log-test").unwrap();
+        let shutdown = CancellationToken::new();
+        let config = every_entity_ten_per_file();
         let (log, task) = ServedLog::start(store.clone(), config, shutdown.clone());
         for i in 0..95 {
             log.record(record(i));
@@ -361,12 +367,7 @@ mod tests {
         std::fs::write(dir.join(LOG_DIR), b"not a directory").unwrap();
         let store = duet_batch::store::resolve(&dir.display().to_string()).unwrap();
         let shutdown = CancellationToken::new();
-        let config = LogConfig {
-            sample: 1.0,
-            max_files: 1000,
-            flush_every: Duration::from_secs(3600),
-            capacity: 10,
-        };
+        let config = every_entity_ten_per_file();
         let (log, task) = ServedLog::start(store, config, shutdown.clone());
         for i in 0..25 {
             log.record(record(i));

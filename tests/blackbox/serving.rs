@@ -181,6 +181,16 @@ async fn golden_answer_through_http_as_of() {
     clean_redis(&prefix);
 }
 
+/// The whole response, status line and headers included, to a `GET` of `path` without headers.
+fn raw_get(addr: &str, path: &str) -> String {
+    let mut raw = std::net::TcpStream::connect(addr).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut raw, request.as_bytes()).unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut raw, &mut response).unwrap();
+    response
+}
+
 fn one_snapshot_store(dir: &Path) -> String {
     let store = s(&dir.join("store"));
     expect_status(
@@ -421,14 +431,7 @@ fn feast_client_format_and_errors() {
         err["error"],
         "GET is not allowed on /get-online-features (see /openapi.json)"
     );
-    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
-    std::io::Write::write_all(
-        &mut raw,
-        b"GET /get-online-features HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut head = String::new();
-    std::io::Read::read_to_string(&mut raw, &mut head).unwrap();
+    let head = raw_get(&server.addr, "/get-online-features");
     assert!(
         head.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
         "{head}"
@@ -549,14 +552,7 @@ fn bearer_token_guards_features() {
         assert_eq!(status, 401, "{given:?}");
     }
     // A 401 names the scheme to use.
-    let mut raw = std::net::TcpStream::connect(&server.addr).unwrap();
-    std::io::Write::write_all(
-        &mut raw,
-        b"GET /v1/features/u0000071 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
-    )
-    .unwrap();
-    let mut head = String::new();
-    std::io::Read::read_to_string(&mut raw, &mut head).unwrap();
+    let head = raw_get(&server.addr, "/v1/features/u0000071");
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     assert!(
         head.to_ascii_lowercase()
