@@ -1,5 +1,6 @@
 //! The feature server under load: requests/s and p50/p99/p99.9 for 1 entity × all 14 features
-//! and for 100 entities per request, beside `redis-benchmark` GET at the same concurrency.
+//! and for 100 entities per request, beside `redis-benchmark` GET at the same concurrency; and the
+//! resident memory the batch snapshot adds to the server.
 //!
 //! Usage: bench-serve --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--users 100000] [--connections 16]
@@ -157,6 +158,18 @@ async fn paced(
     }
 }
 
+/// A process's resident memory in KiB, from `/proc/<pid>/status`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn redis_benchmark(connections: usize) -> f64 {
     let out = Command::new("redis-benchmark")
         .args([
@@ -273,7 +286,21 @@ async fn main() {
     duet_bench::kafka::delete_topics(&brokers, &[&topic]).await;
 
     let addr = "127.0.0.1:18080";
+    // The snapshot's memory, measured: the server's resident memory with the snapshot loaded,
+    // less that of the same server over an empty store. The server loads the snapshot before
+    // it listens.
+    std::fs::create_dir_all(d("empty-store")).unwrap();
+    let mut bare = start_serve(&bin, [&d("empty-store"), &redis, &prefix, addr], "0");
+    std::thread::sleep(Duration::from_secs(2));
+    let bare_kib = rss_kib(bare.id());
+    let _ = bare.kill();
+    let _ = bare.wait();
     let mut server = start_serve(&bin, [&d("store"), &redis, &prefix, addr], "0");
+    std::thread::sleep(Duration::from_secs(2));
+    let loaded_kib = rss_kib(server.id());
+    let scrape = duet_bench::metrics(addr).await;
+    let entities = duet_bench::metric(&scrape, "duet_serve_snapshot_entities");
+    let computed = duet_bench::metric(&scrape, "duet_serve_snapshot_bytes");
     let ids: Vec<String> = (0..users).map(|u| format!("u{u:07}")).collect();
     let one: Arc<Vec<Vec<u8>>> = Arc::new(
         (0..20_000)
@@ -309,6 +336,7 @@ async fn main() {
     let (peak, redis_get) = (*peak, *redis_get);
     let half = paced(addr, one.clone(), connections, 10, peak / 2.0).await;
     let (rate100, lat100) = load(addr, hundred.clone(), connections, 10).await;
+    let after_kib = rss_kib(server.id());
     let _ = server.kill();
     let _ = server.wait();
 
@@ -375,6 +403,15 @@ async fn main() {
     println!(
         "  ratio duet (1 entity) / redis GET     {:>9.2}    (median of the rounds; target ≥ 0.50)",
         peak / redis_get
+    );
+    let per_entity = |kib: u64| (kib.saturating_sub(bare_kib) * 1024) as f64 / entities.max(1.0);
+    println!(
+        "  snapshot in memory: {entities:.0} entities; resident {:.1} MiB over a server without one ({:.0} bytes/entity) once loaded, {:.1} MiB ({:.0} bytes/entity) after the runs; computed from the layout (duet_serve_snapshot_bytes) {:.0} bytes/entity",
+        loaded_kib.saturating_sub(bare_kib) as f64 / 1024.0,
+        per_entity(loaded_kib),
+        after_kib.saturating_sub(bare_kib) as f64 / 1024.0,
+        per_entity(after_kib),
+        computed / entities.max(1.0)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
