@@ -181,6 +181,18 @@ async fn golden_answer_through_http_as_of() {
     clean_redis(&prefix);
 }
 
+/// The message of the JSON error `server` answers to `method path`, which must have `status`.
+fn error_of(server: &Server, method: &str, path: &str, status: u16) -> String {
+    let (got, text) = server.request(method, path, None, &[]);
+    assert_eq!(got, status, "{method} {path}: {text}");
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+    body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{method} {path}: no `error`: {text}"))
+        .to_string()
+}
+
 /// The whole response, status line and headers included, to a `GET` of `path` without headers.
 fn raw_get(addr: &str, path: &str) -> String {
     let mut raw = std::net::TcpStream::connect(addr).unwrap();
@@ -424,11 +436,8 @@ fn feast_client_format_and_errors() {
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("larger than 2000 bytes"), "{text}");
     // A wrong method, and an entity key that does not decode: JSON errors naming the problem.
-    let (status, text) = server.request("GET", "/get-online-features", None, &[]);
-    assert_eq!(status, 405, "{text}");
-    let err: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(
-        err["error"],
+        error_of(&server, "GET", "/get-online-features", 405),
         "GET is not allowed on /get-online-features (see /openapi.json)"
     );
     let head = raw_get(&server.addr, "/get-online-features");
@@ -436,22 +445,12 @@ fn feast_client_format_and_errors() {
         head.to_ascii_lowercase().contains("\r\nallow: post\r\n"),
         "{head}"
     );
-    let (status, text) = server.request("DELETE", "/v1/features/u0000071", None, &[]);
-    assert_eq!(status, 405, "{text}");
-    assert!(text.contains("DELETE is not allowed"), "{text}");
-    let (status, text) = server.request("GET", "/v1/features/%FF", None, &[]);
-    assert_eq!(status, 400, "{text}");
-    let err: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("bad entity key in the path"),
-        "{text}"
-    );
-    let (status, text) = server.request("GET", "/nowhere", None, &[]);
-    assert_eq!(status, 404, "{text}");
-    assert!(text.contains("no such endpoint"), "{text}");
+    let err = error_of(&server, "DELETE", "/v1/features/u0000071", 405);
+    assert!(err.contains("DELETE is not allowed"), "{err}");
+    let err = error_of(&server, "GET", "/v1/features/%FF", 400);
+    assert!(err.starts_with("bad entity key in the path"), "{err}");
+    let err = error_of(&server, "GET", "/nowhere", 404);
+    assert!(err.contains("no such endpoint"), "{err}");
 
     let (status, text) = server.request("GET", "/v1/features/u0000071", None, &[]);
     assert_eq!(status, 200, "{text}");

@@ -158,6 +158,16 @@ async fn paced(
     }
 }
 
+/// `p50 … p99 … p99.9 …` of sorted latencies.
+fn tails(sorted: &[Duration]) -> String {
+    format!(
+        "p50 {}  p99 {}  p99.9 {}",
+        ms(quantile(sorted, 0.5)),
+        ms(quantile(sorted, 0.99)),
+        ms(quantile(sorted, 0.999))
+    )
+}
+
 /// A process's resident memory in KiB, from `/proc/<pid>/status`.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -355,46 +365,34 @@ async fn main() {
         );
     }
     println!(
-        "  1 entity x 14 features, closed loop   {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (median round)",
+        "  1 entity x 14 features, closed loop   {:>9.0} req/s  {}   (median round)",
         peak,
-        ms(quantile(lat_peak, 0.5)),
-        ms(quantile(lat_peak, 0.99)),
-        ms(quantile(lat_peak, 0.999))
+        tails(lat_peak)
     );
     println!(
-        "  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (from the write; target p99 ≤ 1 ms)",
+        "  1 entity at half of peak ({:.0}/s)    {:>9.0} req/s  {}   (from the write; target p99 ≤ 1 ms)",
         peak / 2.0,
         half.rate,
-        ms(quantile(&half.sent, 0.5)),
-        ms(quantile(&half.sent, 0.99)),
-        ms(quantile(&half.sent, 0.999))
+        tails(&half.sent)
     );
     println!(
-        "    the same, from when each request was due   p50 {}  p99 {}  p99.9 {}   (also counts the wait below)",
-        ms(quantile(&half.due, 0.5)),
-        ms(quantile(&half.due, 0.99)),
-        ms(quantile(&half.due, 0.999))
+        "    the same, from when each request was due   {}   (also counts the wait below)",
+        tails(&half.due)
     );
     println!(
-        "    the pacer's lateness                       p50 {}  p99 {}  p99.9 {}",
-        ms(quantile(&half.late, 0.5)),
-        ms(quantile(&half.late, 0.99)),
-        ms(quantile(&half.late, 0.999))
+        "    the pacer's lateness                       {}",
+        tails(&half.late)
     );
     println!(
-        "    the wait from when due to the write        p50 {}  p99 {}  p99.9 {}   ({} of {} requests were due while all {connections} connections had one in flight)",
-        ms(quantile(&half.dispatch, 0.5)),
-        ms(quantile(&half.dispatch, 0.99)),
-        ms(quantile(&half.dispatch, 0.999)),
+        "    the wait from when due to the write        {}   ({} of {} requests were due while all {connections} connections had one in flight)",
+        tails(&half.dispatch),
         half.all_busy,
         half.late.len()
     );
     println!(
-        "  100 entities x 14 features            {:>9.0} req/s  p50 {}  p99 {}  p99.9 {}   (target p99 ≤ 10 ms)",
+        "  100 entities x 14 features            {:>9.0} req/s  {}   (target p99 ≤ 10 ms)",
         rate100,
-        ms(quantile(&lat100, 0.5)),
-        ms(quantile(&lat100, 0.99)),
-        ms(quantile(&lat100, 0.999))
+        tails(&lat100)
     );
     println!(
         "  redis-benchmark GET, same concurrency {:>9.0} req/s   (same round)",
