@@ -206,7 +206,7 @@ pub struct ServeArgs {
     #[arg(long, env = "DUET_SNAPSHOT_LOAD_TIMEOUT_MS")]
     pub snapshot_load_timeout_ms: Option<u64>,
     /// Threads serving requests, each with its own Redis connection (default: one per core).
-    #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    #[arg(long, env = "DUET_SERVE_WORKERS", value_parser = worker_count)]
     pub workers: Option<u32>,
     /// Fraction of entities whose served vectors are logged for `duet check`, from 0 (no log)
     /// to 1 (every entity) [default: 0.01].
@@ -518,6 +518,15 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// A number of serving threads, from 1 to 1024.
+pub(crate) fn worker_count(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        Ok(_) => Err("must be from 1 to 1024".into()),
         Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
     }
 }

@@ -6,7 +6,7 @@ use duet_serving::served_log::{LogConfig, ServedLog};
 use duet_serving::server::{App, ServeConfig, serve};
 use duet_speed::store::AnyStore;
 
-use crate::cli::{ServeArgs, at_least_one, fraction};
+use crate::cli::{ServeArgs, at_least_one, fraction, worker_count};
 use crate::config::{Config, required, setting};
 use crate::shutdown::shutdown_token;
 
@@ -18,13 +18,15 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         .or(config.listen.clone())
         .unwrap_or_else(|| "127.0.0.1:8080".into());
     let any = |s: &str| s.parse::<u64>().map_err(|e| e.to_string());
+    let defaults = ServeConfig::default();
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let max_entities = setting(
         args.max_entities,
         config.max_entities,
         config,
         "max_entities",
         at_least_one,
-        1000,
+        defaults.max_entities,
     )?;
     let max_body_bytes = setting(
         args.max_body_bytes,
@@ -32,7 +34,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         config,
         "max_body_bytes",
         at_least_one,
-        1 << 20,
+        defaults.max_body_bytes,
     )?;
     let redis_timeout_ms = setting(
         args.redis_timeout_ms,
@@ -40,7 +42,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         config,
         "redis_timeout_ms",
         any,
-        200,
+        millis(defaults.redis_timeout),
     )?;
     let snapshot_poll_ms = setting(
         args.snapshot_poll_ms,
@@ -48,7 +50,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         config,
         "snapshot_poll_ms",
         any,
-        5000,
+        millis(defaults.snapshot_poll),
     )?;
     let snapshot_load_timeout_ms = setting(
         args.snapshot_load_timeout_ms,
@@ -56,7 +58,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         config,
         "snapshot_load_timeout_ms",
         any,
-        5000,
+        millis(defaults.snapshot_load_timeout),
     )?;
     let log_sample = setting(
         args.log_sample,
@@ -71,12 +73,8 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
         config.serve_workers,
         config,
         "serve_workers",
-        |s| match s.parse::<u32>() {
-            Ok(n) if (1..=1024).contains(&n) => Ok(n),
-            Ok(_) => Err("must be from 1 to 1024".into()),
-            Err(e) => Err(e.to_string()),
-        },
-        u32::try_from(ServeConfig::default().workers).unwrap_or(1),
+        worker_count,
+        u32::try_from(defaults.workers).unwrap_or(1),
     )?;
     let store = duet_batch::store::resolve(&store_url)?;
     let timeout = Duration::from_millis(redis_timeout_ms.max(1));
