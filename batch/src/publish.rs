@@ -94,17 +94,24 @@ fn storage(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Storage(format!("{what}: {e}"))
 }
 
-/// Every published manifest of a view, oldest first.
-pub async fn list_manifests(store: &Location, view: &str) -> Result<Vec<Manifest>> {
+/// The directory of a view's manifests, and every file in it.
+async fn commit_files(store: &Location, view: &str) -> Result<(Path, Vec<Path>)> {
     let prefix = store.child(&format!("{}/commits", view_dir(view)));
-    let metas: Vec<_> = store
+    let files = store
         .store
         .list(Some(&prefix))
+        .map_ok(|m| m.location)
         .try_collect()
         .await
         .map_err(|e| storage(&format!("cannot list snapshots in {}", store.url), e))?;
-    let mut manifests: Vec<Manifest> = futures::stream::iter(metas)
-        .map(|m| async move { read_manifest(store, &m.location).await })
+    Ok((prefix, files))
+}
+
+/// Every published manifest of a view, oldest first.
+pub async fn list_manifests(store: &Location, view: &str) -> Result<Vec<Manifest>> {
+    let (_, files) = commit_files(store, view).await?;
+    let mut manifests: Vec<Manifest> = futures::stream::iter(files)
+        .map(|path| async move { read_manifest(store, &path).await })
         .buffer_unordered(16)
         .try_collect()
         .await?;
@@ -147,14 +154,7 @@ fn key_instant(file_name: &str) -> Option<i64> {
 /// manifest that cannot be read, or whose instant is not its name's, is an error, as is a
 /// failure of the store.
 pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Manifest>> {
-    let prefix = store.child(&format!("{}/commits", view_dir(view)));
-    let listed: Vec<Path> = store
-        .store
-        .list(Some(&prefix))
-        .map_ok(|m| m.location)
-        .try_collect()
-        .await
-        .map_err(|e| storage(&format!("cannot list snapshots in {}", store.url), e))?;
+    let (prefix, listed) = commit_files(store, view).await?;
     let newest = listed
         .into_iter()
         .filter_map(|path| {

@@ -604,7 +604,9 @@ async fn entity_features(
         let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query string: {e}")))?;
         let (t, explicit) = match q.as_of.as_deref() {
             // The message shows the text as it arrived, not as the `+` rule read it.
-            Some(text) => as_of(Some(&query_as_of(text))).map_err(|_| as_of_error(text))?,
+            Some(text) => parse_rfc3339_ms(&query_as_of(text))
+                .map(|t| (t, true))
+                .ok_or_else(|| as_of_error(text))?,
             None => as_of(None)?,
         };
         Ok::<_, ApiError>(axum::Json(
