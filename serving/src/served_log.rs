@@ -158,14 +158,7 @@ async fn writer(
     loop {
         tokio::select! {
             r = rx.recv() => match r {
-                Some(r) => {
-                    buf.push(r.into());
-                    // At most `capacity` records wait here (and as many in the channel), and
-                    // no file holds more: memory and disk stay bounded at any request rate.
-                    if buf.len() >= config.capacity.max(1) {
-                        flush(&store, &config, &mut buf, &mut files).await;
-                    }
-                }
+                Some(r) => add(&store, &config, &mut buf, &mut files, r).await,
                 None => break,
             },
             _ = tick.tick() => {
@@ -174,10 +167,27 @@ async fn writer(
             _ = shutdown.cancelled() => break,
         }
     }
+    // What is still queued at shutdown is written too, in files of at most `capacity` records.
     while let Ok(r) = rx.try_recv() {
-        buf.push(r.into());
+        add(&store, &config, &mut buf, &mut files, r).await;
     }
     flush(&store, &config, &mut buf, &mut files).await;
+}
+
+/// Adds an answer to the buffer, and writes the buffer once it holds `capacity` records. At
+/// most `capacity` records wait here (and as many in the channel), and no file holds more:
+/// memory and disk stay bounded at any request rate.
+async fn add(
+    store: &Location,
+    config: &LogConfig,
+    buf: &mut Vec<ServedRecord>,
+    files: &mut Files,
+    r: Served,
+) {
+    buf.push(r.into());
+    if buf.len() >= config.capacity.max(1) {
+        flush(store, config, buf, files).await;
+    }
 }
 
 /// What the writer needs to name its files and count what it loses.
@@ -353,6 +363,57 @@ mod tests {
             BTreeMap::from([("a".into(), Value::Int(3)), ("c".into(), Value::Null)])
         );
         assert_eq!(r.snapshots, BTreeMap::from([("w".into(), 7)]));
+    }
+
+    #[tokio::test]
+    async fn files_stay_bounded_when_the_queue_is_drained_at_shutdown() {
+        // Each round: 5 records in the writer's buffer, 10 more in the queue, then shutdown.
+        // Whichever of the queue and the shutdown the writer sees first, no file may hold more
+        // than 10 records (before, the drain at shutdown wrote all 15 into one file when the
+        // shutdown came first).
+        for round in 0..20 {
+            let store =
+                duet_batch::store::resolve(&format!("memory://served-log-drain-{round}")).unwrap();
+            let shutdown = CancellationToken::new();
+            let (log, task) =
+                ServedLog::start(store.clone(), every_entity_ten_per_file(), shutdown.clone());
+            for i in 0..5 {
+                log.record(record(i));
+            }
+            tokio::task::yield_now().await;
+            for i in 5..15 {
+                log.record(record(i));
+            }
+            shutdown.cancel();
+            task.await.unwrap();
+            let read = read_all(&store).await.unwrap();
+            assert_eq!(read.len(), 15, "round {round}");
+            let files: Vec<_> = store
+                .store
+                .list(Some(&store.child(LOG_DIR)))
+                .try_collect()
+                .await
+                .unwrap();
+            for f in &files {
+                let bytes = store
+                    .store
+                    .get(&f.location)
+                    .await
+                    .unwrap()
+                    .bytes()
+                    .await
+                    .unwrap();
+                let lines = bytes
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .count();
+                assert!(
+                    lines <= 10,
+                    "round {round}: {} holds {lines} records",
+                    f.location
+                );
+            }
+        }
     }
 
     #[tokio::test]
