@@ -149,8 +149,14 @@ impl<'de> Visitor<'de> for TypeOf {
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
         Ok("an integer")
     }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok("a non-integer number")
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        // An integer too large for 64 bits arrives as a float.
+        const TWO_63: f64 = 9_223_372_036_854_775_808.0;
+        Ok(if v.fract() == 0.0 && (v >= 2.0 * TWO_63 || v <= -TWO_63) {
+            "a number outside the 64-bit integer range"
+        } else {
+            "a non-integer number"
+        })
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
         Ok("a string")
@@ -790,8 +796,34 @@ pub fn feast_response(req: &FeastRequest<'_>, key: &str, query: &Query, table: &
     out
 }
 
-/// The OpenAPI document of the server.
-pub fn openapi() -> Json_ {
+/// The OpenAPI document of a server for `spec` that takes at most `max_entities` keys per
+/// request: the request schema names the spec's join keys and both limits.
+pub fn openapi(spec: &Spec, max_entities: usize) -> Json_ {
+    let keys: serde_json::Map<String, Json_> = spec
+        .entities
+        .iter()
+        .map(|e| {
+            let int = serde_json::json!({"type": "integer",
+                "minimum": i64::MIN, "maximum": u64::MAX});
+            let key = serde_json::json!({"type": "array", "minItems": 1, "maxItems": max_entities,
+                "items": {"oneOf": [{"type": "string"}, int]}});
+            (e.join_key.name().to_string(), key)
+        })
+        .collect();
+    let entities = serde_json::json!({"type": "object",
+        "description": format!("Exactly one join key, with 1 to {max_entities} entity keys (strings, or integers sent as their decimal text)."),
+        "minProperties": 1, "maxProperties": 1, "additionalProperties": false,
+        "properties": keys});
+    let references: Vec<String> = spec
+        .views
+        .iter()
+        .flat_map(|v| {
+            v.features
+                .iter()
+                .map(move |f| format!("{}:{}", v.name, f.name))
+        })
+        .collect();
+    let services: Vec<&str> = spec.views.iter().map(|v| v.name.as_str()).collect();
     serde_json::json!({
         "openapi": "3.0.3",
         "info": {"title": "duet feature server", "version": env!("CARGO_PKG_VERSION"),
@@ -830,12 +862,24 @@ pub fn openapi() -> Json_ {
           "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
               "description": "Required on the feature endpoints when the server has a token (`--auth-token`, `DUET_AUTH_TOKEN` or `auth_token` in the config file); the other endpoints never need it."}},
           "schemas": {
-            "FeastRequest": {"type": "object", "required": ["entities"], "properties": {
-                "features": {"type": "array", "items": {"type": "string"}, "example": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"]},
-                "feature_service": {"type": "string"},
-                "entities": {"type": "object", "additionalProperties": {"type": "array", "items": {"oneOf": [{"type": "string"}, {"type": "integer"}]}}},
+            // `features` and `feature_service` may be null (as Feast's own server takes them);
+            // at least one of them must hold something, and a service wins over a list.
+            "FeastRequest": {"type": "object", "required": ["entities"],
+              "anyOf": [
+                {"required": ["feature_service"], "properties": {"feature_service": {"type": "string", "enum": services}}},
+                {"required": ["features"], "properties": {"features": {"type": "array", "minItems": 1, "uniqueItems": true,
+                    "items": {"type": "string", "enum": references}}}}
+              ],
+              "properties": {
+                "features": {"type": "array", "nullable": true, "items": {"type": "string"},
+                    "description": "`view:feature` references (a bare feature name means the first view, in spec order, that has it); an unknown one is a 404, two giving the same column a 400. Ignored when `feature_service` is given.",
+                    "example": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"]},
+                "feature_service": {"type": "string", "nullable": true,
+                    "description": "A view's name: all of its features. An unknown one is a 404."},
+                "entities": entities,
                 "full_feature_names": {"type": "boolean"},
-                "as_of": {"type": "string", "format": "date-time"}
+                "as_of": {"type": "string", "format": "date-time", "nullable": true,
+                    "description": "Evaluate as of this instant (RFC 3339, any UTC offset) instead of now."}
             }},
             "FeastResponse": {"type": "object", "properties": {
                 "metadata": {"type": "object", "properties": {"feature_names": {"type": "array", "items": {"type": "string"}}}},
@@ -928,6 +972,20 @@ mod tests {
             "`entities.user_id[1]` is a non-integer number, expected a string or an integer"
         );
         for (sent, kind) in [
+            (
+                "18446744073709551616",
+                "a number outside the 64-bit integer range",
+            ),
+            (
+                "-9223372036854775809",
+                "a number outside the 64-bit integer range",
+            ),
+            (
+                "-1254673126156149719040",
+                "a number outside the 64-bit integer range",
+            ),
+            ("1e300", "a number outside the 64-bit integer range"),
+            ("-0.5", "a non-integer number"),
             ("true", "a boolean"),
             ("null", "null"),
             ("[1]", "a list"),

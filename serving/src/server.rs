@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use duet_batch::store::Location;
@@ -192,24 +192,22 @@ impl App {
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
-            .route("/openapi.json", get(|| async { axum::Json(openapi()) }))
+            .route("/openapi.json", get(openapi_json))
             .fallback(|| async {
                 ApiError {
                     status: StatusCode::NOT_FOUND,
                     message: "no such endpoint (see /openapi.json)".into(),
                 }
             })
-            .method_not_allowed_fallback(
-                |method: axum::http::Method, uri: axum::http::Uri| async move {
-                    ApiError {
-                        status: StatusCode::METHOD_NOT_ALLOWED,
-                        message: format!(
-                            "{method} is not allowed on {} (see /openapi.json)",
-                            uri.path()
-                        ),
-                    }
-                },
-            )
+            .method_not_allowed_fallback(|method: Method, uri: axum::http::Uri| async move {
+                ApiError {
+                    status: StatusCode::METHOD_NOT_ALLOWED,
+                    message: format!(
+                        "{method} is not allowed on {} (see /openapi.json)",
+                        uri.path()
+                    ),
+                }
+            })
             .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
             .with_state(Arc::new(Worker {
                 app: self.clone(),
@@ -411,14 +409,25 @@ impl App {
     /// One entity's merged vector as a flat JSON object (the join key, then every feature),
     /// as `GET /v1/features/{user_id}` answers it.
     pub async fn entity_vector(&self, entity: &str, t: i64, explicit: bool) -> J {
-        self.entity_vector_in(&self.state, entity, t, explicit)
+        self.entity_vector_in(&self.state, entity, t, explicit, true)
             .await
     }
 
-    async fn entity_vector_in(&self, state: &AnyStore, entity: &str, t: i64, explicit: bool) -> J {
+    /// `logged`: the vector goes to the served-feature log (if the entity is sampled); a HEAD
+    /// request's does not, since no values went out.
+    async fn entity_vector_in(
+        &self,
+        state: &AnyStore,
+        entity: &str,
+        t: i64,
+        explicit: bool,
+        logged: bool,
+    ) -> J {
         let entities = [entity];
         let (table, used) = self.vectors(state, &self.all, &entities, t, explicit).await;
-        self.log(&self.all, &entities, &table, t, &used);
+        if logged {
+            self.log(&self.all, &entities, &table, t, &used);
+        }
         let mut out = serde_json::Map::new();
         let key = self
             .spec
@@ -590,6 +599,7 @@ struct AsOfQuery {
 
 async fn entity_features(
     State(worker): State<Arc<Worker>>,
+    method: Method,
     headers: HeaderMap,
     user_id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     query: Result<Query<AsOfQuery>, axum::extract::rejection::QueryRejection>,
@@ -610,12 +620,17 @@ async fn entity_features(
             None => as_of(None)?,
         };
         Ok::<_, ApiError>(axum::Json(
-            app.entity_vector_in(&worker.state, &user_id, t, explicit)
+            app.entity_vector_in(&worker.state, &user_id, t, explicit, method != Method::HEAD)
                 .await,
         ))
     }
     .await;
     finish(app, started, result)
+}
+
+async fn openapi_json(State(worker): State<Arc<Worker>>) -> Response {
+    let app = &worker.app;
+    axum::Json(openapi(&app.spec, app.config.max_entities)).into_response()
 }
 
 async fn readyz(State(worker): State<Arc<Worker>>) -> Response {

@@ -462,6 +462,25 @@ fn feast_client_format_and_errors() {
     let (status, openapi) = server.request("GET", "/openapi.json", None, &[]);
     assert_eq!(status, 200);
     assert!(openapi.contains("\"/get-online-features\""));
+    // The request schema states the server's limits: its join key, and `--max-entities 3`.
+    let openapi: serde_json::Value = serde_json::from_str(&openapi).unwrap();
+    let request = &openapi["components"]["schemas"]["FeastRequest"];
+    let entities = &request["properties"]["entities"];
+    assert_eq!(entities["additionalProperties"], false, "{entities}");
+    assert_eq!(entities["maxProperties"], 1, "{entities}");
+    assert_eq!(
+        entities["properties"]["user_id"]["maxItems"], 3,
+        "{entities}"
+    );
+    assert_eq!(
+        entities["properties"]["user_id"]["minItems"], 1,
+        "{entities}"
+    );
+    let features = request["anyOf"][1]["properties"]["features"]["items"]["enum"]
+        .as_array()
+        .unwrap();
+    assert_eq!(features.len(), 14, "{features:?}");
+    assert!(features.contains(&"user_realtime:txn_count_1h".into()));
     let (status, metrics) = server.request("GET", "/metrics", None, &[]);
     assert_eq!(status, 200);
     assert!(metrics.contains("duet_serve_requests_total"), "{metrics}");
@@ -789,6 +808,67 @@ fn snapshot_swap_under_load_drops_nothing() {
     );
 }
 
+/// Schemathesis (PyPI; `scripts/test` installs it and names it in `DUET_TEST_SCHEMATHESIS`)
+/// generates requests from `/openapi.json`, valid and invalid, and checks every answer against
+/// the document: no 5xx, only documented statuses, content types and response schemas, requests
+/// the schema allows accepted and requests it forbids refused.
+#[test]
+fn schemathesis_finds_no_failure_against_the_openapi_document() {
+    let st = std::env::var("DUET_TEST_SCHEMATHESIS").unwrap_or_else(|_| "st".into());
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let prefix = format!("{}:", unique("st"));
+    let server = Server::start(
+        &[],
+        &[
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            &prefix,
+            "--max-entities",
+            "5",
+        ],
+    );
+    let out = std::process::Command::new(&st)
+        .args([
+            "--no-color",
+            "run",
+            &format!("http://{}/openapi.json", server.addr),
+            "--checks",
+            "all",
+            "--max-time",
+            "40",
+            "--workers",
+            "2",
+            "--continue-on-failure",
+            "--generation-database",
+            "none",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run schemathesis as `{st}` ({e}): run ./scripts/test, which installs it, \
+                 or set DUET_TEST_SCHEMATHESIS to its `st`"
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It generated requests (more than a few hundred in 40 s).
+    let generated: usize = stdout
+        .lines()
+        .find_map(|l| l.trim().split_once(" generated"))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(generated > 200, "{stdout}");
+}
+
 #[test]
 fn fuzzed_bodies_never_get_a_5xx() {
     use proptest::prelude::*;
@@ -955,12 +1035,20 @@ fn serve_settings_come_from_the_config_file_below_flags() {
         "features": ["user_batch:txn_count_90d"],
     }));
     assert_eq!(status, 200, "{body}");
+    // A HEAD request is answered as a GET but sends no values, so it is not logged.
+    let (status, text) = server.request("HEAD", "/v1/features/u0000072", None, &[]);
+    assert_eq!((status, text.as_str()), (200, ""));
+    let (status, text) = server.request("GET", "/v1/features/u0000073", None, &[]);
+    assert_eq!(status, 200, "{text}");
     server.stop_gracefully();
     let logged: Vec<String> = std::fs::read_dir(dir.path().join("store/served_log"))
         .unwrap()
         .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
         .collect();
-    assert!(logged.concat().contains("\"u0000071\""), "{logged:?}");
+    let logged = logged.concat();
+    assert!(logged.contains("\"u0000071\""), "{logged}");
+    assert!(logged.contains("\"u0000073\""), "{logged}");
+    assert!(!logged.contains("\"u0000072\""), "{logged}");
     // A flag wins over the file.
     let server = Server::start(
         &["--config", &config],
