@@ -1,13 +1,13 @@
 //! The batch side: each batch view's newest snapshot, held in memory in a compact columnar
 //! form and swapped atomically when a newer one is published.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use arrow::array::{AsArray, RecordBatch};
+use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, Int64Type};
 use duet_batch::publish::{Manifest, latest_manifest, manifest_at, read_snapshot};
 use duet_batch::store::Location;
@@ -33,7 +33,7 @@ pub struct LoadedSnapshot {
     pub manifest: Manifest,
     /// Its as-of instant, as the responses' time stamps write it.
     pub stamp: Stamp,
-    rows: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    rows: KeyIndex,
     kinds: Vec<Kind>,
     /// Words per row: the presence bits of the features, then one value per feature (the bits
     /// of an `i64` or an `f64`).
@@ -57,7 +57,7 @@ impl LoadedSnapshot {
             return Ok(LoadedSnapshot {
                 stamp: Stamp::new(&manifest.as_of),
                 manifest,
-                rows: HashMap::default(),
+                rows: KeyIndex::build(&StringArray::from(Vec::<&str>::new()))?,
                 kinds: vec![Kind::Missing; features],
                 width,
                 cells: Vec::new(),
@@ -67,15 +67,8 @@ impl LoadedSnapshot {
         let batch = arrow::compute::concat_batches(&schema, batches)
             .map_err(|e| Error::Internal(e.to_string()))?;
         let n = batch.num_rows();
-        let keys = batch.column(0).as_string::<i32>();
-        let mut rows = HashMap::with_capacity_and_hasher(n, Default::default());
-        let mut bytes = 0;
-        for i in 0..n {
-            let k: Box<str> = keys.value(i).into();
-            bytes += k.len();
-            rows.insert(k, i as u32);
-        }
-        bytes += table_bytes(&rows);
+        let rows = KeyIndex::build(batch.column(0).as_string::<i32>())?;
+        let mut bytes = rows.bytes();
         let mut kinds = Vec::with_capacity(features);
         let mut cells = vec![0u64; n * width];
         for (j, f) in view.features.iter().enumerate() {
@@ -137,7 +130,7 @@ impl LoadedSnapshot {
 
     /// The row of `key`, when the entity is in the snapshot.
     pub fn row(&self, key: &str) -> Option<usize> {
-        self.rows.get(key).map(|r| *r as usize)
+        self.rows.get(key).map(|r| r as usize)
     }
 
     /// Feature `index`'s value in `row` (from [`LoadedSnapshot::row`]).
@@ -427,14 +420,105 @@ fn free_when_unused(old: Arc<LoadedSnapshot>) {
     });
 }
 
-/// Heap bytes of a hash table's buckets: the table holds a power of two of them, at most
-/// 7/8 full, each an entry plus one control byte.
-fn table_bytes<K, V, S>(table: &HashMap<K, V, S>) -> usize {
-    if table.capacity() == 0 {
-        return 0;
+/// A snapshot's entity keys, for lookups: each key's length (LEB128) and bytes back to back,
+/// and a hash table of (row, where the key starts in the text). A bucket holds 8 bytes where a
+/// map of boxed keys would hold a 24-byte entry, no key is an allocation of its own, and a
+/// lookup reads the same three places (control bytes, bucket, key) as such a map.
+struct KeyIndex {
+    text: Vec<u8>,
+    /// (row, offset of its key in `text`).
+    rows: hashbrown::HashTable<(u32, u32)>,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl KeyIndex {
+    /// Indexes `keys` by row; a key given twice finds its last row.
+    fn build(keys: &StringArray) -> Result<KeyIndex> {
+        let size: usize = (0..keys.len())
+            .map(|i| {
+                let n = keys.value_length(i) as usize;
+                n + leb128_len(n)
+            })
+            .sum();
+        if u32::try_from(size).is_err() {
+            return Err(Error::Internal(format!(
+                "the snapshot's entity keys take {size} bytes, more than the 4 GiB one snapshot can hold"
+            )));
+        }
+        let mut text = Vec::with_capacity(size);
+        let hasher = foldhash::fast::RandomState::default();
+        let mut rows = hashbrown::HashTable::with_capacity(keys.len());
+        for row in 0..keys.len() {
+            let k = keys.value(row).as_bytes();
+            let offset = text.len() as u32;
+            let mut n = k.len();
+            while n >= 0x80 {
+                text.push((n as u8) | 0x80);
+                n >>= 7;
+            }
+            text.push(n as u8);
+            text.extend_from_slice(k);
+            let hash = hasher.hash_one(k);
+            match rows.find_mut(hash, |(_, o): &(u32, u32)| key_at(&text, *o) == k) {
+                Some(entry) => entry.0 = row as u32,
+                None => {
+                    rows.insert_unique(hash, (row as u32, offset), |(_, o): &(u32, u32)| {
+                        hasher.hash_one(key_at(&text, *o))
+                    });
+                }
+            }
+        }
+        Ok(KeyIndex { text, rows, hasher })
     }
-    let buckets = (table.capacity() * 8 / 7).next_power_of_two();
-    buckets * (std::mem::size_of::<(K, V)>() + 1)
+
+    /// The row of `key`.
+    fn get(&self, key: &str) -> Option<u32> {
+        let key = key.as_bytes();
+        self.rows
+            .find(self.hasher.hash_one(key), |(_, o)| {
+                key_at(&self.text, *o) == key
+            })
+            .map(|(row, _)| *row)
+    }
+
+    /// Distinct keys.
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Heap bytes held: the text, and every bucket of the table (a power of two of them, at
+    /// most 7/8 full, each 8 bytes and a control byte).
+    fn bytes(&self) -> usize {
+        let buckets = match self.rows.capacity() {
+            0 => 0,
+            c => (c * 8 / 7).next_power_of_two(),
+        };
+        self.text.capacity() + buckets * (8 + 1)
+    }
+}
+
+/// Bytes of `n` in LEB128.
+fn leb128_len(n: usize) -> usize {
+    (usize::BITS - (n | 1).leading_zeros()).div_ceil(7) as usize
+}
+
+/// The key written at `offset` of a [`KeyIndex`]'s text.
+fn key_at(text: &[u8], offset: u32) -> &[u8] {
+    let mut at = offset as usize;
+    let (mut n, mut shift) = (0usize, 0);
+    loop {
+        let b = text[at];
+        at += 1;
+        n |= usize::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return &text[at..at + n];
+        }
+        shift += 7;
+    }
 }
 
 #[cfg(test)]
@@ -458,18 +542,58 @@ mod tests {
     }
 
     #[test]
-    fn a_hash_table_counts_all_its_buckets_not_only_the_full_ones() {
-        let empty: HashMap<Box<str>, u32> = HashMap::new();
-        assert_eq!(table_bytes(&empty), 0);
-        // 100,000 keys need 131,072 buckets (a power of two, at most 7/8 full), each a 24-byte
-        // entry and a control byte: 32.8 bytes per key, not 24.
-        let mut rows: HashMap<Box<str>, u32> = HashMap::with_capacity(100_000);
-        for i in 0..100_000u32 {
-            rows.insert(format!("u{i:07}").into(), i);
+    fn the_key_index_counts_all_its_buckets_not_only_the_full_ones() {
+        let index = |keys: Vec<String>| KeyIndex::build(&StringArray::from(keys)).unwrap();
+        assert_eq!(index(Vec::new()).bytes(), 0);
+        // 100,000 keys of 8 bytes need 131,072 buckets (a power of two, at most 7/8 full), each
+        // 8 bytes and a control byte: 11.8 bytes per key, not 9; plus the key and its length's
+        // byte.
+        let big = index((0..100_000).map(|i| format!("u{i:07}")).collect());
+        assert_eq!(big.bytes(), 100_000 * 9 + 131_072 * 9);
+        let small = index(vec!["a".into(), "bb".into(), "ccc".into()]);
+        assert_eq!(small.bytes(), 6 + 3 + 4 * 9);
+    }
+
+    #[test]
+    fn the_key_index_finds_every_key_and_only_those() {
+        // Lengths of one, two and three LEB128 bytes.
+        let (long, longer) = ("k".repeat(200), "q".repeat(20_000));
+        let keys = ["u1", "", "u10", "u1\u{0}", "é", "u10", &long, &longer];
+        let index = KeyIndex::build(&StringArray::from(keys.to_vec())).unwrap();
+        // `u10` twice: its last row; the empty key is a key like any other.
+        assert_eq!(index.len(), 7);
+        for (key, row) in [
+            ("u1", 0),
+            ("", 1),
+            ("u1\u{0}", 3),
+            ("é", 4),
+            ("u10", 5),
+            (&long, 6),
+            (&longer, 7),
+        ] {
+            assert_eq!(index.get(key), Some(row), "{key:?}");
         }
-        assert_eq!(table_bytes(&rows), 131_072 * 25);
-        let small: HashMap<Box<str>, u32> = HashMap::with_capacity(3);
-        assert_eq!(table_bytes(&small), 4 * 25);
+        for absent in ["u", "u100", "U1", "e", " u1", &long[1..], &longer[1..]] {
+            assert_eq!(index.get(absent), None, "{absent:?}");
+        }
+        for n in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as usize] {
+            let written = {
+                let (mut v, mut m) = (Vec::new(), n);
+                while m >= 0x80 {
+                    v.push((m as u8) | 0x80);
+                    m >>= 7;
+                }
+                v.push(m as u8);
+                v.len()
+            };
+            assert_eq!(leb128_len(n), written, "{n}");
+        }
+        // Keys sliced out of a larger array: the text starts at the slice's first key.
+        let all = StringArray::from(vec!["x", "yy", "zzz", "w"]);
+        let index = KeyIndex::build(&all.slice(1, 2)).unwrap();
+        assert_eq!((index.get("yy"), index.get("zzz")), (Some(0), Some(1)));
+        assert_eq!((index.get("x"), index.get("w")), (None, None));
+        assert_eq!(index.text, b"\x02yy\x03zzz");
     }
 
     /// A view of `n` features alternating int and float, and a batch holding every other one.
