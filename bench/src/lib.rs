@@ -240,6 +240,28 @@ impl Conn {
             .unwrap()
     }
 
+    /// Sends one Redis command (RESP) and reads its reply, which must be a bulk string or nil.
+    pub async fn redis(&mut self, cmd: &[u8]) {
+        self.s.write_all(cmd).await.unwrap();
+        self.buf.clear();
+        loop {
+            self.fill().await;
+            let Some(line) = self.buf.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            assert_eq!(self.buf[0], b'$', "not a bulk reply: {:?}", self.buf);
+            let len: i64 = std::str::from_utf8(&self.buf[1..line])
+                .unwrap()
+                .parse()
+                .unwrap();
+            let end = line + 2 + usize::try_from(len).map_or(0, |n| n + 2);
+            while self.buf.len() < end {
+                self.fill().await;
+            }
+            return;
+        }
+    }
+
     /// Reads what has arrived onto the end of the buffer.
     async fn fill(&mut self) {
         if self.buf.capacity() - self.buf.len() < 16384 {
@@ -329,10 +351,16 @@ pub fn speed_until_idle(bin: &str, brokers: &str, topic: &str, redis: &str, pref
 
 /// Starts `duet serve` on `addr` over `store` and the state under `prefix`, logging a fraction
 /// `log_sample` of the served vectors, and waits until it accepts connections.
-pub fn start_serve(
+pub fn start_serve(bin: &str, args: [&str; 4], log_sample: &str) -> std::process::Child {
+    start_serve_with(bin, args, log_sample, &[])
+}
+
+/// [`start_serve`] with more environment variables for the server.
+pub fn start_serve_with(
     bin: &str,
     [store, redis, prefix, addr]: [&str; 4],
     log_sample: &str,
+    env: &[(&str, &str)],
 ) -> std::process::Child {
     let child = Command::new(bin)
         .args([
@@ -349,6 +377,7 @@ pub fn start_serve(
             log_sample,
         ])
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("duet serve runs");

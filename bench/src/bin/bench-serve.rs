@@ -1,6 +1,7 @@
 //! The feature server under load: requests/s and p50/p99/p99.9 for 1 entity × all 14 features
 //! and for 100 entities per request, beside `redis-benchmark` GET at the same concurrency; and the
-//! resident memory the batch snapshot adds to the server.
+//! resident memory the batch snapshot adds to the server. The run at half of peak load is repeated
+//! against Redis (GET, same generator, same rate) as a baseline of the generator's own delays.
 //!
 //! Usage: bench-serve --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--users 100000] [--connections 16]
@@ -74,12 +75,17 @@ struct Paced {
 /// those round up to whole milliseconds, so connections pacing themselves with them would wake
 /// on the same ticks and send their requests in bursts. The thread is late by up to the
 /// kernel's timer slack (50 µs), plus any wait for a core; its lateness is returned.
+///
+/// `redis`: the requests are Redis commands, sent to Redis itself. That is the baseline: the
+/// same generator and machine at the same rate against a server whose every answer takes a few
+/// microseconds, so what it measures from when due is mostly the generator's own delays.
 async fn paced(
     addr: &str,
     reqs: Arc<Vec<Vec<u8>>>,
     connections: usize,
     secs: u64,
     rate: f64,
+    redis: bool,
 ) -> Paced {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     // Connections with a request in flight, or taken from the channel and about to be written.
@@ -124,9 +130,12 @@ async fn paced(
                 };
                 busy.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                let status = conn.post(&reqs[i % reqs.len()]).await;
+                if redis {
+                    conn.redis(&reqs[i % reqs.len()]).await;
+                } else {
+                    assert_eq!(conn.post(&reqs[i % reqs.len()]).await, 200);
+                }
                 busy.fetch_sub(1, Ordering::Relaxed);
-                assert_eq!(status, 200);
                 sent.push(t.elapsed());
                 due.push(at.elapsed());
                 dispatch.push(t - at);
@@ -295,19 +304,78 @@ async fn main() {
     speed_until_idle(&bin, &brokers, &topic, &redis, &prefix);
     duet_bench::kafka::delete_topics(&brokers, &[&topic]).await;
 
+    // A second, smaller snapshot (a fifth of the users) for the memory measurement below.
+    duet(
+        &bin,
+        &[
+            "generate",
+            "--users",
+            &(users / 5).to_string(),
+            "--days",
+            "30",
+            "--events",
+            &(users / 5 * 15).to_string(),
+            "--end",
+            &duet_spec::timestamp::format_ms(end - 2 * 3_600_000),
+            "--out",
+            &d("small-events/history.parquet"),
+        ],
+    );
+    duet(
+        &bin,
+        &[
+            "batch",
+            "run",
+            "--as-of",
+            &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000),
+            "--events",
+            &d("small-events"),
+            "--store",
+            &d("small-store"),
+            "--no-progress",
+        ],
+    );
+
     let addr = "127.0.0.1:18080";
-    // The snapshot's memory, measured: the server's resident memory with the snapshot loaded,
-    // less that of the same server over an empty store. The server loads the snapshot before
-    // it listens.
+    // The snapshot's memory, measured: a server's resident memory (it loads its snapshot before
+    // it listens) over the same server with an empty store.
+    // - Per entity: the slope between two snapshot sizes, so what every server holds once it
+    //   has loaded any snapshot (the Parquet reader, say) is not spread over the entities.
+    //   These servers run with jemalloc returning freed pages at once, so the loader's freed
+    //   memory is not counted either.
+    // - As deployed (jemalloc's default 10 s decay): 2 s and 15 s after loading, and after the
+    //   load runs, over a server with an empty store 15 s after it started.
     std::fs::create_dir_all(d("empty-store")).unwrap();
-    let mut bare = start_serve(&bin, [&d("empty-store"), &redis, &prefix, addr], "0");
-    std::thread::sleep(Duration::from_secs(2));
-    let bare_kib = rss_kib(bare.id());
-    let _ = bare.kill();
-    let _ = bare.wait();
+    let resident = |store: String, wait: u64, env: &'static [(&'static str, &'static str)]| {
+        let args = [store, redis.clone(), prefix.clone(), addr.to_string()];
+        let bin = bin.clone();
+        async move {
+            let [store, redis, prefix, addr] = &args;
+            let mut server =
+                duet_bench::start_serve_with(&bin, [store, redis, prefix, addr], "0", env);
+            std::thread::sleep(Duration::from_secs(wait));
+            let kib = rss_kib(server.id());
+            let scrape = duet_bench::metrics(addr).await;
+            let _ = server.kill();
+            let _ = server.wait();
+            (
+                kib,
+                duet_bench::metric(&scrape, "duet_serve_snapshot_entities"),
+            )
+        }
+    };
+    const PROMPT: &[(&str, &str)] = &[("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")];
+    let (bare_prompt, _) = resident(d("empty-store"), 4, PROMPT).await;
+    let (small_kib, small_n) = resident(d("small-store"), 4, PROMPT).await;
+    let (full_kib, full_n) = resident(d("store"), 4, PROMPT).await;
+    let slope = (full_kib as f64 - small_kib as f64) * 1024.0 / (full_n - small_n).max(1.0);
+    let fixed = (small_kib as f64 - bare_prompt as f64) * 1024.0 - slope * small_n;
+    let (bare_kib, _) = resident(d("empty-store"), 15, &[]).await;
     let mut server = start_serve(&bin, [&d("store"), &redis, &prefix, addr], "0");
     std::thread::sleep(Duration::from_secs(2));
     let loaded_kib = rss_kib(server.id());
+    std::thread::sleep(Duration::from_secs(13));
+    let settled_kib = rss_kib(server.id());
     let scrape = duet_bench::metrics(addr).await;
     let entities = duet_bench::metric(&scrape, "duet_serve_snapshot_entities");
     let computed = duet_bench::metric(&scrape, "duet_serve_snapshot_bytes");
@@ -344,7 +412,19 @@ async fn main() {
     order.sort_by(|&a, &b| (rounds[a].0 / rounds[a].2).total_cmp(&(rounds[b].0 / rounds[b].2)));
     let (peak, lat_peak, redis_get) = &rounds[order[order.len() / 2]];
     let (peak, redis_get) = (*peak, *redis_get);
-    let half = paced(addr, one.clone(), connections, 10, peak / 2.0).await;
+    let half = paced(addr, one.clone(), connections, 10, peak / 2.0, false).await;
+    // The baseline of the half-load run: Redis GETs (of a key that does not exist, as
+    // redis-benchmark's) from the same generator at the same rate.
+    let redis_addr = redis
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let get = Arc::new(vec![
+        b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n".to_vec(),
+    ]);
+    let half_redis = paced(&redis_addr, get, connections, 10, peak / 2.0, true).await;
     let (rate100, lat100) = load(addr, hundred.clone(), connections, 10).await;
     let after_kib = rss_kib(server.id());
     let _ = server.kill();
@@ -390,6 +470,25 @@ async fn main() {
         half.late.len()
     );
     println!(
+        "  baseline: Redis GET, same generator and rate {:>9.0} req/s  {}   (from the write)",
+        half_redis.rate,
+        tails(&half_redis.sent)
+    );
+    println!(
+        "    the same, from when each request was due   {}",
+        tails(&half_redis.due)
+    );
+    println!(
+        "    the pacer's lateness                       {}",
+        tails(&half_redis.late)
+    );
+    println!(
+        "    the wait from when due to the write        {}   ({} of {} requests were due while all {connections} connections had one in flight)",
+        tails(&half_redis.dispatch),
+        half_redis.all_busy,
+        half_redis.late.len()
+    );
+    println!(
         "  100 entities x 14 features            {:>9.0} req/s  {}   (target p99 ≤ 10 ms)",
         rate100,
         tails(&lat100)
@@ -404,12 +503,18 @@ async fn main() {
     );
     let per_entity = |kib: u64| (kib.saturating_sub(bare_kib) * 1024) as f64 / entities.max(1.0);
     println!(
-        "  snapshot in memory: {entities:.0} entities; resident {:.1} MiB over a server without one ({:.0} bytes/entity) once loaded, {:.1} MiB ({:.0} bytes/entity) after the runs; computed from the layout (duet_serve_snapshot_bytes) {:.0} bytes/entity",
+        "  snapshot in memory, per entity: {slope:.0} bytes/entity resident (slope between snapshots of {small_n:.0} and {full_n:.0} entities, freed pages returned at once), plus {:.1} MiB once any snapshot is loaded; computed from the layout (duet_serve_snapshot_bytes) {:.0} bytes/entity",
+        fixed / 1_048_576.0,
+        computed / entities.max(1.0)
+    );
+    println!(
+        "  snapshot in memory, as deployed: {entities:.0} entities; resident {:.1} MiB over a server without one ({:.0} bytes/entity) 2 s after loading, {:.1} MiB ({:.0} bytes/entity) 15 s after, {:.1} MiB ({:.0} bytes/entity) after the runs",
         loaded_kib.saturating_sub(bare_kib) as f64 / 1024.0,
         per_entity(loaded_kib),
+        settled_kib.saturating_sub(bare_kib) as f64 / 1024.0,
+        per_entity(settled_kib),
         after_kib.saturating_sub(bare_kib) as f64 / 1024.0,
         per_entity(after_kib),
-        computed / entities.max(1.0)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
