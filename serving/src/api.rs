@@ -872,14 +872,14 @@ pub fn openapi(spec: &Spec, max_entities: usize) -> Json_ {
               ],
               "properties": {
                 "features": {"type": "array", "nullable": true, "items": {"type": "string"},
-                    "description": "`view:feature` references (a bare feature name means the first view, in spec order, that has it); an unknown one is a 404, two giving the same column a 400. Ignored when `feature_service` is given.",
+                    "description": "`view:feature` references; an unknown one is a 404, two giving the same column a 400. Ignored when `feature_service` is given. (The server also takes a bare feature name, meaning the first view in spec order that has it; this schema lists only the `view:feature` form, since a bare name and its reference give the same column.)",
                     "example": ["user_batch:txn_count_90d", "user_realtime:txn_count_1h"]},
                 "feature_service": {"type": "string", "nullable": true,
                     "description": "A view's name: all of its features. An unknown one is a 404."},
                 "entities": entities,
                 "full_feature_names": {"type": "boolean"},
                 "as_of": {"type": "string", "format": "date-time", "nullable": true,
-                    "description": "Evaluate as of this instant (RFC 3339, any UTC offset) instead of now."}
+                    "description": "Evaluate as of this instant (RFC 3339, any UTC offset; a leap second, `:60`, is refused) instead of now."}
             }},
             "FeastResponse": {"type": "object", "properties": {
                 "metadata": {"type": "object", "properties": {"feature_names": {"type": "array", "items": {"type": "string"}}}},
