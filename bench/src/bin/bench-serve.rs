@@ -227,36 +227,40 @@ async fn main() {
 
     // A day of history for every user, and the last two hours streamed through the speed layer.
     let end = now_ms() - 60_000;
-    duet(
-        &bin,
-        &[
-            "generate",
-            "--users",
-            &users.to_string(),
-            "--days",
-            "30",
-            "--events",
-            &(users * 15).to_string(),
-            "--end",
-            &duet_spec::timestamp::format_ms(end - 2 * 3_600_000),
-            "--out",
-            &d("events/history.parquet"),
-        ],
-    );
-    duet(
-        &bin,
-        &[
-            "batch",
-            "run",
-            "--as-of",
-            &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000),
-            "--events",
-            &d("events"),
-            "--store",
-            &d("store"),
-            "--no-progress",
-        ],
-    );
+    // `n` users' history in `<dir>-events`, and its snapshot in `<dir>-store`.
+    let history = |n: u64, dir: &str| {
+        duet(
+            &bin,
+            &[
+                "generate",
+                "--users",
+                &n.to_string(),
+                "--days",
+                "30",
+                "--events",
+                &(n * 15).to_string(),
+                "--end",
+                &duet_spec::timestamp::format_ms(end - 2 * 3_600_000),
+                "--out",
+                &d(&format!("{dir}-events/history.parquet")),
+            ],
+        );
+        duet(
+            &bin,
+            &[
+                "batch",
+                "run",
+                "--as-of",
+                &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000),
+                "--events",
+                &d(&format!("{dir}-events")),
+                "--store",
+                &d(&format!("{dir}-store")),
+                "--no-progress",
+            ],
+        );
+    };
+    history(users, "full");
     let topic = format!("bench-serve-{}", now_ms());
     duet_bench::kafka::create_topic(&brokers, &topic, 4).await;
     duet(
@@ -305,36 +309,7 @@ async fn main() {
     duet_bench::kafka::delete_topics(&brokers, &[&topic]).await;
 
     // A second, smaller snapshot (a fifth of the users) for the memory measurement below.
-    duet(
-        &bin,
-        &[
-            "generate",
-            "--users",
-            &(users / 5).to_string(),
-            "--days",
-            "30",
-            "--events",
-            &(users / 5 * 15).to_string(),
-            "--end",
-            &duet_spec::timestamp::format_ms(end - 2 * 3_600_000),
-            "--out",
-            &d("small-events/history.parquet"),
-        ],
-    );
-    duet(
-        &bin,
-        &[
-            "batch",
-            "run",
-            "--as-of",
-            &duet_spec::timestamp::format_ms(end / 86_400_000 * 86_400_000),
-            "--events",
-            &d("small-events"),
-            "--store",
-            &d("small-store"),
-            "--no-progress",
-        ],
-    );
+    history(users / 5, "small");
 
     let addr = "127.0.0.1:18080";
     // The snapshot's memory, measured: a server's resident memory (it loads its snapshot before
@@ -367,11 +342,11 @@ async fn main() {
     const PROMPT: &[(&str, &str)] = &[("_RJEM_MALLOC_CONF", "dirty_decay_ms:0,muzzy_decay_ms:0")];
     let (bare_prompt, _) = resident(d("empty-store"), 4, PROMPT).await;
     let (small_kib, small_n) = resident(d("small-store"), 4, PROMPT).await;
-    let (full_kib, full_n) = resident(d("store"), 4, PROMPT).await;
+    let (full_kib, full_n) = resident(d("full-store"), 4, PROMPT).await;
     let slope = (full_kib as f64 - small_kib as f64) * 1024.0 / (full_n - small_n).max(1.0);
     let fixed = (small_kib as f64 - bare_prompt as f64) * 1024.0 - slope * small_n;
     let (bare_kib, _) = resident(d("empty-store"), 15, &[]).await;
-    let mut server = start_serve(&bin, [&d("store"), &redis, &prefix, addr], "0");
+    let mut server = start_serve(&bin, [&d("full-store"), &redis, &prefix, addr], "0");
     std::thread::sleep(Duration::from_secs(2));
     let loaded_kib = rss_kib(server.id());
     std::thread::sleep(Duration::from_secs(13));
