@@ -222,19 +222,7 @@ async fn check_names_injected_faults_and_passes_clean_data() {
     // Fault 4: D is served from yesterday's snapshot, today's is published afterwards.
     publish(dir.path(), &store, today - DAY_MS);
     {
-        let server = Server::start(
-            &[],
-            &[
-                "--store",
-                &store,
-                "--redis",
-                &redis_url(),
-                "--prefix",
-                &prefix,
-                "--log-sample",
-                "1",
-            ],
-        );
+        let server = Server::over(&store, &prefix, &["--log-sample", "1"]);
         let (status, body) = server.request("GET", &format!("/v1/features/{d}"), None, &[]);
         assert_eq!(status, 200, "{body}");
         server.stop_gracefully();

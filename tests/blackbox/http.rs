@@ -18,6 +18,15 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `duet serve` over `store` and the test Redis's state under `prefix`, with `more`
+    /// flags (see [`Server::start`]).
+    pub fn over(store: &str, prefix: &str, more: &[&str]) -> Server {
+        let redis = crate::kafka::redis_url();
+        let mut args = vec!["--store", store, "--redis", &redis, "--prefix", prefix];
+        args.extend_from_slice(more);
+        Server::start(&[], &args)
+    }
+
     /// Starts `duet [global] serve [args] --listen 127.0.0.1:0` and waits until it listens.
     ///
     /// Unless `args` set `--redis-timeout-ms`, the server gets 5 s: these tests check values,

@@ -227,20 +227,10 @@ fn feast_client_format_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
     let prefix = format!("{}:", unique("fmt"));
-    let server = Server::start(
-        &[],
-        &[
-            "--store",
-            &store,
-            "--redis",
-            &redis_url(),
-            "--prefix",
-            &prefix,
-            "--max-entities",
-            "3",
-            "--max-body-bytes",
-            "2000",
-        ],
+    let server = Server::over(
+        &store,
+        &prefix,
+        &["--max-entities", "3", "--max-body-bytes", "2000"],
     );
     // Exactly what Feast's RemoteOnlineStore sends (sdk/python/feast/infra/online_stores/remote.py).
     let (status, body) = server.features(&serde_json::json!({
@@ -818,19 +808,7 @@ fn schemathesis_finds_no_failure_against_the_openapi_document() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
     let prefix = format!("{}:", unique("st"));
-    let server = Server::start(
-        &[],
-        &[
-            "--store",
-            &store,
-            "--redis",
-            &redis_url(),
-            "--prefix",
-            &prefix,
-            "--max-entities",
-            "5",
-        ],
-    );
+    let server = Server::over(&store, &prefix, &["--max-entities", "5"]);
     let out = std::process::Command::new(&st)
         .args([
             "--no-color",
