@@ -328,28 +328,11 @@ mod tests {
         }
         shutdown.cancel();
         task.await.unwrap();
-        let files: Vec<_> = store
-            .store
-            .list(Some(&store.child(LOG_DIR)))
-            .try_collect()
-            .await
-            .unwrap();
+        let files = records_per_file(&store).await;
         let mut written = 0;
-        for f in &files {
-            let bytes = store
-                .store
-                .get(&f.location)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap();
-            let lines = bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count();
-            assert!(lines <= 10, "{} holds {lines} records", f.location);
-            written += lines as u64;
+        for (file, lines) in &files {
+            assert!(*lines <= 10, "{file} holds {lines} records");
+            written += *lines as u64;
         }
         // The flush interval never came: files were cut at the capacity.
         assert!(files.len() >= 2, "{files:?}");
@@ -363,6 +346,33 @@ mod tests {
             BTreeMap::from([("a".into(), Value::Int(3)), ("c".into(), Value::Null)])
         );
         assert_eq!(r.snapshots, BTreeMap::from([("w".into(), 7)]));
+    }
+
+    /// Each file of the log in `store`, with the records it holds.
+    async fn records_per_file(store: &Location) -> Vec<(object_store::path::Path, usize)> {
+        let files: Vec<_> = store
+            .store
+            .list(Some(&store.child(LOG_DIR)))
+            .try_collect()
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for f in files {
+            let bytes = store
+                .store
+                .get(&f.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let lines = bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
+            out.push((f.location, lines));
+        }
+        out
     }
 
     #[tokio::test]
@@ -388,30 +398,8 @@ mod tests {
             task.await.unwrap();
             let read = read_all(&store).await.unwrap();
             assert_eq!(read.len(), 15, "round {round}");
-            let files: Vec<_> = store
-                .store
-                .list(Some(&store.child(LOG_DIR)))
-                .try_collect()
-                .await
-                .unwrap();
-            for f in &files {
-                let bytes = store
-                    .store
-                    .get(&f.location)
-                    .await
-                    .unwrap()
-                    .bytes()
-                    .await
-                    .unwrap();
-                let lines = bytes
-                    .split(|b| *b == b'\n')
-                    .filter(|l| !l.is_empty())
-                    .count();
-                assert!(
-                    lines <= 10,
-                    "round {round}: {} holds {lines} records",
-                    f.location
-                );
+            for (file, lines) in records_per_file(&store).await {
+                assert!(lines <= 10, "round {round}: {file} holds {lines} records");
             }
         }
     }
