@@ -451,12 +451,7 @@ impl KeyIndex {
         for row in 0..keys.len() {
             let k = keys.value(row).as_bytes();
             let offset = text.len() as u32;
-            let mut n = k.len();
-            while n >= 0x80 {
-                text.push((n as u8) | 0x80);
-                n >>= 7;
-            }
-            text.push(n as u8);
+            push_leb128(&mut text, k.len());
             text.extend_from_slice(k);
             let hash = hasher.hash_one(k);
             match rows.find_mut(hash, |(_, o): &(u32, u32)| key_at(&text, *o) == k) {
@@ -499,6 +494,15 @@ impl KeyIndex {
         };
         self.text.capacity() + buckets * (8 + 1)
     }
+}
+
+/// Appends `n` in LEB128: seven bits a byte, low first, the high bit set on all but the last.
+fn push_leb128(text: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        text.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    text.push(n as u8);
 }
 
 /// Bytes of `n` in LEB128.
@@ -576,17 +580,23 @@ mod tests {
         for absent in ["u", "u100", "U1", "e", " u1", &long[1..], &longer[1..]] {
             assert_eq!(index.get(absent), None, "{absent:?}");
         }
-        for n in [0, 1, 127, 128, 16_383, 16_384, u32::MAX as usize] {
-            let written = {
-                let (mut v, mut m) = (Vec::new(), n);
-                while m >= 0x80 {
-                    v.push((m as u8) | 0x80);
-                    m >>= 7;
-                }
-                v.push(m as u8);
-                v.len()
-            };
-            assert_eq!(leb128_len(n), written, "{n}");
+        for (n, len) in [
+            (0, 1),
+            (1, 1),
+            (127, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            (u32::MAX as usize, 5),
+        ] {
+            let mut written = Vec::new();
+            push_leb128(&mut written, n);
+            assert_eq!((leb128_len(n), written.len()), (len, len), "{n}");
+            // Read back: a key of `n` bytes after its length.
+            if n <= 16_384 {
+                written.resize(len + n, b'k');
+                assert_eq!(key_at(&written, 0).len(), n, "{n}");
+            }
         }
         // Keys sliced out of a larger array: the text starts at the slice's first key.
         let all = StringArray::from(vec!["x", "yy", "zzz", "w"]);
