@@ -411,8 +411,13 @@ impl RedisStore {
         url: &str,
         timeout: Duration,
     ) -> Result<(redis::Client, redis::aio::ConnectionManagerConfig)> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::BadInput(format!("--redis `{url}`: {e}")))?;
+        let bad = |e: redis::RedisError| Error::BadInput(format!("--redis `{url}`: {e}"));
+        // TCP_NODELAY, which redis-rs leaves off: with Nagle's algorithm a command written
+        // while an earlier one is unacknowledged waits for that acknowledgement, which comes
+        // with Redis's reply (or a delayed ACK), so requests queue behind each other's round trips.
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(bad)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(bad)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -772,7 +777,22 @@ impl StateStore for AnyStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{CAS_SCRIPT, CasWrite, Stored, cas_call, hash_slot};
+    use super::{CAS_SCRIPT, CasWrite, RedisStore, Stored, cas_call, hash_slot};
+
+    #[test]
+    fn redis_connections_turn_off_nagles_algorithm_and_bad_urls_name_the_flag() {
+        let timeout = std::time::Duration::from_secs(1);
+        let (client, _) = RedisStore::client("redis://127.0.0.1:6379/2", timeout).unwrap();
+        // Nagle's algorithm off: a command is not held back until the previous one is acked.
+        assert!(client.get_connection_info().tcp_settings().nodelay());
+        let Err(e) = RedisStore::client("http://127.0.0.1:6379", timeout) else {
+            panic!("an http URL is not a Redis URL");
+        };
+        assert!(
+            e.to_string().contains("--redis `http://127.0.0.1:6379`"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_compare_and_set_call_sends_what_a_script_invocation_would() {
