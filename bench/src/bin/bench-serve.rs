@@ -2,6 +2,8 @@
 //! and for 100 entities per request, beside `redis-benchmark` GET at the same concurrency; and the
 //! resident memory the batch snapshot adds to the server. The run at half of peak load is repeated
 //! against Redis (GET, same generator, same rate) as a baseline of the generator's own delays.
+//! Each closed-loop round also prints where the machine's CPU went, per request: the server's
+//! user and system time, Redis's, the generator's, and the whole machine's.
 //!
 //! Usage: bench-serve --duet target/release/duet [--brokers 127.0.0.1:9092]
 //!        [--redis redis://127.0.0.1:6379] [--users 100000] [--connections 16]
@@ -187,6 +189,112 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// A process's CPU time so far, user and system, in clock ticks (1/100 s), from
+/// `/proc/<pid>/stat`.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses and may hold spaces: the
+    // first of them is the line's third field, so utime (14th) and stime (15th) are 11 and 12.
+    let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let field = |i: usize| {
+        rest.split_whitespace()
+            .nth(i)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field(11), field(12))
+}
+
+/// The whole machine's CPU time so far, in clock ticks: `user nice system idle iowait irq
+/// softirq steal …` from the first line of `/proc/stat`.
+fn machine_ticks() -> Vec<u64> {
+    std::fs::read_to_string("/proc/stat")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap_or(0))
+        .collect()
+}
+
+/// Where the machine's CPU went during a run: the server's, Redis's and the generator's own
+/// time, and the machine's, so each can be put per request.
+struct CpuUse {
+    server: (u64, u64),
+    redis: Option<(u64, u64)>,
+    generator: (u64, u64),
+    machine: Vec<u64>,
+}
+
+impl CpuUse {
+    fn now(server: u32, redis: Option<u32>) -> CpuUse {
+        CpuUse {
+            server: cpu_ticks(server),
+            redis: redis.map(cpu_ticks),
+            generator: cpu_ticks(std::process::id()),
+            machine: machine_ticks(),
+        }
+    }
+
+    /// `since`..now, per request in µs: the server's user and system time, Redis's and the
+    /// generator's time, the machine's softirq time (the kernel's network processing), the
+    /// machine's busy time and its idle share.
+    ///
+    /// Softirq time is not an extra part: on a kernel without IRQ time accounting (such as
+    /// this project's VMs), softirq work done while a process runs is also in that process's
+    /// system time. The processes' times add up to the machine's busy time without it.
+    fn per_request(&self, since: &CpuUse, requests: usize) -> String {
+        let us = |ticks: u64| ticks as f64 * 10_000.0 / requests.max(1) as f64;
+        let spent = |now: (u64, u64), then: (u64, u64)| {
+            (now.0.saturating_sub(then.0), now.1.saturating_sub(then.1))
+        };
+        let (user, system) = spent(self.server, since.server);
+        let redis = match (self.redis, since.redis) {
+            (Some(now), Some(then)) => {
+                let (u, s) = spent(now, then);
+                format!("{:.1} µs", us(u + s))
+            }
+            _ => "not local".to_string(),
+        };
+        let generator = spent(self.generator, since.generator);
+        let m = |i: usize| {
+            let at = |ticks: &[u64]| ticks.get(i).copied().unwrap_or(0);
+            at(&self.machine).saturating_sub(at(&since.machine))
+        };
+        // user nice system idle iowait irq softirq steal; guest time is already in user and
+        // nice, and stolen time is neither busy nor idle here.
+        let total: u64 = (0..7).map(m).sum();
+        let idle = m(3) + m(4);
+        format!(
+            "duet {:.1} µs (user {:.1}, system {:.1}), Redis {redis}, generator {:.1}; machine busy {:.1} µs (softirq {:.1} of it), idle {:.0}%, stolen {:.1} µs",
+            us(user + system),
+            us(user),
+            us(system),
+            us(generator.0 + generator.1),
+            us(total - idle),
+            us(m(6)),
+            100.0 * idle as f64 / total.max(1) as f64,
+            us(m(7))
+        )
+    }
+}
+
+/// The pid of the Redis server at `url`, when it runs on this machine.
+fn redis_pid(url: &str) -> Option<u32> {
+    let mut con = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+    let pid: u32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    comm.starts_with("redis").then_some(pid)
 }
 
 fn redis_benchmark(connections: usize) -> f64 {
@@ -377,15 +485,18 @@ async fn main() {
     // The closed loop and redis-benchmark take turns, three rounds: the machine's speed drifts
     // (a shared VM), and a ratio is only fair between runs made close together. Every round is
     // printed; the summary is the median round by ratio.
+    let redis_pid = redis_pid(&redis);
     let mut rounds = Vec::new();
     for _ in 0..3 {
+        let before = CpuUse::now(server.id(), redis_pid);
         let (rate, lat) = load(addr, one.clone(), connections, 10).await;
+        let cpu = CpuUse::now(server.id(), redis_pid).per_request(&before, lat.len());
         let redis_get = redis_benchmark(connections);
-        rounds.push((rate, lat, redis_get));
+        rounds.push((rate, lat, redis_get, cpu));
     }
     let mut order: Vec<usize> = (0..rounds.len()).collect();
     order.sort_by(|&a, &b| (rounds[a].0 / rounds[a].2).total_cmp(&(rounds[b].0 / rounds[b].2)));
-    let (peak, lat_peak, redis_get) = &rounds[order[order.len() / 2]];
+    let (peak, lat_peak, redis_get, _) = &rounds[order[order.len() / 2]];
     let (peak, redis_get) = (*peak, *redis_get);
     let half = paced(addr, one.clone(), connections, 10, peak / 2.0, false).await;
     // The baseline of the half-load run: Redis GETs (of a key that does not exist, as
@@ -409,7 +520,7 @@ async fn main() {
         "serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for (i, (rate, lat, get)) in rounds.iter().enumerate() {
+    for (i, (rate, lat, get, cpu)) in rounds.iter().enumerate() {
         println!(
             "  round {}: 1 entity closed loop {:>9.0} req/s  p99 {}; redis-benchmark GET {:>9.0} req/s; ratio {:.2}",
             i + 1,
@@ -418,6 +529,7 @@ async fn main() {
             get,
             rate / get
         );
+        println!("    CPU per request: {cpu}");
     }
     println!(
         "  1 entity x 14 features, closed loop   {:>9.0} req/s  {}   (median round)",
