@@ -241,12 +241,12 @@ impl CpuUse {
     }
 
     /// `since`..now, per request in µs: the server's user and system time, Redis's and the
-    /// generator's time, the machine's softirq time (the kernel's network processing), the
-    /// machine's busy time and its idle share.
+    /// generator's time, the machine's busy time with its softirq share (the kernel's network
+    /// processing), its idle share, and the time the hypervisor stole from it.
     ///
     /// Softirq time is not an extra part: on a kernel without IRQ time accounting (such as
     /// this project's VMs), softirq work done while a process runs is also in that process's
-    /// system time. The processes' times add up to the machine's busy time without it.
+    /// system time, so it is not to be added to the processes' times.
     fn per_request(&self, since: &CpuUse, requests: usize) -> String {
         let us = |ticks: u64| ticks as f64 * 10_000.0 / requests.max(1) as f64;
         let spent = |now: (u64, u64), then: (u64, u64)| {
