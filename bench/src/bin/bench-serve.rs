@@ -169,6 +169,27 @@ async fn paced(
     }
 }
 
+impl Paced {
+    /// The lines under a paced run's own: its latencies from when each request was due, the
+    /// pacer's lateness, and the wait from due to write with how often every connection was busy.
+    fn print_waits(&self, connections: usize) {
+        println!(
+            "    the same, from when each request was due   {}   (also counts the wait below)",
+            tails(&self.due)
+        );
+        println!(
+            "    the pacer's lateness                       {}",
+            tails(&self.late)
+        );
+        println!(
+            "    the wait from when due to the write        {}   ({} of {} requests were due while all {connections} connections had one in flight)",
+            tails(&self.dispatch),
+            self.all_busy,
+            self.late.len()
+        );
+    }
+}
+
 /// `p50 … p99 … p99.9 …` of sorted latencies.
 fn tails(sorted: &[Duration]) -> String {
     format!(
@@ -542,39 +563,13 @@ async fn main() {
         half.rate,
         tails(&half.sent)
     );
-    println!(
-        "    the same, from when each request was due   {}   (also counts the wait below)",
-        tails(&half.due)
-    );
-    println!(
-        "    the pacer's lateness                       {}",
-        tails(&half.late)
-    );
-    println!(
-        "    the wait from when due to the write        {}   ({} of {} requests were due while all {connections} connections had one in flight)",
-        tails(&half.dispatch),
-        half.all_busy,
-        half.late.len()
-    );
+    half.print_waits(connections);
     println!(
         "  baseline: Redis GET, same generator and rate {:>9.0} req/s  {}   (from the write)",
         half_redis.rate,
         tails(&half_redis.sent)
     );
-    println!(
-        "    the same, from when each request was due   {}",
-        tails(&half_redis.due)
-    );
-    println!(
-        "    the pacer's lateness                       {}",
-        tails(&half_redis.late)
-    );
-    println!(
-        "    the wait from when due to the write        {}   ({} of {} requests were due while all {connections} connections had one in flight)",
-        tails(&half_redis.dispatch),
-        half_redis.all_busy,
-        half_redis.late.len()
-    );
+    half_redis.print_waits(connections);
     println!(
         "  100 entities x 14 features            {:>9.0} req/s  {}   (target p99 ≤ 10 ms)",
         rate100,
