@@ -318,13 +318,25 @@ fn redis_pid(url: &str) -> Option<u32> {
     comm.starts_with("redis").then_some(pid)
 }
 
-fn redis_benchmark(connections: usize) -> f64 {
+/// The host and port of the Redis server at `url`, read as the `redis` crate reads it: the
+/// server redis-benchmark and the generator's Redis baseline are run against.
+fn redis_host_port(url: &str) -> (String, u16) {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .unwrap_or_else(|e| panic!("--redis `{url}`: {e}"));
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        _ => panic!("--redis `{url}`: the Redis baselines need a plain TCP (redis://) address"),
+    }
+}
+
+/// redis-benchmark's GET rate against the Redis server at `host`:`port`.
+fn redis_benchmark(host: &str, port: u16, connections: usize) -> f64 {
     let out = Command::new("redis-benchmark")
         .args([
             "-h",
-            "127.0.0.1",
+            host,
             "-p",
-            "6379",
+            &port.to_string(),
             "-t",
             "get",
             "-c",
@@ -348,6 +360,7 @@ async fn main() {
     let bin = arg("--duet", "target/release/duet");
     let brokers = arg("--brokers", "127.0.0.1:9092");
     let redis = arg("--redis", "redis://127.0.0.1:6379");
+    let (redis_host, redis_port) = redis_host_port(&redis);
     let users: u64 = arg("--users", "100000").parse().unwrap();
     let connections: usize = arg("--connections", "16").parse().unwrap();
     let dir = std::env::temp_dir().join(format!("duet-bench-serve-{}", now_ms()));
@@ -512,7 +525,7 @@ async fn main() {
         let before = CpuUse::now(server.id(), redis_pid);
         let (rate, lat) = load(addr, one.clone(), connections, 10).await;
         let cpu = CpuUse::now(server.id(), redis_pid).per_request(&before, lat.len());
-        let redis_get = redis_benchmark(connections);
+        let redis_get = redis_benchmark(&redis_host, redis_port, connections);
         rounds.push((rate, lat, redis_get, cpu));
     }
     let mut order: Vec<usize> = (0..rounds.len()).collect();
@@ -522,12 +535,7 @@ async fn main() {
     let half = paced(addr, one.clone(), connections, 10, peak / 2.0, false).await;
     // The baseline of the half-load run: Redis GETs (of a key that does not exist, as
     // redis-benchmark's) from the same generator at the same rate.
-    let redis_addr = redis
-        .trim_start_matches("redis://")
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let redis_addr = format!("{redis_host}:{redis_port}");
     let get = Arc::new(vec![
         b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n".to_vec(),
     ]);
