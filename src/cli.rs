@@ -315,12 +315,15 @@ pub enum EngineArg {
     Reference,
 }
 
-/// Sets up `tracing`: text on a terminal, JSON lines when asked; `RUST_LOG` filters.
+/// Sets up `tracing`: text (coloured only on a terminal, so a log file or a pipe gets plain
+/// text), JSON lines when asked; `RUST_LOG` filters.
 pub fn init_tracing(json: bool) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

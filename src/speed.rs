@@ -77,7 +77,7 @@ pub async fn dump(
     };
     let store = AnyStore::open(&redis, REDIS_TIMEOUT).await?;
     let plan = SpeedPlan::compile(&spec);
-    let d = duet_speed::dump::dump(&store, &plan, &prefix, t).await?;
+    let d = duet_speed::dump::dump(&store, &spec, &plan, &prefix, t).await?;
     let join_key = spec
         .entities
         .first()

@@ -262,6 +262,26 @@ impl Conn {
         }
     }
 
+    /// Sends one Redis command (RESP) whose reply must be a simple string (`+OK`), such as
+    /// `AUTH` or `SELECT`; an error reply (a wrong password, say) stops with its text.
+    pub async fn redis_ok(&mut self, cmd: &[u8]) {
+        self.s.write_all(cmd).await.unwrap();
+        self.buf.clear();
+        let line = loop {
+            self.fill().await;
+            if let Some(line) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                break line;
+            }
+        };
+        assert_eq!(
+            self.buf[0],
+            b'+',
+            "Redis refused {:?}: {}",
+            String::from_utf8_lossy(cmd.split(|b| *b == b'\n').nth(2).unwrap_or_default()).trim(),
+            String::from_utf8_lossy(&self.buf[..line])
+        );
+    }
+
     /// Reads what has arrived onto the end of the buffer.
     async fn fill(&mut self) {
         if self.buf.capacity() - self.buf.len() < 16384 {

@@ -176,7 +176,7 @@ pub async fn run_check_with(spec: &Spec, req: &CheckRequest, state: &AnyStore) -
         .features()
         .filter(|(v, _)| v.layer == Layer::Streaming)
         .collect();
-    let dump = duet_speed::dump::dump(state, &plan, &req.prefix, req.as_of).await?;
+    let dump = duet_speed::dump::dump(state, spec, &plan, &req.prefix, req.as_of).await?;
     let mut entities: Vec<String> = dump.entities.clone();
     entities.extend(dump.corrupt.iter().cloned());
     entities.extend(evidence.active_entities(req.as_of - plan.horizon, req.as_of));

@@ -128,6 +128,9 @@ pub enum Key<'a> {
     Int(i64),
     /// An integer above `i64::MAX`.
     UInt(u64),
+    /// A whole number written as a float (`5.0`, `5e0`), as keys from a float column arrive:
+    /// refused, with the integer to send instead (up to `u64::MAX`, so 128 bits).
+    WholeFloat(i128),
     /// Any other JSON value (its type, as an error names it).
     Other(&'static str),
 }
@@ -152,10 +155,12 @@ impl<'de> Visitor<'de> for TypeOf {
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         // An integer too large for 64 bits arrives as a float.
         const TWO_63: f64 = 9_223_372_036_854_775_808.0;
-        Ok(if v.fract() == 0.0 && (v >= 2.0 * TWO_63 || v <= -TWO_63) {
+        Ok(if v.fract() != 0.0 {
+            "a non-integer number"
+        } else if v >= 2.0 * TWO_63 || v <= -TWO_63 {
             "a number outside the 64-bit integer range"
         } else {
-            "a non-integer number"
+            "a number"
         })
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
@@ -201,7 +206,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
                 TypeOf.visit_bool(v).map(Key::Other)
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                TypeOf.visit_f64(v).map(Key::Other)
+                match TypeOf.visit_f64(v)? {
+                    // Whole and within -2^63..2^64, so the cast is exact.
+                    "a number" => Ok(Key::WholeFloat(v as i128)),
+                    kind => Ok(Key::Other(kind)),
+                }
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
                 TypeOf.visit_unit().map(Key::Other)
@@ -330,6 +339,9 @@ impl FeastRequest<'_> {
                 Key::Str(s) => Ok(Cow::Borrowed(&**s)),
                 Key::Int(n) => Ok(Cow::Owned(n.to_string())),
                 Key::UInt(n) => Ok(Cow::Owned(n.to_string())),
+                Key::WholeFloat(n) => Err(ApiError::bad(format!(
+                    "`entities.{key}[{i}]` is {n} written as a float, expected a string or an integer (send {n})"
+                ))),
                 Key::Other(kind) => Err(ApiError::bad(format!(
                     "`entities.{key}[{i}]` is {kind}, expected a string or an integer"
                 ))),
@@ -765,7 +777,7 @@ pub fn feast_response(req: &FeastRequest<'_>, key: &str, query: &Query, table: &
         Key::Str(s) => write_value(o, &**s),
         Key::Int(n) => write_value(o, n),
         Key::UInt(n) => write_value(o, n),
-        Key::Other(_) => o.extend_from_slice(b"null"),
+        Key::Other(_) | Key::WholeFloat(_) => o.extend_from_slice(b"null"),
     });
     out.extend_from_slice(b",\"statuses\":");
     write_array(&mut out, sent, |o, _| o.extend_from_slice(b"\"PRESENT\""));
@@ -998,6 +1010,27 @@ mod tests {
                 format!("`entities.user_id[2]` is {kind}, expected a string or an integer")
             );
         }
+        // A whole number written as a float (a pandas float column's keys) is refused with
+        // the integer to send; the bounds of the 64-bit range stay "outside".
+        for (sent, n) in [
+            ("5.0", "5"),
+            ("5e0", "5"),
+            ("-0.0", "0"),
+            ("1.5e3", "1500"),
+            ("-9.2e18", "-9200000000000000000"),
+            ("1e19", "10000000000000000000"),
+        ] {
+            assert_eq!(
+                err(&format!(r#"{{"entities": {{"user_id": [{sent}]}}}}"#)),
+                format!(
+                    "`entities.user_id[0]` is {n} written as a float, expected a string or an integer (send {n})"
+                )
+            );
+        }
+        assert_eq!(
+            err(r#"{"entities": {"user_id": 5.0}}"#),
+            "`entities.user_id` must be a list, such as [\"u1\", \"u2\"]"
+        );
         assert_eq!(
             err(r#"{"entities": {"user_id": "u1"}}"#),
             "`entities.user_id` must be a list, such as [\"u1\", \"u2\"]"

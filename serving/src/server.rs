@@ -18,8 +18,7 @@ use duet_spec::timestamp::{format_ms, parse_rfc3339_ms};
 use duet_spec::{Layer, Spec, Value};
 use duet_speed::metrics::{Counter, Histogram, LATENCY_BUCKETS};
 use duet_speed::plan::SpeedPlan;
-use duet_speed::processor::state_key;
-use duet_speed::state::EntityState;
+use duet_speed::processor::{history_key, state_key};
 use duet_speed::store::{AnyStore, StateStore};
 use serde_json::Value as J;
 use tokio_util::sync::CancellationToken;
@@ -108,6 +107,8 @@ pub struct App {
     view_names: Arc<[String]>,
     metrics: ServeMetrics,
     started: Instant,
+    /// `/openapi.json`, rendered once: it depends only on the spec and the limits.
+    openapi: axum::body::Bytes,
 }
 
 impl App {
@@ -143,7 +144,11 @@ impl App {
                 .map_err(|e| Error::Internal(e.message))?,
             (None, Vec::new(), false),
         );
+        let openapi = serde_json::to_vec(&openapi(&spec, config.max_entities))
+            .map_err(|e| Error::Internal(format!("cannot render the OpenAPI document: {e}")))?
+            .into();
         Ok(Arc::new(App {
+            openapi,
             view_names: spec.views.iter().map(|v| v.name.clone()).collect(),
             spec,
             plan,
@@ -269,41 +274,43 @@ impl App {
                 .iter()
                 .map(|e| state_key(&self.config.prefix, e.as_ref()))
                 .collect();
-            let fetched =
-                tokio::time::timeout(self.config.redis_timeout, state.get_many(&keys)).await;
+            // A past instant (`as_of`) may be older than what an entity's state holds: then
+            // its history, fetched in the same round trip, answers (when the spec keeps one).
+            // Not for an instant so recent that every state holds it: a state's boundary
+            // trails the watermark by the lateness, and the watermark runs at most the clock
+            // skew allowance ahead of this clock.
+            let recent = duet_speed::now_ms()
+                .saturating_sub(self.plan.lateness)
+                .saturating_add(duet_speed::processor::MAX_CLOCK_SKEW_MS);
+            let with_history = explicit && self.plan.history > 0 && t < recent;
+            let fetched = tokio::time::timeout(self.config.redis_timeout, async {
+                if with_history {
+                    let histories: Vec<String> = entities
+                        .iter()
+                        .map(|e| history_key(&self.config.prefix, e.as_ref()))
+                        .collect();
+                    state.get_many_with_history(&keys, &histories).await
+                } else {
+                    state.get_many(&keys).await.map(|v| (v, Vec::new()))
+                }
+            })
+            .await;
             // Per entity: its features' values, or `None` when its state cannot be read
             // (answered as INVALID, never as defaults). No state: nothing in any window.
             let rows: Option<Vec<Option<Vec<Value>>>> = match fetched {
-                Ok(Ok(values)) => Some(
-                    values
-                        .into_iter()
-                        .zip(entities)
-                        .map(|(v, e)| match v {
-                            None => Some(
-                                self.plan
-                                    .features
-                                    .iter()
-                                    .map(|f| f.feature.default)
-                                    .collect(),
-                            ),
-                            Some(v) => match EntityState::decode(&self.plan, e.as_ref(), &v.bytes)
-                            {
-                                Ok(s) => {
-                                    let ev = s.evaluate(&self.plan, t);
-                                    if !ev.exact {
-                                        self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    Some(ev.values)
-                                }
-                                Err(err) => {
-                                    self.metrics.corrupt_states.add(1);
-                                    tracing::warn!(entity = %e.as_ref(), error = %err, "unreadable streaming state");
-                                    None
-                                }
-                            },
-                        })
-                        .collect(),
-                ),
+                Ok(Ok((values, histories))) => {
+                    let mut histories = histories.into_iter();
+                    Some(
+                        values
+                            .into_iter()
+                            .zip(entities)
+                            .map(|(v, e)| {
+                                let history = histories.next();
+                                self.streaming_row(e.as_ref(), v, history, t)
+                            })
+                            .collect(),
+                    )
+                }
                 Ok(Err(e)) => {
                     self.metrics.redis_errors.add(1);
                     tracing::warn!(error = %e, "streaming state unavailable");
@@ -404,6 +411,38 @@ impl App {
             }
         }
         (table, used)
+    }
+
+    /// One entity's streaming values as of `t` from its stored state `v` and, for a past
+    /// instant, its history events before `t` (`None`: not fetched); `None` when what is
+    /// stored cannot be read.
+    fn streaming_row(
+        &self,
+        entity: &str,
+        v: Option<duet_speed::store::Versioned>,
+        history: Option<Vec<u8>>,
+        t: i64,
+    ) -> Option<Vec<Value>> {
+        match duet_speed::history::evaluate_stored(
+            &self.spec,
+            &self.plan,
+            entity,
+            v.as_ref().map(|v| v.bytes.as_slice()),
+            history.as_deref(),
+            t,
+        ) {
+            Ok((values, exact)) => {
+                if !exact {
+                    self.metrics.not_exact.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(values)
+            }
+            Err(err) => {
+                self.metrics.corrupt_states.add(1);
+                tracing::warn!(entity, error = %err, "unreadable streaming state or history");
+                None
+            }
+        }
     }
 
     /// One entity's merged vector as a flat JSON object (the join key, then every feature),
@@ -629,8 +668,11 @@ async fn entity_features(
 }
 
 async fn openapi_json(State(worker): State<Arc<Worker>>) -> Response {
-    let app = &worker.app;
-    axum::Json(openapi(&app.spec, app.config.max_entities)).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        worker.app.openapi.clone(),
+    )
+        .into_response()
 }
 
 async fn readyz(State(worker): State<Arc<Worker>>) -> Response {
@@ -732,7 +774,7 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     );
     counter(
         "duet_serve_inexact_total",
-        "Streaming values evaluated before an entity's state boundary.",
+        "Streaming values evaluated as of an instant older than an entity's state and history reach.",
         m.not_exact.load(Ordering::Relaxed),
     );
     if let Some(log) = &app.log {
@@ -805,9 +847,17 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| Error::BadInput(format!("--listen {listen}: {e}")))?;
+    // An address that is taken, or not this machine's, is a runtime failure (exit 1); one that
+    // cannot be an address at all is bad input (exit 2).
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+        let message = format!("--listen {listen}: {e}");
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse
+            | std::io::ErrorKind::AddrNotAvailable
+            | std::io::ErrorKind::PermissionDenied => Error::Internal(message),
+            _ => Error::BadInput(message),
+        }
+    })?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;

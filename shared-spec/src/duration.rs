@@ -36,6 +36,11 @@ impl Duration {
         self.ms
     }
 
+    /// True for a zero duration.
+    pub const fn is_zero(&self) -> bool {
+        self.ms == 0
+    }
+
     /// Parses `<integer><unit>` with unit one of `ms`, `s`, `m`, `h`, `d`.
     /// Returns a sentence fit for an error message when the text is not a duration.
     pub fn parse(text: &str) -> Result<Self, String> {

@@ -83,6 +83,10 @@ pub fn describe(spec: &Spec) -> String {
                 view.cadence,
                 view.ttl.map_or("none".to_string(), |t| t.to_string())
             ),
+            Layer::Streaming if view.history.as_ms() > 0 => format!(
+                "allowed lateness {}, history {}",
+                view.allowed_lateness, view.history
+            ),
             Layer::Streaming => format!("allowed lateness {}", view.allowed_lateness),
         };
         let _ = writeln!(

@@ -64,6 +64,14 @@ pub struct View {
     pub cadence: Duration,
     /// Streaming: how far behind the watermark an event may arrive and still count.
     pub allowed_lateness: Duration,
+    /// Streaming: how far behind the watermark the speed layer keeps every accepted event
+    /// beside the entity's state, so that evaluations as of earlier instants (the server's
+    /// `as_of`) stay exact that far back. Zero: none kept. Part of the streaming state's
+    /// fingerprint: a history must hold every event since the state's first, so changing it
+    /// needs a new prefix. Not serialized when zero, so a spec without one keeps the
+    /// fingerprint it had before `history` existed.
+    #[serde(skip_serializing_if = "Duration::is_zero")]
+    pub history: Duration,
     /// The features, in file order.
     pub features: Vec<Feature>,
 }

@@ -28,6 +28,7 @@ const VIEW_KEYS: &[&str] = &[
     "ttl",
     "cadence",
     "allowed_lateness",
+    "history",
     "description",
     "feature",
 ];
@@ -433,6 +434,7 @@ impl Parser<'_, '_> {
         let ttl = self.duration(t, "ttl");
         let cadence = self.duration(t, "cadence");
         let lateness = self.duration(t, "allowed_lateness");
+        let history = self.duration(t, "history");
         match layer {
             Layer::Streaming => {
                 for key in ["ttl", "cadence"] {
@@ -442,11 +444,13 @@ impl Parser<'_, '_> {
                 }
             }
             Layer::Batch => {
-                if let Some(span) = t.key_span("allowed_lateness") {
-                    self.err(
-                        &span,
-                        "`allowed_lateness` applies to streaming views only: remove it",
-                    );
+                for key in ["allowed_lateness", "history"] {
+                    if let Some(span) = t.key_span(key) {
+                        self.err(
+                            &span,
+                            format!("`{key}` applies to streaming views only: remove it"),
+                        );
+                    }
                 }
             }
         }
@@ -511,6 +515,7 @@ impl Parser<'_, '_> {
             ttl: ttl.map(|t| t.0),
             cadence: cadence_d,
             allowed_lateness: lateness.map_or(DEFAULT_LATENESS, |l| l.0),
+            history: history.map_or(Duration::from_ms(0), |h| h.0),
             features,
         })
     }

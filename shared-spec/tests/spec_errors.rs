@@ -205,3 +205,37 @@ fn streaming_state_must_be_bounded() {
     let (_, _, msg) = first_error(&text);
     assert!(msg.contains("state would grow forever"), "{msg}");
 }
+
+#[test]
+fn history_is_a_positive_duration_of_streaming_views() {
+    let count = "name = \"c\"\naggregation = \"count\"\nwindow = \"2d\"\nresolution = \"1d\"";
+    let (line, col, msg) =
+        first_error(&with_feature("layer = \"batch\"\nhistory = \"30d\"", count));
+    assert_eq!((line, col), (9, 1));
+    assert_eq!(msg, "`history` applies to streaming views only: remove it");
+    let minute = "name = \"c\"\naggregation = \"count\"\nwindow = \"1h\"\nresolution = \"1m\"";
+    let (_, _, msg) = first_error(&with_feature(
+        "layer = \"streaming\"\nhistory = \"0s\"",
+        minute,
+    ));
+    assert_eq!(msg, "`history` must be longer than zero");
+    let (_, _, msg) = first_error(&with_feature(
+        "layer = \"streaming\"\nhistory = \"a year\"",
+        minute,
+    ));
+    assert!(msg.starts_with("`history`: "), "{msg}");
+    // Given, it is kept; omitted, none is kept.
+    let spec = parse_spec(
+        "ok.toml",
+        &with_feature("layer = \"streaming\"\nhistory = \"90d\"", minute),
+    )
+    .unwrap();
+    assert_eq!(spec.views[0].history.to_string(), "90d");
+    let spec = parse_spec("ok.toml", &with_feature("layer = \"streaming\"", minute)).unwrap();
+    assert_eq!(spec.views[0].history.as_ms(), 0);
+    let catalog = parse_spec("catalog.toml", CATALOG).unwrap();
+    assert_eq!(
+        catalog.view("user_realtime").unwrap().history.to_string(),
+        "400d"
+    );
+}

@@ -119,6 +119,19 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
+    /// The next `n` bytes, as they are.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Corrupt> {
+        let out = self
+            .buf
+            .get(self.pos..self.pos.checked_add(n).ok_or(Corrupt(self.pos))?)
+            .ok_or(Corrupt(self.pos))?;
+        self.pos += n;
+        Ok(out)
+    }
+    /// How far into the buffer reading has come.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
 }
 
 #[cfg(test)]

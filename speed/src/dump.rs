@@ -1,4 +1,5 @@
-//! `duet speed dump`: every entity's streaming features as of an instant, from the live state.
+//! `duet speed dump`: every entity's streaming features as of an instant, from the live state
+//! and, for instants older than a state holds, the entity's history.
 
 use std::sync::Arc;
 
@@ -9,26 +10,31 @@ use duet_batch::snapshot::{arrow_type, value_column};
 use duet_spec::Value;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{entity_of, state_key_prefix};
-use crate::state::EntityState;
+use crate::processor::{entity_of, history_key, state_key, state_key_prefix};
 use crate::store::StateStore;
 use crate::{Error, Result};
 
-/// Entities whose state could be read, with their feature values as of `t`.
+/// Entities whose state (or history) could be read, with their feature values as of `t`.
 pub struct Dump {
     /// Entity keys, sorted.
     pub entities: Vec<String>,
     /// Per entity, one value per plan feature.
     pub values: Vec<Vec<Value>>,
-    /// Per entity, whether `t` was at or after its state's boundary.
+    /// Per entity, whether its values are exact: `t` at or after its state's boundary, or
+    /// within its history's reach.
     pub exact: Vec<bool>,
     /// Keys whose state could not be decoded.
     pub corrupt: Vec<String>,
 }
 
-/// Reads every entity's state under `prefix` and evaluates it as of `t`.
+/// Reads every entity's state under `prefix` and evaluates it as of `t`. When the spec keeps
+/// histories and `t` is older than some state holds (or no state is left), it also reads the
+/// histories it needs: those of the states that cannot answer exactly, and of the entities with
+/// no state left that had an event within the streaming horizon before `t` (any other entity
+/// would show only defaults).
 pub async fn dump<S: StateStore>(
     store: &S,
+    spec: &duet_spec::Spec,
     plan: &SpeedPlan,
     prefix: &str,
     t: i64,
@@ -36,30 +42,109 @@ pub async fn dump<S: StateStore>(
     let mut keys = store.keys(&state_key_prefix(prefix)).await?;
     // Keys start with their hash tag; entities come out sorted by themselves.
     keys.sort_by(|a, b| entity_of(prefix, a).cmp(&entity_of(prefix, b)));
-    let mut out = Dump {
-        entities: Vec::new(),
-        values: Vec::new(),
-        exact: Vec::new(),
-        corrupt: Vec::new(),
-    };
+    let mut rows: std::collections::BTreeMap<String, Row> = Default::default();
+    let mut with_state = std::collections::HashSet::new();
+    let mut past = false;
     for chunk in keys.chunks(1000) {
         let values = store.get_many(chunk).await?;
         for (key, v) in chunk.iter().zip(values) {
             let (Some(entity), Some(v)) = (entity_of(prefix, key), v) else {
                 continue;
             };
-            match EntityState::decode(plan, entity, &v.bytes) {
-                Ok(state) => {
-                    let ev = state.evaluate(plan, t);
-                    out.entities.push(entity.to_string());
-                    out.values.push(ev.values);
-                    out.exact.push(ev.exact);
+            with_state.insert(entity.to_string());
+            let row = match crate::history::evaluate_stored(
+                spec,
+                plan,
+                entity,
+                Some(&v.bytes),
+                None,
+                t,
+            ) {
+                Ok((values, exact)) => {
+                    past |= !exact;
+                    Row::Values(values, exact)
                 }
-                Err(_) => out.corrupt.push(entity.to_string()),
+                Err(_) => Row::Corrupt,
+            };
+            rows.insert(entity.to_string(), row);
+        }
+    }
+    if plan.history > 0 && (past || with_state.is_empty()) {
+        let history_prefix = format!("{prefix}h:");
+        let mut wanted: Vec<String> = rows
+            .iter()
+            .filter(|(_, r)| matches!(r, Row::Values(_, false)))
+            .map(|(e, _)| e.clone())
+            .collect();
+        // `<prefix>h:{<tag>}<entity>` reads as a state key once `h:` is `s:`.
+        for k in store.keys(&history_prefix).await? {
+            let Some(tagged) = k.strip_prefix(&history_prefix) else {
+                continue;
+            };
+            if let Some(entity) = entity_of(prefix, &format!("{prefix}s:{tagged}"))
+                && !with_state.contains(entity)
+            {
+                wanted.push(entity.to_string());
+            }
+        }
+        for chunk in wanted.chunks(1000) {
+            let keys: Vec<String> = chunk.iter().map(|e| state_key(prefix, e)).collect();
+            let histories: Vec<String> = chunk.iter().map(|e| history_key(prefix, e)).collect();
+            let (values, read) = store.get_many_with_history(&keys, &histories).await?;
+            for ((entity, v), history) in chunk.iter().zip(values).zip(read) {
+                if v.is_none() && !recent_event(entity, &history, t, plan.horizon) {
+                    // No state, and nothing within the horizon before `t`: only defaults.
+                    rows.remove(entity);
+                    continue;
+                }
+                let row = match crate::history::evaluate_stored(
+                    spec,
+                    plan,
+                    entity,
+                    v.as_ref().map(|v| v.bytes.as_slice()),
+                    Some(&history),
+                    t,
+                ) {
+                    Ok((values, exact)) => Row::Values(values, exact),
+                    Err(_) => Row::Corrupt,
+                };
+                rows.insert(entity.clone(), row);
             }
         }
     }
+    let mut out = Dump {
+        entities: Vec::new(),
+        values: Vec::new(),
+        exact: Vec::new(),
+        corrupt: Vec::new(),
+    };
+    for (entity, row) in rows {
+        match row {
+            Row::Values(values, exact) => {
+                out.entities.push(entity);
+                out.values.push(values);
+                out.exact.push(exact);
+            }
+            Row::Corrupt => out.corrupt.push(entity),
+        }
+    }
     Ok(out)
+}
+
+/// One entity's evaluation: its values and whether they are exact, or unreadable.
+enum Row {
+    Values(Vec<Value>, bool),
+    Corrupt,
+}
+
+/// True when the history `bytes` has an event within `horizon` before `t`; an unreadable one
+/// counts as recent, so it is reported rather than skipped.
+fn recent_event(entity: &str, bytes: &[u8], t: i64, horizon: i64) -> bool {
+    crate::history::read(entity, bytes, t).map_or(true, |h| {
+        h.events
+            .last()
+            .is_some_and(|e| e.ts >= t.saturating_sub(horizon))
+    })
 }
 
 impl Dump {

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod consumer;
 pub mod dump;
 mod flush;
+pub mod history;
 pub mod metrics;
 pub mod plan;
 pub mod processor;

@@ -62,6 +62,9 @@ pub struct SpeedPlan {
     pub gaps: Vec<i64>,
     /// The allowed lateness (the largest of the streaming views').
     pub lateness: i64,
+    /// How far behind the watermark every accepted event is kept in the entity's history (the
+    /// largest of the streaming views' `history`; 0: no history).
+    pub history: i64,
     /// The alignment of the state boundary: a multiple of every resolution.
     pub alignment: i64,
     /// How far behind its newest event an entity's state can still matter.
@@ -86,6 +89,7 @@ impl SpeedPlan {
             group_windows: Vec::new(),
             gaps: Vec::new(),
             lateness: 0,
+            history: 0,
             alignment: 1,
             horizon: 0,
             spec_fingerprint: streaming_fingerprint(spec),
@@ -95,6 +99,7 @@ impl SpeedPlan {
         };
         for view in spec.views_of(Layer::Streaming) {
             plan.lateness = plan.lateness.max(view.allowed_lateness.as_ms());
+            plan.history = plan.history.max(view.history.as_ms());
             for f in &view.features {
                 plan.add_feature(view, f);
             }

@@ -109,6 +109,17 @@ fn state_tag(entity: &str) -> u64 {
 
 /// The Redis key of an entity's state: `<prefix>s:{<tag>}<entity>`.
 pub fn state_key(prefix: &str, entity: &str) -> String {
+    entity_key(prefix, "s:{", entity)
+}
+
+/// The Redis key of an entity's history (see [`crate::history`]): `<prefix>h:{<tag>}<entity>`,
+/// in its state's hash slot.
+pub fn history_key(prefix: &str, entity: &str) -> String {
+    entity_key(prefix, "h:{", entity)
+}
+
+/// `<prefix><kind><tag>}<entity>`.
+fn entity_key(prefix: &str, kind: &str, entity: &str) -> String {
     // Built by hand: one is made per entity of every batch and request, and `format!` costs
     // several times as much.
     let mut tag = state_tag(entity);
@@ -123,9 +134,10 @@ pub fn state_key(prefix: &str, entity: &str) -> String {
         }
     }
     let digits = std::str::from_utf8(&digits[start..]).expect("ASCII digits");
-    let mut key = String::with_capacity(prefix.len() + 4 + digits.len() + entity.len());
+    let mut key =
+        String::with_capacity(prefix.len() + kind.len() + 1 + digits.len() + entity.len());
     key.push_str(prefix);
-    key.push_str("s:{");
+    key.push_str(kind);
     key.push_str(digits);
     key.push('}');
     key.push_str(entity);
@@ -417,7 +429,13 @@ impl<S: StateStore> Processor<S> {
         });
         let mut writes = Vec::with_capacity(settled.len());
         let mut entries = Vec::with_capacity(settled.len());
-        for (entity, version, state, s) in settled {
+        let mut history = Vec::new();
+        for (entity, version, state, mut s) in settled {
+            history.extend(settle.history_write(
+                &self.prefix,
+                &entity,
+                std::mem::take(&mut s.history),
+            ));
             let expected = (version > 0).then_some(version);
             match (&s.value, expected) {
                 (None, None) => {
@@ -448,6 +466,7 @@ impl<S: StateStore> Processor<S> {
             replay,
             writes,
             entries,
+            history,
         })
     }
 }

@@ -32,6 +32,39 @@ pub struct CasWrite {
     pub ttl_ms: u64,
 }
 
+/// Events to add to one entity's history (see [`crate::history`]): a string of records,
+/// appended to, so a write costs Redis one append whatever the number of events.
+#[derive(Debug, Clone)]
+pub struct HistoryWrite {
+    /// The history's key.
+    pub key: String,
+    /// Encoded events, as [`crate::history::Records`] writes them.
+    pub records: Vec<u8>,
+    /// A history created by this write starts with this header record (the instant from which
+    /// it holds every event, [`crate::history::header`]).
+    pub header: Vec<u8>,
+    /// The key's expiry, in milliseconds from now.
+    pub ttl_ms: u64,
+}
+
+/// States (`None` where absent) and history bytes (empty where absent), in the order asked.
+pub type StatesAndHistories = (Vec<Option<Versioned>>, Vec<Vec<u8>>);
+
+/// Appends to histories: per key, `ARGV` holds (header, records, expiry ms); a key that does
+/// not exist is created with its header first. The keys of one call share a hash slot.
+const HISTORY_SCRIPT: &str = r#"
+for i = 1, #KEYS do
+  local j = 3 * i - 2
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('SET', KEYS[i], ARGV[j] .. ARGV[j + 1], 'PX', ARGV[j + 2])
+  else
+    redis.call('APPEND', KEYS[i], ARGV[j + 1])
+    redis.call('PEXPIRE', KEYS[i], ARGV[j + 2])
+  end
+end
+return #KEYS
+"#;
+
 /// The narrow interface the speed layer and the server need from a state store.
 pub trait StateStore: Send + Sync + 'static {
     /// The current values of `keys`, in order (`None` where absent).
@@ -42,6 +75,15 @@ pub trait StateStore: Send + Sync + 'static {
     /// Applies each write whose key still holds its expected version; returns, per write,
     /// whether it was applied.
     fn put_many(&self, writes: &[CasWrite]) -> impl Future<Output = Result<Vec<bool>>> + Send;
+    /// Adds events to entity histories, removes their too-old events and sets their expiry.
+    fn add_history(&self, writes: &[HistoryWrite]) -> impl Future<Output = Result<()>> + Send;
+    /// The current values of `keys` and, in the same round trip, the bytes of each of
+    /// `histories` (empty when absent; read with [`crate::history::read`]).
+    fn get_many_with_history(
+        &self,
+        keys: &[String],
+        histories: &[String],
+    ) -> impl Future<Output = Result<StatesAndHistories>> + Send;
     /// Every key starting with `prefix`.
     fn keys(&self, prefix: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
     /// Adds to named counters of a hash (best effort, for operators and the checker).
@@ -70,6 +112,12 @@ pub trait StateStore: Send + Sync + 'static {
         Self: Sized;
 }
 
+/// One history in the memory store: its bytes, as Redis holds them, and its expiry.
+struct MemoryHistory {
+    bytes: Vec<u8>,
+    expiry: Instant,
+}
+
 /// A process-local store with the same semantics (including expiry).
 #[derive(Clone, Default)]
 pub struct MemoryStore {
@@ -79,6 +127,7 @@ pub struct MemoryStore {
 #[derive(Default)]
 struct MemoryInner {
     values: HashMap<String, (Versioned, Instant)>,
+    histories: HashMap<String, MemoryHistory>,
     hashes: HashMap<String, HashMap<String, i64>>,
     text_hashes: HashMap<String, HashMap<String, String>>,
     strings: HashMap<String, String>,
@@ -148,13 +197,53 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
+    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
+        let mut g = self.inner.lock().expect("not poisoned");
+        let now = Instant::now();
+        for w in writes {
+            let h = g
+                .histories
+                .entry(w.key.clone())
+                .or_insert_with(|| MemoryHistory {
+                    bytes: Vec::new(),
+                    expiry: now,
+                });
+            if h.expiry <= now {
+                h.bytes = w.header.clone();
+            }
+            h.bytes.extend_from_slice(&w.records);
+            h.expiry = now + Duration::from_millis(w.ttl_ms.max(1));
+        }
+        Ok(())
+    }
+
+    async fn get_many_with_history(
+        &self,
+        keys: &[String],
+        histories: &[String],
+    ) -> Result<StatesAndHistories> {
+        let values = self.get_many(keys).await?;
+        let g = self.inner.lock().expect("not poisoned");
+        let now = Instant::now();
+        let read = histories
+            .iter()
+            .map(|k| match g.histories.get(k) {
+                Some(h) if h.expiry > now => h.bytes.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        Ok((values, read))
+    }
+
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         let g = self.inner.lock().expect("not poisoned");
         let now = Instant::now();
         let mut keys: Vec<String> = g
             .values
             .iter()
-            .filter(|(k, (_, exp))| k.starts_with(prefix) && *exp > now)
+            .map(|(k, (_, exp))| (k, exp))
+            .chain(g.histories.iter().map(|(k, h)| (k, &h.expiry)))
+            .filter(|(k, exp)| k.starts_with(prefix) && **exp > now)
             .map(|(k, _)| k.clone())
             .collect();
         keys.sort();
@@ -580,6 +669,70 @@ impl StateStore for RedisStore {
         Ok(applied)
     }
 
+    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // One script call per group of keys sharing a hash slot, all in one pipeline.
+        let mut by_slot: HashMap<u16, Vec<&HistoryWrite>> = HashMap::new();
+        for w in writes {
+            by_slot
+                .entry(hash_slot(w.key.as_bytes()))
+                .or_default()
+                .push(w);
+        }
+        let mut pipe = redis::pipe();
+        for group in by_slot.values() {
+            for call in group.chunks(CAS_KEYS_PER_CALL) {
+                let cmd = pipe.cmd("EVAL").arg(HISTORY_SCRIPT).arg(call.len());
+                for w in call {
+                    cmd.arg(&w.key);
+                }
+                for w in call {
+                    cmd.arg(&w.header).arg(&w.records).arg(w.ttl_ms.max(1));
+                }
+                cmd.ignore();
+            }
+        }
+        let mut con = self.connection().await?;
+        pipe.query_async::<()>(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))
+    }
+
+    async fn get_many_with_history(
+        &self,
+        keys: &[String],
+        histories: &[String],
+    ) -> Result<StatesAndHistories> {
+        let mut pipe = redis::pipe();
+        for k in keys.iter().chain(histories) {
+            pipe.get(k);
+        }
+        let mut con = self.connection().await?;
+        let mut raw: Vec<Option<Vec<u8>>> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| redis_err(&self.url, e))?;
+        if raw.len() != keys.len() + histories.len() {
+            return Err(Error::Redis(format!(
+                "{}: {} replies to a pipeline of {} commands",
+                self.url,
+                raw.len(),
+                keys.len() + histories.len()
+            )));
+        }
+        let read = raw
+            .split_off(keys.len())
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
+        Ok((
+            raw.into_iter().map(|v| v.and_then(split_version)).collect(),
+            read,
+        ))
+    }
+
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         let mut con = self.connection().await?;
         let pattern = format!("{}*", escape_glob(prefix));
@@ -748,6 +901,16 @@ impl StateStore for AnyStore {
     }
     async fn put_many(&self, writes: &[CasWrite]) -> Result<Vec<bool>> {
         both!(self, s => s.put_many(writes).await)
+    }
+    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
+        both!(self, s => s.add_history(writes).await)
+    }
+    async fn get_many_with_history(
+        &self,
+        keys: &[String],
+        histories: &[String],
+    ) -> Result<StatesAndHistories> {
+        both!(self, s => s.get_many_with_history(keys, histories).await)
     }
     async fn keys(&self, prefix: &str) -> Result<Vec<String>> {
         both!(self, s => s.keys(prefix).await)

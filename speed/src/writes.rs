@@ -11,9 +11,9 @@ use duet_batch::par::par_map;
 use duet_spec::event::Text;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{BatchOutcome, PAR_MIN, Replay, state_key};
+use crate::processor::{BatchOutcome, PAR_MIN, Replay, history_key, state_key};
 use crate::state::{ApplyCounts, EntityState};
-use crate::store::{CasWrite, StateStore, Versioned};
+use crate::store::{CasWrite, HistoryWrite, StateStore, Versioned};
 use crate::{Error, Result};
 
 /// Extra time a key lives beyond the last instant its state can matter.
@@ -33,11 +33,13 @@ pub(crate) struct Settle {
 }
 
 /// A state after a batch: applied/duplicate/late counts, and the bytes to store with their
-/// expiry (`None`: nothing in the state can count any more; the key goes).
+/// expiry (`None`: nothing in the state can count any more; the key goes); and the batch's
+/// events the state accepted (or already had), encoded for the entity's history.
 pub(crate) struct Settled {
     pub(crate) counts: ApplyCounts,
     pub(crate) value: Option<Vec<u8>>,
     pub(crate) ttl_ms: u64,
+    pub(crate) history: Vec<u8>,
 }
 
 impl Settle {
@@ -48,6 +50,17 @@ impl Settle {
         events: Vec<duet_spec::event::Event>,
     ) -> Settled {
         let plan = &self.plan;
+        // What the history keeps: every event the state does not refuse as late (duplicates
+        // included: readers deduplicate).
+        let history = if plan.history > 0 {
+            let mut records = crate::history::Records::default();
+            for e in events.iter().filter(|e| e.ts >= state.boundary) {
+                records.push(e);
+            }
+            records.into_bytes()
+        } else {
+            Vec::new()
+        };
         let counts = state.apply_all(events);
         if let Some(t) = self.target {
             state.advance(plan, t);
@@ -66,7 +79,27 @@ impl Settle {
             counts,
             value,
             ttl_ms,
+            history,
         }
+    }
+
+    /// The write adding `events` (settled for `entity` in this batch) to its history; `None`
+    /// when there are none.
+    pub(crate) fn history_write(
+        &self,
+        prefix: &str,
+        entity: &str,
+        records: Vec<u8>,
+    ) -> Option<HistoryWrite> {
+        (!records.is_empty()).then(|| HistoryWrite {
+            key: history_key(prefix, entity),
+            records,
+            header: crate::history::header(crate::history::keep_from(
+                &self.plan,
+                self.reference_now,
+            )),
+            ttl_ms: crate::history::ttl_ms(&self.plan),
+        })
     }
 
     /// The state stored for `entity` (a fresh one when absent or unreadable) and its version.
@@ -93,6 +126,8 @@ pub struct StateWrites {
     pub(crate) writes: Vec<CasWrite>,
     /// Per write: its entity and counts.
     pub(crate) entries: Vec<(Text, ApplyCounts)>,
+    /// The batch's events for entity histories: written before the states.
+    pub(crate) history: Vec<HistoryWrite>,
 }
 
 impl StateWrites {
@@ -121,10 +156,25 @@ impl StateWrites {
             replay,
             mut writes,
             mut entries,
+            history,
         } = self;
+        // The histories go out with the first state writes, in the same round trip. Offsets are
+        // committed only once both have landed; after a crash the batch is consumed again and
+        // its events, never older than a state's boundary, are appended again.
+        let mut history = Some(history);
         let mut reloaded = Vec::new();
         for attempt in 0..ATTEMPTS {
-            let results = retrying("the writes", || store.put_many(&writes)).await?;
+            let results = match history.take() {
+                Some(h) => {
+                    let (added, results) = tokio::join!(
+                        retrying("the history writes", || store.add_history(&h)),
+                        retrying("the writes", || store.put_many(&writes))
+                    );
+                    added?;
+                    results?
+                }
+                None => retrying("the writes", || store.put_many(&writes)).await?,
+            };
             let mut lost = Vec::new();
             for ((entity, counts), ok) in entries.into_iter().zip(results) {
                 if ok {
@@ -154,13 +204,24 @@ impl StateWrites {
                     (entity, evs, value)
                 })
                 .collect();
-            let recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
+            let mut recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
                 let (version, mut state) = settle.decode(&entity, value);
                 let s = settle.settle(&mut state, events);
                 (entity, version, s)
             });
             writes = Vec::with_capacity(recomputed.len());
             entries = Vec::with_capacity(recomputed.len());
+            // The stored state may hold a boundary other than the cached one, so it may accept
+            // events the first history write left out: add them before writing it.
+            let mut history = Vec::new();
+            for (entity, _, s) in &mut recomputed {
+                history.extend(settle.history_write(
+                    &prefix,
+                    entity,
+                    std::mem::take(&mut s.history),
+                ));
+            }
+            retrying("the history writes", || store.add_history(&history)).await?;
             for (entity, version, s) in recomputed {
                 let expected = (version > 0).then_some(version);
                 if s.value.is_none() && expected.is_none() {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use duet_speed::store::{CasWrite, MemoryStore, RedisStore, StateStore, Versioned};
+use duet_speed::store::{CasWrite, HistoryWrite, MemoryStore, RedisStore, StateStore, Versioned};
 
 fn redis_url() -> String {
     std::env::var("DUET_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -14,6 +14,13 @@ fn prefix(stem: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("contract-{stem}-{}-{t}:", std::process::id())
+}
+
+fn stored_value(version: u64, bytes: &[u8]) -> Option<Versioned> {
+    Some(Versioned {
+        version,
+        bytes: bytes.to_vec(),
+    })
 }
 
 async fn contract<S: StateStore>(store: &S, p: &str) {
@@ -103,6 +110,60 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         store.keys(&k("s:")).await.unwrap(),
         vec![k("s:u1"), k("s:u2")]
     );
+    // Histories: created with their header, appended to, read in the same round trip as the
+    // states (an absent one as nothing), expiring like states.
+    let h = |records: &[u8], header: &[u8], ttl_ms: u64| HistoryWrite {
+        key: k("h:u1"),
+        records: records.to_vec(),
+        header: header.to_vec(),
+        ttl_ms,
+    };
+    store.add_history(&[h(b"ab", b"H1", 60_000)]).await.unwrap();
+    // An existing history keeps its header: only the records are appended.
+    store.add_history(&[h(b"cd", b"H2", 60_000)]).await.unwrap();
+    let read = || {
+        let keys = [k("s:u1"), k("s:none")];
+        let histories = [k("h:u1"), k("h:none")];
+        async move {
+            store
+                .get_many_with_history(&keys, &histories)
+                .await
+                .unwrap()
+        }
+    };
+    let (values, histories) = read().await;
+    assert_eq!(values, vec![stored_value(1, b"1"), None]);
+    assert_eq!(histories, vec![b"H1abcd".to_vec(), Vec::new()]);
+    assert_eq!(
+        store.keys(&k("h:")).await.unwrap(),
+        vec![k("h:u1")],
+        "history keys are listed by prefix"
+    );
+    // Each write sets the expiry; an expired history starts again from its header.
+    store.add_history(&[h(b"", b"H3", 50)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(read().await.1[0], Vec::<u8>::new());
+    store.add_history(&[h(b"ef", b"H4", 60_000)]).await.unwrap();
+    assert_eq!(read().await.1[0], b"H4ef".to_vec());
+    // Many histories in one call, over many hash slots (more than one call's worth in some).
+    let many: Vec<HistoryWrite> = (0..300)
+        .map(|i| HistoryWrite {
+            key: if i % 2 == 0 {
+                k(&format!("h:{{slot}}m{i}"))
+            } else {
+                k(&format!("h:m{i}"))
+            },
+            records: format!("r{i}").into_bytes(),
+            header: b"H".to_vec(),
+            ttl_ms: 60_000,
+        })
+        .collect();
+    store.add_history(&many).await.unwrap();
+    let keys: Vec<String> = many.iter().map(|w| w.key.clone()).collect();
+    let (_, read_many) = store.get_many_with_history(&[], &keys).await.unwrap();
+    for (i, bytes) in read_many.iter().enumerate() {
+        assert_eq!(bytes, format!("Hr{i}").as_bytes(), "{}", keys[i]);
+    }
     // The same store through a connection of its own reads and writes the same keys.
     let other = store.own_connection().await.unwrap();
     let stored = |version: u64, bytes: &[u8]| {

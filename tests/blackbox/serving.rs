@@ -12,19 +12,6 @@ use crate::http::Server;
 use crate::kafka::*;
 use crate::speed::{read_parquet, wait_ok};
 
-/// The catalog with a lateness long enough that the speed layer keeps every golden event
-/// exact, so any past `as_of` can be asked of it. The features' definitions are unchanged.
-fn long_memory_spec(dir: &Path) -> String {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("shared-spec/catalog.toml"),
-    )
-    .unwrap()
-    .replace("allowed_lateness = \"10m\"", "allowed_lateness = \"400d\"");
-    let path = dir.join("catalog-long-memory.toml");
-    std::fs::write(&path, text).unwrap();
-    s(&path)
-}
-
 /// The golden JSON lines, in file order.
 fn golden_lines() -> Vec<Vec<u8>> {
     let out = std::process::Command::new("gzip")
@@ -59,8 +46,10 @@ fn backfill(store: &str, from: &str, to: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn golden_answer_through_http_as_of() {
+    // The shipped catalog, as is: its 10-minute lateness keeps only the last minutes of events
+    // in each state, and its 400-day `history` keeps every event beside it, so any `as_of` in
+    // the golden months is answered exactly.
     let dir = tempfile::tempdir().unwrap();
-    let spec = long_memory_spec(dir.path());
     let store = s(&dir.path().join("store"));
     let expected = read_parquet(&golden("expected.parquet"));
     backfill(&store, "2026-06-20", "2026-10-01");
@@ -72,8 +61,6 @@ async fn golden_answer_through_http_as_of() {
     let child = {
         let mut c = duet();
         c.args([
-            "--spec",
-            &spec,
             "speed",
             "run",
             "--brokers",
@@ -96,7 +83,7 @@ async fn golden_answer_through_http_as_of() {
     wait_ok(child, Duration::from_secs(300));
 
     let server = Server::start(
-        &["--spec", &spec],
+        &[],
         &[
             "--store",
             &store,
@@ -178,6 +165,21 @@ async fn golden_answer_through_http_as_of() {
         }
     }
     assert_eq!(checked, 2000 * 14);
+    // Every streaming value came from a state or a history that reached its instant.
+    let (_, metrics) = server.request("GET", "/metrics", None, &[]);
+    assert!(
+        metrics.contains("\nduet_serve_inexact_total 0\n"),
+        "{metrics}"
+    );
+    // `speed dump` as of a golden instant months before the watermark reads the histories
+    // too: every user's streaming features, exact and equal to the reference evaluator's.
+    let valid: Vec<duet_spec::event::Event> = golden_lines()
+        .iter()
+        .filter_map(|l| duet_spec::event::parse_json_event(l).ok())
+        .map(|e| e.to_event())
+        .collect();
+    let t = duet_spec::timestamp::parse_instant("2026-08-01T00:20:00Z").unwrap();
+    crate::speed::assert_state_matches(&prefix, valid, t, dir.path());
     clean_redis(&prefix);
 }
 
@@ -974,6 +976,36 @@ fn serve_refuses_settings_out_of_range() {
             "{flag} {value}: {err}"
         );
     }
+}
+
+/// A listen address that is taken is a runtime failure (exit 1), one that is not an address
+/// bad input (exit 2); both name `--listen` in one line.
+#[test]
+fn serve_tells_a_taken_address_from_a_malformed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (listen, status) in [(addr.as_str(), 1), ("127.0.0.1:port", 2)] {
+        let out = run(&[
+            "serve",
+            "--store",
+            &store,
+            "--redis",
+            &redis_url(),
+            "--prefix",
+            "listen-test:",
+            "--listen",
+            listen,
+        ]);
+        let (_, stderr) = expect_status(&out, status);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("duet: --listen ") && last.contains(listen),
+            "{listen}: {stderr}"
+        );
+    }
+    drop(taken);
 }
 
 #[test]

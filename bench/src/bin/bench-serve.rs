@@ -78,16 +78,17 @@ struct Paced {
 /// on the same ticks and send their requests in bursts. The thread is late by up to the
 /// kernel's timer slack (50 µs), plus any wait for a core; its lateness is returned.
 ///
-/// `redis`: the requests are Redis commands, sent to Redis itself. That is the baseline: the
-/// same generator and machine at the same rate against a server whose every answer takes a few
-/// microseconds, so what it measures from when due is mostly the generator's own delays.
+/// `redis`: the requests are Redis commands, sent to Redis itself after these commands (`AUTH`,
+/// `SELECT`) on each connection. That is the baseline: the same generator and machine at the
+/// same rate against a server whose every answer takes a few microseconds, so what it measures
+/// from when due is mostly the generator's own delays.
 async fn paced(
     addr: &str,
     reqs: Arc<Vec<Vec<u8>>>,
     connections: usize,
     secs: u64,
     rate: f64,
-    redis: bool,
+    redis: Option<Vec<Vec<u8>>>,
 ) -> Paced {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     // Connections with a request in flight, or taken from the channel and about to be written.
@@ -120,8 +121,12 @@ async fn paced(
     let mut tasks = Vec::new();
     for c in 0..connections {
         let (addr, reqs, rx, busy) = (addr.to_string(), reqs.clone(), rx.clone(), busy.clone());
+        let redis = redis.clone();
         tasks.push(tokio::spawn(async move {
             let mut conn = Conn::open(&addr).await;
+            for cmd in redis.iter().flatten() {
+                conn.redis_ok(cmd).await;
+            }
             let (mut sent, mut due, mut dispatch) = (Vec::new(), Vec::new(), Vec::new());
             let mut i = c;
             loop {
@@ -132,7 +137,7 @@ async fn paced(
                 };
                 busy.fetch_add(1, Ordering::Relaxed);
                 let t = Instant::now();
-                if redis {
+                if redis.is_some() {
                     conn.redis(&reqs[i % reqs.len()]).await;
                 } else {
                     assert_eq!(conn.post(&reqs[i % reqs.len()]).await, 200);
@@ -304,6 +309,15 @@ impl CpuUse {
     }
 }
 
+/// One closed-loop round: its rate and latencies, redis-benchmark's GET rate right after it, and
+/// where the machine's CPU went during it.
+struct Round {
+    rate: f64,
+    lat: Vec<Duration>,
+    redis_get: f64,
+    cpu: String,
+}
+
 /// The pid of the Redis server at `url`, when it runs on this machine.
 fn redis_pid(url: &str) -> Option<u32> {
     let mut con = redis::Client::open(url).ok()?.get_connection().ok()?;
@@ -318,25 +332,72 @@ fn redis_pid(url: &str) -> Option<u32> {
     comm.starts_with("redis").then_some(pid)
 }
 
-/// The host and port of the Redis server at `url`, read as the `redis` crate reads it: the
-/// server redis-benchmark and the generator's Redis baseline are run against.
-fn redis_host_port(url: &str) -> (String, u16) {
-    let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .unwrap_or_else(|e| panic!("--redis `{url}`: {e}"));
-    match info.addr() {
-        redis::ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
-        _ => panic!("--redis `{url}`: the Redis baselines need a plain TCP (redis://) address"),
+/// The Redis server at `--redis`, read as the `redis` crate (and so duet) reads the URL: the
+/// server, user, password and database redis-benchmark and the generator's Redis baseline use.
+struct RedisTarget {
+    host: String,
+    port: u16,
+    user: Option<String>,
+    password: Option<String>,
+    db: i64,
+}
+
+impl RedisTarget {
+    fn parse(url: &str) -> RedisTarget {
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .unwrap_or_else(|e| panic!("--redis `{url}`: {e}"));
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+            panic!("--redis `{url}`: the Redis baselines need a plain TCP (redis://) address")
+        };
+        let settings = info.redis_settings();
+        RedisTarget {
+            host: host.clone(),
+            port: *port,
+            user: settings.username().map(str::to_owned),
+            password: settings.password().map(str::to_owned),
+            db: settings.db(),
+        }
+    }
+
+    /// The commands a connection sends before its GETs: `AUTH` and `SELECT`, as the URL asks.
+    fn setup(&self) -> Vec<Vec<u8>> {
+        let mut cmds = Vec::new();
+        if let Some(password) = &self.password {
+            let mut auth = vec!["AUTH"];
+            auth.extend(self.user.as_deref());
+            auth.push(password);
+            cmds.push(resp(&auth));
+        }
+        if self.db != 0 {
+            cmds.push(resp(&["SELECT", &self.db.to_string()]));
+        }
+        cmds
     }
 }
 
-/// redis-benchmark's GET rate against the Redis server at `host`:`port`.
-fn redis_benchmark(host: &str, port: u16, connections: usize) -> f64 {
-    let out = Command::new("redis-benchmark")
+/// `args` as one RESP command.
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    out
+}
+
+/// redis-benchmark's GET rate against `target`.
+fn redis_benchmark(target: &RedisTarget, connections: usize) -> f64 {
+    let mut cmd = Command::new("redis-benchmark");
+    cmd.args(["-h", &target.host, "-p", &target.port.to_string()]);
+    if let Some(user) = &target.user {
+        cmd.args(["--user", user]);
+    }
+    if let Some(password) = &target.password {
+        cmd.args(["-a", password]);
+    }
+    let out = cmd
         .args([
-            "-h",
-            host,
-            "-p",
-            &port.to_string(),
+            "--dbnum",
+            &target.db.to_string(),
             "-t",
             "get",
             "-c",
@@ -360,7 +421,7 @@ async fn main() {
     let bin = arg("--duet", "target/release/duet");
     let brokers = arg("--brokers", "127.0.0.1:9092");
     let redis = arg("--redis", "redis://127.0.0.1:6379");
-    let (redis_host, redis_port) = redis_host_port(&redis);
+    let redis_target = RedisTarget::parse(&redis);
     let users: u64 = arg("--users", "100000").parse().unwrap();
     let connections: usize = arg("--connections", "16").parse().unwrap();
     let dir = std::env::temp_dir().join(format!("duet-bench-serve-{}", now_ms()));
@@ -525,21 +586,33 @@ async fn main() {
         let before = CpuUse::now(server.id(), redis_pid);
         let (rate, lat) = load(addr, one.clone(), connections, 10).await;
         let cpu = CpuUse::now(server.id(), redis_pid).per_request(&before, lat.len());
-        let redis_get = redis_benchmark(&redis_host, redis_port, connections);
-        rounds.push((rate, lat, redis_get, cpu));
+        let redis_get = redis_benchmark(&redis_target, connections);
+        rounds.push(Round {
+            rate,
+            lat,
+            redis_get,
+            cpu,
+        });
     }
-    let mut order: Vec<usize> = (0..rounds.len()).collect();
-    order.sort_by(|&a, &b| (rounds[a].0 / rounds[a].2).total_cmp(&(rounds[b].0 / rounds[b].2)));
-    let (peak, lat_peak, redis_get, _) = &rounds[order[order.len() / 2]];
-    let (peak, redis_get) = (*peak, *redis_get);
-    let half = paced(addr, one.clone(), connections, 10, peak / 2.0, false).await;
+    let ratio = |r: &Round| r.rate / r.redis_get;
+    let mut order: Vec<&Round> = rounds.iter().collect();
+    order.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    let median = order[order.len() / 2];
+    let (peak, lat_peak, redis_get) = (median.rate, &median.lat, median.redis_get);
+    let half = paced(addr, one.clone(), connections, 10, peak / 2.0, None).await;
     // The baseline of the half-load run: Redis GETs (of a key that does not exist, as
     // redis-benchmark's) from the same generator at the same rate.
-    let redis_addr = format!("{redis_host}:{redis_port}");
-    let get = Arc::new(vec![
-        b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n".to_vec(),
-    ]);
-    let half_redis = paced(&redis_addr, get, connections, 10, peak / 2.0, true).await;
+    let redis_addr = format!("{}:{}", redis_target.host, redis_target.port);
+    let get = Arc::new(vec![resp(&["GET", "key:__rand_int__"])]);
+    let half_redis = paced(
+        &redis_addr,
+        get,
+        connections,
+        10,
+        peak / 2.0,
+        Some(redis_target.setup()),
+    )
+    .await;
     let (rate100, lat100) = load(addr, hundred.clone(), connections, 10).await;
     let after_kib = rss_kib(server.id());
     let _ = server.kill();
@@ -549,16 +622,16 @@ async fn main() {
         "serving benchmark ({users} users, {connections} connections, {} cores, load generator on the same machine)",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for (i, (rate, lat, get, cpu)) in rounds.iter().enumerate() {
+    for (i, r) in rounds.iter().enumerate() {
         println!(
             "  round {}: 1 entity closed loop {:>9.0} req/s  p99 {}; redis-benchmark GET {:>9.0} req/s; ratio {:.2}",
             i + 1,
-            rate,
-            ms(quantile(lat, 0.99)),
-            get,
-            rate / get
+            r.rate,
+            ms(quantile(&r.lat, 0.99)),
+            r.redis_get,
+            ratio(r)
         );
-        println!("    CPU per request: {cpu}");
+        println!("    CPU per request: {}", r.cpu);
     }
     println!(
         "  1 entity x 14 features, closed loop   {:>9.0} req/s  {}   (median round)",

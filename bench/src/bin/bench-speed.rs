@@ -204,6 +204,8 @@ async fn main() {
     // Per round: the bare consumer's rate, duet's rate, and duet's rate timed the old way.
     let mut rounds = Vec::new();
     let (mut per_user_usage, mut per_user_delta, mut sampled_keys, mut all_keys) = (0.0, 0.0, 0, 0);
+    // The entity histories (the spec's `history`): bytes per history key and per event kept.
+    let (mut history_keys, mut history_per_key, mut history_per_event) = (0, 0.0, 0.0);
     for round in 0..rounds_wanted {
         // Which side goes first alternates, so that a machine whose speed drifts during a
         // round favours neither.
@@ -247,6 +249,26 @@ async fn main() {
             all_keys = keys.len();
             per_user_usage = sampled as f64 / sampled_keys.max(1) as f64;
             per_user_delta = (after - before) / all_keys.max(1) as f64;
+            let histories: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{prefix}h:*"))
+                .query(&mut con)
+                .unwrap();
+            let (mut bytes, mut events) = (0u64, 0u64);
+            for k in histories.iter().take(2000) {
+                let usage: Option<u64> = redis::cmd("MEMORY")
+                    .arg("USAGE")
+                    .arg(k)
+                    .query(&mut con)
+                    .unwrap();
+                let history: Vec<u8> = redis::cmd("GET").arg(k).query(&mut con).unwrap();
+                bytes += usage.unwrap_or(0);
+                events += duet_speed::history::read("", &history, i64::MAX)
+                    .map_or(0, |h| h.events.len() as u64);
+            }
+            let sampled = histories.len().min(2000);
+            history_keys = histories.len();
+            history_per_key = bytes as f64 / sampled.max(1) as f64;
+            history_per_event = bytes as f64 / events.max(1) as f64;
         }
         delete_prefix(&mut con, &prefix);
     }
@@ -345,5 +367,8 @@ async fn main() {
     println!(
         "  Redis bytes per active user: {:.0} (MEMORY USAGE, mean of {} keys), {:.0} (used_memory delta / {} keys)",
         per_user_usage, sampled_keys, per_user_delta, all_keys
+    );
+    println!(
+        "  Redis histories (the spec's `history`): {history_keys} keys, {history_per_key:.0} bytes per key, {history_per_event:.0} bytes per event kept (MEMORY USAGE of up to 2000 keys; included in the used_memory delta above)"
     );
 }
