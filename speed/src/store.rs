@@ -75,7 +75,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Applies each write whose key still holds its expected version; returns, per write,
     /// whether it was applied.
     fn put_many(&self, writes: &[CasWrite]) -> impl Future<Output = Result<Vec<bool>>> + Send;
-    /// Adds events to entity histories, removes their too-old events and sets their expiry.
+    /// Appends events to entity histories (creating a missing one with its header) and sets
+    /// their expiry.
     fn add_history(&self, writes: &[HistoryWrite]) -> impl Future<Output = Result<()>> + Send;
     /// The current values of `keys` and, in the same round trip, the bytes of each of
     /// `histories` (empty when absent; read with [`crate::history::read`]).

@@ -158,23 +158,13 @@ impl StateWrites {
             mut entries,
             history,
         } = self;
-        // The histories go out with the first state writes, in the same round trip. Offsets are
-        // committed only once both have landed; after a crash the batch is consumed again and
-        // its events, never older than a state's boundary, are appended again.
-        let mut history = Some(history);
+        // Histories first: a state write may move the state's boundary past the batch's
+        // events, so that, consumed again after a crash, they would be refused as late and
+        // never appended. Once a state counts an event, its history holds it.
+        retrying("the history writes", || store.add_history(&history)).await?;
         let mut reloaded = Vec::new();
         for attempt in 0..ATTEMPTS {
-            let results = match history.take() {
-                Some(h) => {
-                    let (added, results) = tokio::join!(
-                        retrying("the history writes", || store.add_history(&h)),
-                        retrying("the writes", || store.put_many(&writes))
-                    );
-                    added?;
-                    results?
-                }
-                None => retrying("the writes", || store.put_many(&writes)).await?,
-            };
+            let results = retrying("the writes", || store.put_many(&writes)).await?;
             let mut lost = Vec::new();
             for ((entity, counts), ok) in entries.into_iter().zip(results) {
                 if ok {
