@@ -279,10 +279,11 @@ impl App {
             // Not for an instant so recent that every state holds it: a state's boundary
             // trails the watermark by the lateness, and the watermark runs at most the clock
             // skew allowance ahead of this clock.
-            let recent = duet_speed::now_ms()
-                .saturating_sub(self.plan.lateness)
-                .saturating_add(duet_speed::processor::MAX_CLOCK_SKEW_MS);
-            let with_history = explicit && self.plan.history > 0 && t < recent;
+            let with_history = explicit
+                && self.plan.history > 0
+                && t < duet_speed::now_ms()
+                    .saturating_sub(self.plan.lateness)
+                    .saturating_add(duet_speed::processor::MAX_CLOCK_SKEW_MS);
             let fetched = tokio::time::timeout(self.config.redis_timeout, async {
                 if with_history {
                     let histories: Vec<String> = entities

@@ -10,7 +10,7 @@ use duet_batch::snapshot::{arrow_type, value_column};
 use duet_spec::Value;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{entity_of, history_key, state_key, state_key_prefix};
+use crate::processor::{entity_of, history_entity_of, history_key, state_key_prefix};
 use crate::store::StateStore;
 use crate::{Error, Result};
 
@@ -39,12 +39,12 @@ pub async fn dump<S: StateStore>(
     prefix: &str,
     t: i64,
 ) -> Result<Dump> {
-    let mut keys = store.keys(&state_key_prefix(prefix)).await?;
-    // Keys start with their hash tag; entities come out sorted by themselves.
-    keys.sort_by(|a, b| entity_of(prefix, a).cmp(&entity_of(prefix, b)));
+    let keys = store.keys(&state_key_prefix(prefix)).await?;
+    // By entity (keys start with their hash tag), so entities come out sorted by themselves.
     let mut rows: std::collections::BTreeMap<String, Row> = Default::default();
     let mut with_state = std::collections::HashSet::new();
-    let mut past = false;
+    // The states that cannot answer exactly, kept for a second evaluation with their history.
+    let mut inexact: std::collections::HashMap<String, Vec<u8>> = Default::default();
     for chunk in keys.chunks(1000) {
         let values = store.get_many(chunk).await?;
         for (key, v) in chunk.iter().zip(values) {
@@ -61,7 +61,9 @@ pub async fn dump<S: StateStore>(
                 t,
             ) {
                 Ok((values, exact)) => {
-                    past |= !exact;
+                    if !exact {
+                        inexact.insert(entity.to_string(), v.bytes);
+                    }
                     Row::Values(values, exact)
                 }
                 Err(_) => Row::Corrupt,
@@ -69,39 +71,29 @@ pub async fn dump<S: StateStore>(
             rows.insert(entity.to_string(), row);
         }
     }
-    if plan.history > 0 && (past || with_state.is_empty()) {
-        let history_prefix = format!("{prefix}h:");
-        let mut wanted: Vec<String> = rows
-            .iter()
-            .filter(|(_, r)| matches!(r, Row::Values(_, false)))
-            .map(|(e, _)| e.clone())
-            .collect();
-        // `<prefix>h:{<tag>}<entity>` reads as a state key once `h:` is `s:`.
-        for k in store.keys(&history_prefix).await? {
-            let Some(tagged) = k.strip_prefix(&history_prefix) else {
-                continue;
-            };
-            if let Some(entity) = entity_of(prefix, &format!("{prefix}s:{tagged}"))
+    if plan.history > 0 && (!inexact.is_empty() || with_state.is_empty()) {
+        let mut wanted: Vec<String> = inexact.keys().cloned().collect();
+        for k in store.keys(&format!("{prefix}h:")).await? {
+            if let Some(entity) = history_entity_of(prefix, &k)
                 && !with_state.contains(entity)
             {
                 wanted.push(entity.to_string());
             }
         }
         for chunk in wanted.chunks(1000) {
-            let keys: Vec<String> = chunk.iter().map(|e| state_key(prefix, e)).collect();
             let histories: Vec<String> = chunk.iter().map(|e| history_key(prefix, e)).collect();
-            let (values, read) = store.get_many_with_history(&keys, &histories).await?;
-            for ((entity, v), history) in chunk.iter().zip(values).zip(read) {
-                if v.is_none() && !recent_event(entity, &history, t, plan.horizon) {
+            let (_, read) = store.get_many_with_history(&[], &histories).await?;
+            for (entity, history) in chunk.iter().zip(read) {
+                let state = inexact.get(entity);
+                if state.is_none() && !recent_event(entity, &history, t, plan.horizon) {
                     // No state, and nothing within the horizon before `t`: only defaults.
-                    rows.remove(entity);
                     continue;
                 }
                 let row = match crate::history::evaluate_stored(
                     spec,
                     plan,
                     entity,
-                    v.as_ref().map(|v| v.bytes.as_slice()),
+                    state.map(Vec::as_slice),
                     Some(&history),
                     t,
                 ) {

@@ -29,19 +29,24 @@ const KEY_GRACE_MS: i64 = 60_000;
 
 /// Encoded event records, each prefixed with its length, ready to append to a history.
 #[derive(Default)]
-pub struct Records(Writer);
+pub struct Records {
+    out: Writer,
+    /// One record at a time, before its length is known (reused).
+    scratch: Writer,
+}
 
 impl Records {
     /// Adds one event.
     pub fn push(&mut self, e: &Event) {
-        let record = encode(e);
-        self.0.u(record.len() as u64);
-        self.0.buf.extend_from_slice(&record);
+        self.scratch.buf.clear();
+        encode_into(e, &mut self.scratch);
+        self.out.u(self.scratch.buf.len() as u64);
+        self.out.buf.extend_from_slice(&self.scratch.buf);
     }
 
     /// The bytes to append.
     pub fn into_bytes(self) -> Vec<u8> {
-        self.0.buf
+        self.out.buf
     }
 }
 
@@ -98,6 +103,12 @@ pub fn read(entity: &str, bytes: &[u8], before: i64) -> Result<History, Corrupt>
 /// One event as a history member (the entity is the key's).
 pub fn encode(e: &Event) -> Vec<u8> {
     let mut w = Writer::with_capacity(24 + e.event_id.len() + e.event_type.len());
+    encode_into(e, &mut w);
+    w.buf
+}
+
+/// Appends one event's encoding to `w`.
+fn encode_into(e: &Event, w: &mut Writer) {
     w.u(FORMAT);
     w.i(e.ts);
     w.s(&e.event_id);
@@ -106,7 +117,6 @@ pub fn encode(e: &Event) -> Vec<u8> {
     if let Some(a) = e.amount {
         w.f(a);
     }
-    w.buf
 }
 
 /// An event of `entity` written by [`encode`].

@@ -151,7 +151,17 @@ pub fn state_key_prefix(prefix: &str) -> String {
 
 /// The entity of a state key.
 pub fn entity_of<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
-    let tagged = key.strip_prefix(prefix)?.strip_prefix("s:{")?;
+    entity_of_kind(prefix, "s:{", key)
+}
+
+/// The entity of a history key.
+pub fn history_entity_of<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+    entity_of_kind(prefix, "h:{", key)
+}
+
+/// The entity of a `<prefix><kind><tag>}<entity>` key (see [`entity_key`]).
+fn entity_of_kind<'k>(prefix: &str, kind: &str, key: &'k str) -> Option<&'k str> {
+    let tagged = key.strip_prefix(prefix)?.strip_prefix(kind)?;
     let (tag, entity) = tagged.split_once('}')?;
     tag.bytes().all(|b| b.is_ascii_digit()).then_some(entity)
 }
