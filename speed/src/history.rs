@@ -5,9 +5,10 @@
 //!
 //! A history is a header record (the instant from which it holds every event) followed by
 //! length-prefixed event records, appended batch by batch: a write costs Redis one append,
-//! whatever the number of events. Events are appended before the batch's state writes, so a
-//! state that counts an event has it in its history. A batch written again after a crash
-//! appends its events again; readers deduplicate by event id, as every reader of the log does.
+//! whatever the number of events. Events are appended in the same script call as the state
+//! write that counts them, atomically (both or neither), so a state that counts an event has it
+//! in its history. A batch written again after a crash appends its events again; readers
+//! deduplicate by event id, as every reader of the log does.
 //! "Exact" means exact over the events the speed layer consumed: after a rebuild from Kafka's
 //! retention, a history does not know about events older than the oldest retained one.
 

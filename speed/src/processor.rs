@@ -439,20 +439,21 @@ impl<S: StateStore> Processor<S> {
         });
         let mut writes = Vec::with_capacity(settled.len());
         let mut entries = Vec::with_capacity(settled.len());
-        let mut history = Vec::new();
         for (entity, version, state, mut s) in settled {
-            history.extend(settle.history_write(
-                &self.prefix,
-                &entity,
-                std::mem::take(&mut s.history),
-            ));
+            let history =
+                settle.history_write(&self.prefix, &entity, std::mem::take(&mut s.history));
             let expected = (version > 0).then_some(version);
             match (&s.value, expected) {
-                (None, None) => {
+                (None, None) if history.is_none() => {
                     // Nothing stored and nothing to store.
                     out.count(s.counts);
                     self.cache.insert(entity, (0, state));
                     continue;
+                }
+                (None, None) => {
+                    // Nothing to store but events for the history: a write that keeps the key
+                    // absent carries them.
+                    self.cache.insert(entity.clone(), (0, state));
                 }
                 (None, Some(_)) => {
                     let fresh = EntityState::new(&self.plan, state.boundary);
@@ -467,6 +468,7 @@ impl<S: StateStore> Processor<S> {
                 expected,
                 value: s.value,
                 ttl_ms: s.ttl_ms,
+                history,
             });
             entries.push((entity, s.counts));
         }
@@ -476,7 +478,6 @@ impl<S: StateStore> Processor<S> {
             replay,
             writes,
             entries,
-            history,
         })
     }
 }

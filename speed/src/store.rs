@@ -1,6 +1,7 @@
 //! Where entity state lives: Redis in production, memory in unit tests and the embedded demo.
-//! Every write is a compare-and-set on one key, so the design holds on Redis Cluster (no
-//! transaction spans two keys) and two writers can never overwrite each other's updates.
+//! Every write is a compare-and-set on one key (with, when the spec keeps a `history`, an append
+//! to the entity's history key, in the same hash slot), so the design holds on Redis Cluster (no
+//! script spans two hash slots) and two writers can never overwrite each other's updates.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,9 @@ pub struct CasWrite {
     pub value: Option<Vec<u8>>,
     /// Expiry of the new value, in milliseconds.
     pub ttl_ms: u64,
+    /// Events to append to the entity's history (in its state's hash slot) in the same atomic
+    /// step: appended if and only if the write applies.
+    pub history: Option<HistoryWrite>,
 }
 
 /// Events to add to one entity's history (see [`crate::history`]): a string of records,
@@ -50,21 +54,6 @@ pub struct HistoryWrite {
 /// States (`None` where absent) and history bytes (empty where absent), in the order asked.
 pub type StatesAndHistories = (Vec<Option<Versioned>>, Vec<Vec<u8>>);
 
-/// Appends to histories: per key, `ARGV` holds (header, records, expiry ms); a key that does
-/// not exist is created with its header first. The keys of one call share a hash slot.
-const HISTORY_SCRIPT: &str = r#"
-for i = 1, #KEYS do
-  local j = 3 * i - 2
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('SET', KEYS[i], ARGV[j] .. ARGV[j + 1], 'PX', ARGV[j + 2])
-  else
-    redis.call('APPEND', KEYS[i], ARGV[j + 1])
-    redis.call('PEXPIRE', KEYS[i], ARGV[j + 2])
-  end
-end
-return #KEYS
-"#;
-
 /// The narrow interface the speed layer and the server need from a state store.
 pub trait StateStore: Send + Sync + 'static {
     /// The current values of `keys`, in order (`None` where absent).
@@ -73,11 +62,10 @@ pub trait StateStore: Send + Sync + 'static {
         keys: &[String],
     ) -> impl Future<Output = Result<Vec<Option<Versioned>>>> + Send;
     /// Applies each write whose key still holds its expected version; returns, per write,
-    /// whether it was applied.
+    /// whether it was applied. A write's history events are appended (a missing history
+    /// created with its header first, its expiry set) with its state, atomically: both or
+    /// neither.
     fn put_many(&self, writes: &[CasWrite]) -> impl Future<Output = Result<Vec<bool>>> + Send;
-    /// Appends events to entity histories (creating a missing one with its header) and sets
-    /// their expiry.
-    fn add_history(&self, writes: &[HistoryWrite]) -> impl Future<Output = Result<()>> + Send;
     /// The current values of `keys` and, in the same round trip, the bytes of each of
     /// `histories` (empty when absent; read with [`crate::history::read`]).
     fn get_many_with_history(
@@ -193,29 +181,23 @@ impl StateStore for MemoryStore {
                         g.values.remove(&w.key);
                     }
                 }
+                if let Some(h) = &w.history {
+                    let stored =
+                        g.histories
+                            .entry(h.key.clone())
+                            .or_insert_with(|| MemoryHistory {
+                                bytes: Vec::new(),
+                                expiry: now,
+                            });
+                    if stored.expiry <= now {
+                        stored.bytes = h.header.clone();
+                    }
+                    stored.bytes.extend_from_slice(&h.records);
+                    stored.expiry = now + Duration::from_millis(h.ttl_ms.max(1));
+                }
                 true
             })
             .collect())
-    }
-
-    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
-        let mut g = self.inner.lock().expect("not poisoned");
-        let now = Instant::now();
-        for w in writes {
-            let h = g
-                .histories
-                .entry(w.key.clone())
-                .or_insert_with(|| MemoryHistory {
-                    bytes: Vec::new(),
-                    expiry: now,
-                });
-            if h.expiry <= now {
-                h.bytes = w.header.clone();
-            }
-            h.bytes.extend_from_slice(&w.records);
-            h.expiry = now + Duration::from_millis(w.ttl_ms.max(1));
-        }
-        Ok(())
     }
 
     async fn get_many_with_history(
@@ -328,6 +310,39 @@ end
 return out
 "#;
 
+/// [`CAS_SCRIPT`] for writes that also append to their entity's history, in the same atomic
+/// step: `KEYS` holds (state key, history key) pairs, of one hash slot; `ARGV` holds, per pair,
+/// the state's three arguments, then (records, header, history expiry ms). A history the append
+/// creates is rewritten with its header first. The history is written before the state: Redis
+/// does not undo a script's earlier writes when a later command fails (a full string, a key of
+/// another type), and a history with events its state lacks only repeats what readers
+/// deduplicate, while a state counting events its history lacks would be wrong for good.
+const CAS_HISTORY_SCRIPT: &str = r#"
+local out = {}
+for i = 1, #KEYS / 2 do
+  local state, history = KEYS[2 * i - 1], KEYS[2 * i]
+  local j = 6 * i - 5
+  local ver = redis.call('GETRANGE', state, 0, 7)
+  if ver ~= ARGV[j] then
+    out[i] = 0
+  else
+    local records = ARGV[j + 3]
+    if redis.call('APPEND', history, records) == #records then
+      redis.call('SET', history, ARGV[j + 4] .. records, 'PX', ARGV[j + 5])
+    else
+      redis.call('PEXPIRE', history, ARGV[j + 5])
+    end
+    if ARGV[j + 1] == '' then
+      redis.call('DEL', state)
+    else
+      redis.call('SET', state, ARGV[j + 1], 'PX', ARGV[j + 2])
+    end
+    out[i] = 1
+  end
+end
+return out
+"#;
+
 /// A state as stored: its new version (8 bytes, big-endian) and then its bytes, written as one
 /// command argument without first joining them in a buffer of their own.
 struct Stored<'a> {
@@ -354,22 +369,38 @@ impl redis::ToRedisArgs for Stored<'_> {
     }
 }
 
-/// The `EVALSHA` of [`CAS_SCRIPT`] (SHA-1 `hash`) for the writes at positions `call`, written
-/// into one command buffer sized up front. `redis::ScriptInvocation` would allocate every key and
-/// argument on its own and then copy them all into the command.
-fn cas_call(hash: &str, writes: &[CasWrite], call: &[usize]) -> redis::Cmd {
+/// The `EVALSHA` of [`CAS_SCRIPT`] (SHA-1 `hash`) for the writes at positions `call`, or of
+/// [`CAS_HISTORY_SCRIPT`] when `with_history` (every one of those writes then has a history),
+/// written into one command buffer sized up front. `redis::ScriptInvocation` would allocate
+/// every key and argument on its own and then copy them all into the command.
+fn cas_call(hash: &str, writes: &[CasWrite], call: &[usize], with_history: bool) -> redis::Cmd {
+    let history = |i: usize| {
+        let h = writes[i].history.as_ref();
+        debug_assert_eq!(h.is_some(), with_history);
+        h.filter(|_| with_history)
+    };
     let data: usize = call
         .iter()
         .map(|&i| {
             let w = &writes[i];
-            // The key, the version, the stored value and the TTL's digits.
-            w.key.len() + 8 + w.value.as_ref().map_or(0, |v| 8 + v.len()) + 20
+            // The key, the version, the stored value and the TTL's digits; the history's key,
+            // records, header and TTL.
+            w.key.len()
+                + 8
+                + w.value.as_ref().map_or(0, |v| 8 + v.len())
+                + 20
+                + history(i).map_or(0, |h| h.key.len() + h.records.len() + h.header.len() + 20)
         })
         .sum();
-    let mut cmd = redis::Cmd::with_capacity(3 + 4 * call.len(), 64 + data);
-    cmd.arg("EVALSHA").arg(hash).arg(call.len());
+    let per_write = if with_history { 8 } else { 4 };
+    let mut cmd = redis::Cmd::with_capacity(3 + per_write * call.len(), 64 + data);
+    let keys = if with_history { 2 } else { 1 } * call.len();
+    cmd.arg("EVALSHA").arg(hash).arg(keys);
     for &i in call {
         cmd.arg(&writes[i].key);
+        if let Some(h) = history(i) {
+            cmd.arg(&h.key);
+        }
     }
     for &i in call {
         let w = &writes[i];
@@ -383,11 +414,14 @@ fn cas_call(hash: &str, writes: &[CasWrite], call: &[usize]) -> redis::Cmd {
             None => cmd.arg(&[] as &[u8]),
         };
         cmd.arg(w.ttl_ms.max(1));
+        if let Some(h) = history(i) {
+            cmd.arg(&h.records).arg(&h.header).arg(h.ttl_ms.max(1));
+        }
     }
     cmd
 }
 
-/// Most keys one compare-and-set call carries.
+/// Most writes one compare-and-set call carries (each of them one key, or two with a history).
 const CAS_KEYS_PER_CALL: usize = 64;
 
 /// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the text inside the
@@ -436,6 +470,8 @@ enum Link {
 pub struct RedisStore {
     con: tokio::sync::watch::Receiver<Link>,
     script: Arc<redis::Script>,
+    /// [`CAS_HISTORY_SCRIPT`].
+    history_script: Arc<redis::Script>,
     url: String,
     timeout: Duration,
 }
@@ -456,6 +492,7 @@ impl RedisStore {
         let store = RedisStore {
             con: link,
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
+            history_script: Arc::new(redis::Script::new(CAS_HISTORY_SCRIPT)),
             url: url.to_string(),
             timeout,
         };
@@ -472,6 +509,7 @@ impl RedisStore {
         let store = RedisStore {
             con: rx,
             script: Arc::new(redis::Script::new(CAS_SCRIPT)),
+            history_script: Arc::new(redis::Script::new(CAS_HISTORY_SCRIPT)),
             url: url.to_string(),
             timeout,
         };
@@ -517,11 +555,13 @@ impl RedisStore {
 
     async fn load_script(&self) -> Result<()> {
         let mut c = self.connection().await?;
-        self.script
-            .prepare_invoke()
-            .load_async(&mut c)
-            .await
-            .map_err(|e| redis_err(&self.url, e))?;
+        for script in [&self.script, &self.history_script] {
+            script
+                .prepare_invoke()
+                .load_async(&mut c)
+                .await
+                .map_err(|e| redis_err(&self.url, e))?;
+        }
         Ok(())
     }
 
@@ -582,25 +622,30 @@ impl StateStore for RedisStore {
         if writes.is_empty() {
             return Ok(vec![]);
         }
-        // A key that must be absent is created with `SET NX`, which needs no script: a fresh
-        // entity's first state costs Redis one command instead of a script call's share. The
-        // other writes go in one script call per group of keys sharing a hash slot. All of it
-        // in one pipeline.
-        let mut by_slot: HashMap<u16, Vec<usize>> = HashMap::new();
+        // A key that must be absent (and carries no history) is created with `SET NX`, which
+        // needs no script: a fresh entity's first state costs Redis one command instead of a
+        // script call's share. The other writes go in one script call per group of keys
+        // sharing a hash slot, writes with a history (which share their state's slot) through
+        // the script that also appends it. All of it in one pipeline.
+        let mut by_slot: HashMap<(u16, bool), Vec<usize>> = HashMap::new();
         let mut creations = Vec::new();
         for (i, w) in writes.iter().enumerate() {
-            if w.expected.is_none() && w.value.is_some() {
+            if w.expected.is_none() && w.value.is_some() && w.history.is_none() {
                 creations.push(i);
             } else {
                 by_slot
-                    .entry(hash_slot(w.key.as_bytes()))
+                    .entry((hash_slot(w.key.as_bytes()), w.history.is_some()))
                     .or_default()
                     .push(i);
             }
         }
-        let calls: Vec<&[usize]> = by_slot
-            .values()
-            .flat_map(|group| group.chunks(CAS_KEYS_PER_CALL))
+        let calls: Vec<(&[usize], bool)> = by_slot
+            .iter()
+            .flat_map(|(&(_, with_history), group)| {
+                group
+                    .chunks(CAS_KEYS_PER_CALL)
+                    .map(move |call| (call, with_history))
+            })
             .collect();
         let mut pipe = redis::pipe();
         for &i in &creations {
@@ -613,14 +658,19 @@ impl StateStore for RedisStore {
                 .arg(w.ttl_ms.max(1))
                 .arg("NX");
         }
-        for call in &calls {
-            pipe.add_command(cas_call(self.script.get_hash(), writes, call));
+        for &(call, with_history) in &calls {
+            let script = if with_history {
+                &self.history_script
+            } else {
+                &self.script
+            };
+            pipe.add_command(cas_call(script.get_hash(), writes, call, with_history));
         }
         let mut con = self.connection().await?;
         let replies: Vec<redis::Value> = match pipe.query_async(&mut con).await {
             Ok(a) => a,
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted and forgot the script: load it and try once more (a creation
+                // Redis restarted and forgot the scripts: load them and try once more (a creation
                 // that landed the first time loses now, and is recomputed like any other).
                 self.load_script().await?;
                 pipe.query_async(&mut con)
@@ -652,7 +702,7 @@ impl StateStore for RedisStore {
                 }
             };
         }
-        for (call, reply) in calls.iter().zip(replies) {
+        for ((call, _), reply) in calls.iter().zip(replies) {
             let reply: Vec<i64> = redis::from_redis_value(reply)
                 .map_err(|e| Error::Redis(format!("{}: compare-and-set answered {e}", self.url)))?;
             if reply.len() != call.len() {
@@ -668,37 +718,6 @@ impl StateStore for RedisStore {
             }
         }
         Ok(applied)
-    }
-
-    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        // One script call per group of keys sharing a hash slot, all in one pipeline.
-        let mut by_slot: HashMap<u16, Vec<&HistoryWrite>> = HashMap::new();
-        for w in writes {
-            by_slot
-                .entry(hash_slot(w.key.as_bytes()))
-                .or_default()
-                .push(w);
-        }
-        let mut pipe = redis::pipe();
-        for group in by_slot.values() {
-            for call in group.chunks(CAS_KEYS_PER_CALL) {
-                let cmd = pipe.cmd("EVAL").arg(HISTORY_SCRIPT).arg(call.len());
-                for w in call {
-                    cmd.arg(&w.key);
-                }
-                for w in call {
-                    cmd.arg(&w.header).arg(&w.records).arg(w.ttl_ms.max(1));
-                }
-                cmd.ignore();
-            }
-        }
-        let mut con = self.connection().await?;
-        pipe.query_async::<()>(&mut con)
-            .await
-            .map_err(|e| redis_err(&self.url, e))
     }
 
     async fn get_many_with_history(
@@ -903,9 +922,6 @@ impl StateStore for AnyStore {
     async fn put_many(&self, writes: &[CasWrite]) -> Result<Vec<bool>> {
         both!(self, s => s.put_many(writes).await)
     }
-    async fn add_history(&self, writes: &[HistoryWrite]) -> Result<()> {
-        both!(self, s => s.add_history(writes).await)
-    }
     async fn get_many_with_history(
         &self,
         keys: &[String],
@@ -941,7 +957,10 @@ impl StateStore for AnyStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{CAS_SCRIPT, CasWrite, RedisStore, Stored, cas_call, hash_slot};
+    use super::{
+        CAS_HISTORY_SCRIPT, CAS_SCRIPT, CasWrite, HistoryWrite, RedisStore, Stored, cas_call,
+        hash_slot,
+    };
 
     #[test]
     fn redis_connections_turn_off_nagles_algorithm_and_bad_urls_name_the_flag() {
@@ -965,6 +984,7 @@ mod tests {
             expected,
             value: value.map(<[u8]>::to_vec),
             ttl_ms,
+            history: None,
         };
         // An update, a deletion, a deletion of an absent key, a zero TTL, an empty state.
         let writes = [
@@ -975,28 +995,54 @@ mod tests {
             w("p:s:{7}e", Some(9), Some(b""), 7),
         ];
         let call = [4, 0, 2, 1, 3];
-        let script = redis::Script::new(CAS_SCRIPT);
-        let mut invocation = script.prepare_invoke();
-        for &i in &call {
-            let w = &writes[i];
-            let stored = w.value.as_ref().map_or(Vec::new(), |v| {
-                let mut s = (w.expected.unwrap_or(0) + 1).to_be_bytes().to_vec();
-                s.extend_from_slice(v);
-                s
-            });
-            invocation
-                .key(&w.key)
-                .arg(w.expected.map_or(Vec::new(), |v| v.to_be_bytes().to_vec()))
-                .arg(stored)
-                .arg(w.ttl_ms.max(1));
+        // The same writes with histories (one with no records), through the other script.
+        let with_history: Vec<CasWrite> = writes
+            .iter()
+            .enumerate()
+            .map(|(i, w)| CasWrite {
+                history: Some(HistoryWrite {
+                    key: w.key.replacen("s:", "h:", 1),
+                    records: b"records".repeat(i),
+                    header: vec![0, i as u8],
+                    ttl_ms: 1000 * i as u64,
+                }),
+                ..w.clone()
+            })
+            .collect();
+        for (writes, source, history) in [
+            (&writes[..], CAS_SCRIPT, false),
+            (&with_history[..], CAS_HISTORY_SCRIPT, true),
+        ] {
+            let script = redis::Script::new(source);
+            let mut invocation = script.prepare_invoke();
+            for &i in &call {
+                let w = &writes[i];
+                let stored = w.value.as_ref().map_or(Vec::new(), |v| {
+                    let mut s = (w.expected.unwrap_or(0) + 1).to_be_bytes().to_vec();
+                    s.extend_from_slice(v);
+                    s
+                });
+                invocation
+                    .key(&w.key)
+                    .arg(w.expected.map_or(Vec::new(), |v| v.to_be_bytes().to_vec()))
+                    .arg(stored)
+                    .arg(w.ttl_ms.max(1));
+                if let Some(h) = &w.history {
+                    invocation
+                        .key(&h.key)
+                        .arg(&h.records)
+                        .arg(&h.header)
+                        .arg(h.ttl_ms.max(1));
+                }
+            }
+            let expected = redis::pipe()
+                .invoke_script(&invocation)
+                .get_packed_pipeline();
+            let got = redis::pipe()
+                .add_command(cas_call(script.get_hash(), writes, &call, history))
+                .get_packed_pipeline();
+            assert_eq!(got, expected, "history: {history}");
         }
-        let expected = redis::pipe()
-            .invoke_script(&invocation)
-            .get_packed_pipeline();
-        let got = redis::pipe()
-            .add_command(cas_call(script.get_hash(), &writes, &call))
-            .get_packed_pipeline();
-        assert_eq!(got, expected);
     }
 
     #[test]
@@ -1006,6 +1052,7 @@ mod tests {
             expected,
             value: Some(b"state".to_vec()),
             ttl_ms: 1,
+            history: None,
         };
         for (expected, version) in [
             (None, 1u64),

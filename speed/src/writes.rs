@@ -2,7 +2,8 @@
 //! cached states, then applied to the store with compare-and-set. A write that loses (another
 //! writer, or a retry after a failure, changed the key) is recomputed from the stored state and
 //! the batch's events of that entity, and tried again; states deduplicate events by id, so
-//! recomputing never counts an event twice.
+//! recomputing never counts an event twice. A write carries its entity's new history events
+//! (when the spec keeps a `history`), appended in the same atomic step only if it applies.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,17 +127,15 @@ pub struct StateWrites {
     pub(crate) writes: Vec<CasWrite>,
     /// Per write: its entity and counts.
     pub(crate) entries: Vec<(Text, ApplyCounts)>,
-    /// The batch's events for entity histories: written before the states.
-    pub(crate) history: Vec<HistoryWrite>,
 }
 
 impl StateWrites {
-    /// Entity states to write.
+    /// Entity writes: states to write or delete, or history events to append.
     pub fn len(&self) -> usize {
         self.writes.len()
     }
 
-    /// True when the batch changes no stored state.
+    /// True when the batch changes no stored state or history.
     pub fn is_empty(&self) -> bool {
         self.writes.is_empty()
     }
@@ -156,12 +155,7 @@ impl StateWrites {
             replay,
             mut writes,
             mut entries,
-            history,
         } = self;
-        // Histories first: a state write may move the state's boundary past the batch's
-        // events, so that, consumed again after a crash, they would be refused as late and
-        // never appended. Once a state counts an event, its history holds it.
-        retrying("the history writes", || store.add_history(&history)).await?;
         let mut reloaded = Vec::new();
         for attempt in 0..ATTEMPTS {
             let results = retrying("the writes", || store.put_many(&writes)).await?;
@@ -194,27 +188,20 @@ impl StateWrites {
                     (entity, evs, value)
                 })
                 .collect();
-            let mut recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
+            let recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
                 let (version, mut state) = settle.decode(&entity, value);
                 let s = settle.settle(&mut state, events);
                 (entity, version, s)
             });
             writes = Vec::with_capacity(recomputed.len());
             entries = Vec::with_capacity(recomputed.len());
-            // The stored state may hold a boundary other than the cached one, so it may accept
-            // events the first history write left out: add them before writing it.
-            let mut history = Vec::new();
-            for (entity, _, s) in &mut recomputed {
-                history.extend(settle.history_write(
-                    &prefix,
-                    entity,
-                    std::mem::take(&mut s.history),
-                ));
-            }
-            retrying("the history writes", || store.add_history(&history)).await?;
-            for (entity, version, s) in recomputed {
+            for (entity, version, mut s) in recomputed {
                 let expected = (version > 0).then_some(version);
-                if s.value.is_none() && expected.is_none() {
+                // The stored state may hold a boundary other than the cached one: its history
+                // gets the events it accepts, with it.
+                let history =
+                    settle.history_write(&prefix, &entity, std::mem::take(&mut s.history));
+                if s.value.is_none() && expected.is_none() && history.is_none() {
                     out.count(s.counts);
                 } else {
                     writes.push(CasWrite {
@@ -222,6 +209,7 @@ impl StateWrites {
                         expected,
                         value: s.value,
                         ttl_ms: s.ttl_ms,
+                        history,
                     });
                     entries.push((entity.clone(), s.counts));
                 }

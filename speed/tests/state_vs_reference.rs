@@ -1,13 +1,15 @@
 //! The speed layer's state, fed random disordered and duplicated streams in random batches
 //! with commits in between, evaluates every streaming feature exactly as the reference does.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use duet_spec::event::Event;
 use duet_spec::reference::Reference;
 use duet_spec::{Layer, Value, parse_spec};
+use duet_speed::history;
 use duet_speed::plan::SpeedPlan;
-use duet_speed::processor::{Message, Processor, state_key};
+use duet_speed::processor::{Message, Processor, history_key, state_key};
 use duet_speed::state::EntityState;
 use duet_speed::store::{MemoryStore, StateStore};
 use proptest::prelude::*;
@@ -33,10 +35,13 @@ fn arb_spec() -> impl Strategy<Value = String> {
         prop::sample::select(vec![5i64, 30]),
         0usize..4,
     );
-    prop::collection::vec(feature, 1..7).prop_map(|features| {
+    (prop::collection::vec(feature, 1..7), any::<bool>()).prop_map(|(features, history)| {
         let mut text = String::from(
             "[[entity]]\nname = \"user\"\njoin_key = \"user_id\"\n\n[[view]]\nname = \"rt\"\nentity = \"user\"\nlayer = \"streaming\"\nallowed_lateness = \"10m\"\n",
         );
+        if history {
+            text.push_str("history = \"1d\"\n");
+        }
         let filters = ["", "where = { event_type = [\"purchase\"] }\n", "where = { event_type = [\"view\", \"login\"] }\n", "where = { event_type = [\"refund\", \"purchase\"] }\n"];
         for (i, (kind, k, r, gap, filt)) in features.into_iter().enumerate() {
             let window = format!("window = \"{}m\"\nresolution = \"{r}m\"\n", k * r);
@@ -130,6 +135,8 @@ proptest! {
 }
 
 /// Every user's stored state, evaluated at the probes, equals the reference over `stream`.
+/// When the spec keeps a `history`, each user's history holds every one of its events (once
+/// deduplicated), and the probes older than the state's boundary are answered from it, exactly.
 fn stored_states_match_reference(
     rt: &tokio::runtime::Runtime,
     store: &MemoryStore,
@@ -143,29 +150,51 @@ fn stored_states_match_reference(
     let reference = Reference::new(spec, stream.to_vec());
     let end = stream.iter().map(|e| e.ts).max().unwrap();
     for user in ["u0", "u1", "u2", "u3"] {
-        let stored = rt
-            .block_on(store.get_many(&[state_key("t:", user)]))
-            .unwrap()
-            .pop()
+        let (mut states, mut histories) = rt
+            .block_on(
+                store.get_many_with_history(&[state_key("t:", user)], &[history_key("t:", user)]),
+            )
             .unwrap();
-        let state = match stored {
+        let (stored, history) = (states.pop().unwrap(), histories.pop().unwrap());
+        if plan.history > 0 {
+            let held: BTreeSet<String> = history::read(user, &history, i64::MAX)
+                .unwrap()
+                .events
+                .iter()
+                .map(|e| e.event_id.to_string())
+                .collect();
+            let sent: BTreeSet<String> = stream
+                .iter()
+                .filter(|e| e.user_id.as_str() == user)
+                .map(|e| e.event_id.to_string())
+                .collect();
+            prop_assert_eq!(held, sent, "the history of {}", user);
+        } else {
+            prop_assert!(history.is_empty());
+        }
+        let state = match &stored {
             Some(v) => EntityState::decode(plan, user, &v.bytes).unwrap(),
             None => EntityState::new(plan, i64::MIN),
         };
         for (steps, nudge) in probes {
             let t = (end - 150 * MIN) / 30_000 * 30_000 + steps * 30_000 + nudge;
-            if t < state.boundary {
+            let got = if plan.history > 0 {
+                let state = stored.as_ref().map(|v| v.bytes.as_slice());
+                history::evaluate_stored(spec, plan, user, state, Some(&history), t).unwrap()
+            } else if t < state.boundary {
                 continue;
-            }
-            let got = state.evaluate(plan, t);
-            prop_assert!(got.exact);
-            for (f, v) in plan.features.iter().zip(&got.values) {
+            } else {
+                let got = state.evaluate(plan, t);
+                (got.values, got.exact)
+            };
+            prop_assert!(got.1, "{} at {}: not exact", user, t);
+            for (f, v) in plan.features.iter().zip(got.0) {
                 let expected = reference.value(&f.feature, user, t);
                 if std::env::var("DEBUG_PROP").is_ok() {
                     eprintln!("{} {user} {t} {expected:?} {v:?}", f.feature.name);
                 }
                 prop_assert!(
-                    agree(expected, *v),
+                    agree(expected, v),
                     "{} for {user} at {t}: reference {expected:?}, speed {v:?}\n{spec_text}",
                     f.feature.name
                 );

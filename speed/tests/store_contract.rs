@@ -30,6 +30,7 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         expected,
         value: value.map(<[u8]>::to_vec),
         ttl_ms,
+        history: None,
     };
     // Absent keys read as none; creation requires absence.
     assert_eq!(
@@ -110,20 +111,51 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         store.keys(&k("s:")).await.unwrap(),
         vec![k("s:u1"), k("s:u2")]
     );
-    // Histories: created with their header, appended to, read in the same round trip as the
-    // states (an absent one as nothing), expiring like states.
-    let h = |records: &[u8], header: &[u8], ttl_ms: u64| HistoryWrite {
-        key: k("h:u1"),
+    // Histories: appended with their state's write, atomically (only when it applies), created
+    // with their header, read in the same round trip as the states (an absent one as
+    // nothing), expiring like states.
+    let hw = |key: &str, records: &[u8], header: &[u8], ttl_ms: u64| HistoryWrite {
+        key: k(key),
         records: records.to_vec(),
         header: header.to_vec(),
         ttl_ms,
     };
-    store.add_history(&[h(b"ab", b"H1", 60_000)]).await.unwrap();
+    let with = |mut write: CasWrite, history: HistoryWrite| {
+        write.history = Some(history);
+        write
+    };
+    let h = |records: &[u8], header: &[u8], ttl_ms: u64| hw("h:{t}u3", records, header, ttl_ms);
+    let s3 = || k("s:{t}u3");
+    let put = |writes: Vec<CasWrite>| async move { store.put_many(&writes).await.unwrap() };
+    assert_eq!(
+        put(vec![with(
+            w(s3(), None, Some(b"A"), 60_000),
+            h(b"ab", b"H1", 60_000)
+        )])
+        .await,
+        vec![true]
+    );
+    // A write that loses appends nothing.
+    assert_eq!(
+        put(vec![with(
+            w(s3(), None, Some(b"X"), 60_000),
+            h(b"zz", b"H9", 60_000)
+        )])
+        .await,
+        vec![false]
+    );
     // An existing history keeps its header: only the records are appended.
-    store.add_history(&[h(b"cd", b"H2", 60_000)]).await.unwrap();
+    assert_eq!(
+        put(vec![with(
+            w(s3(), Some(1), Some(b"B"), 60_000),
+            h(b"cd", b"H2", 60_000)
+        )])
+        .await,
+        vec![true]
+    );
     let read = || {
-        let keys = [k("s:u1"), k("s:none")];
-        let histories = [k("h:u1"), k("h:none")];
+        let keys = [s3(), k("s:{t}none")];
+        let histories = [k("h:{t}u3"), k("h:{t}none")];
         async move {
             store
                 .get_many_with_history(&keys, &histories)
@@ -132,37 +164,110 @@ async fn contract<S: StateStore>(store: &S, p: &str) {
         }
     };
     let (values, histories) = read().await;
-    assert_eq!(values, vec![stored_value(1, b"1"), None]);
+    assert_eq!(values, vec![stored_value(2, b"B"), None]);
     assert_eq!(histories, vec![b"H1abcd".to_vec(), Vec::new()]);
     assert_eq!(
         store.keys(&k("h:")).await.unwrap(),
-        vec![k("h:u1")],
+        vec![k("h:{t}u3")],
         "history keys are listed by prefix"
     );
-    // Each write sets the expiry; an expired history starts again from its header.
-    store.add_history(&[h(b"", b"H3", 50)]).await.unwrap();
+    // A deletion carries its history too, and so does a write that keeps its key absent.
+    assert_eq!(
+        put(vec![
+            with(w(s3(), Some(2), None, 1), h(b"ef", b"H3", 60_000)),
+            with(
+                w(k("s:{t}u4"), None, None, 1),
+                hw("h:{t}u4", b"gh", b"H4", 60_000)
+            ),
+        ])
+        .await,
+        vec![true, true]
+    );
+    let (values, histories) = store
+        .get_many_with_history(&[s3(), k("s:{t}u4")], &[k("h:{t}u3"), k("h:{t}u4")])
+        .await
+        .unwrap();
+    assert_eq!(values, vec![None, None]);
+    assert_eq!(histories, vec![b"H1abcdef".to_vec(), b"H4gh".to_vec()]);
+    // Each write sets the expiry, its own, apart from the state's: an existing history's and
+    // a new one's; an expired history starts again from its header.
+    assert_eq!(
+        put(vec![
+            with(w(s3(), None, Some(b"C"), 60_000), h(b"", b"H5", 50)),
+            with(
+                w(k("s:{t}u5"), None, Some(b"E"), 60_000),
+                hw("h:{t}u5", b"kl", b"H7", 50)
+            ),
+        ])
+        .await,
+        vec![true, true]
+    );
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(read().await.1[0], Vec::<u8>::new());
-    store.add_history(&[h(b"ef", b"H4", 60_000)]).await.unwrap();
-    assert_eq!(read().await.1[0], b"H4ef".to_vec());
-    // Many histories in one call, over many hash slots (more than one call's worth in some).
-    let many: Vec<HistoryWrite> = (0..300)
-        .map(|i| HistoryWrite {
-            key: if i % 2 == 0 {
-                k(&format!("h:{{slot}}m{i}"))
+    assert_eq!(
+        store
+            .get_many_with_history(&[k("s:{t}u5")], &[k("h:{t}u5")])
+            .await
+            .unwrap(),
+        (vec![stored_value(1, b"E")], vec![Vec::new()])
+    );
+    assert_eq!(
+        put(vec![with(
+            w(s3(), Some(1), Some(b"D"), 60_000),
+            h(b"ij", b"H6", 60_000)
+        )])
+        .await,
+        vec![true]
+    );
+    assert_eq!(read().await.1[0], b"H6ij".to_vec());
+    // Many writes in one call, over many hash slots (more than one call's worth in some),
+    // with and without histories, creations among them; every third one loses and appends
+    // nothing.
+    let many: Vec<CasWrite> = (0..300)
+        .map(|i| {
+            let tag = if i % 2 == 0 {
+                "slot".to_string()
             } else {
-                k(&format!("h:m{i}"))
-            },
-            records: format!("r{i}").into_bytes(),
-            header: b"H".to_vec(),
-            ttl_ms: 60_000,
+                format!("m{i}")
+            };
+            let state = w(
+                k(&format!("s:{{{tag}}}m{i}")),
+                (i % 3 == 2).then_some(5),
+                Some(b"v"),
+                60_000,
+            );
+            if i % 5 == 4 {
+                state
+            } else {
+                with(
+                    state,
+                    hw(
+                        &format!("h:{{{tag}}}m{i}"),
+                        format!("r{i}").as_bytes(),
+                        b"H",
+                        60_000,
+                    ),
+                )
+            }
         })
         .collect();
-    store.add_history(&many).await.unwrap();
+    let answers = store.put_many(&many).await.unwrap();
     let keys: Vec<String> = many.iter().map(|w| w.key.clone()).collect();
-    let (_, read_many) = store.get_many_with_history(&[], &keys).await.unwrap();
-    for (i, bytes) in read_many.iter().enumerate() {
-        assert_eq!(bytes, format!("Hr{i}").as_bytes(), "{}", keys[i]);
+    let history_keys: Vec<String> = keys.iter().map(|k| k.replacen("s:{", "h:{", 1)).collect();
+    let (states, read_many) = store
+        .get_many_with_history(&keys, &history_keys)
+        .await
+        .unwrap();
+    for (i, ((ok, state), bytes)) in answers.iter().zip(&states).zip(&read_many).enumerate() {
+        let applies = i % 3 != 2;
+        assert_eq!(*ok, applies, "{}", keys[i]);
+        assert_eq!(state.is_some(), applies, "{}", keys[i]);
+        let expected = if applies && i % 5 != 4 {
+            format!("Hr{i}").into_bytes()
+        } else {
+            Vec::new()
+        };
+        assert_eq!(bytes, &expected, "{}", history_keys[i]);
     }
     // The same store through a connection of its own reads and writes the same keys.
     let other = store.own_connection().await.unwrap();
