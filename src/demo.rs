@@ -38,6 +38,11 @@ pub fn summary_json(r: &duet_check::Report) -> serde_json::Value {
 
 pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
+    // A taken or malformed --listen address is reported now, not after the demo's work.
+    drop(
+        std::net::TcpListener::bind(&args.listen)
+            .map_err(|e| duet_serving::server::bind_error(&args.listen, e))?,
+    );
     let dir = std::path::absolute(&args.dir)?;
     let events_dir = dir.join("events");
     let store_dir = dir.join("store");
@@ -195,7 +200,18 @@ pub async fn run(spec: duet_spec::Spec, args: DemoArgs) -> anyhow::Result<()> {
         })
         .await
     });
-    let addr = rx.await.context("the server did not start")?;
+    let addr = match rx.await {
+        Ok(addr) => addr,
+        // The server ended before it listened (the address was taken since the check above):
+        // its error says why.
+        Err(_) => {
+            return Err(match server.await {
+                Ok(Err(e)) => e.into(),
+                Ok(Ok(())) => anyhow::anyhow!("the server stopped before it listened"),
+                Err(e) => anyhow::anyhow!("the server failed: {e}"),
+            });
+        }
+    };
 
     step(
         5,

@@ -832,6 +832,18 @@ async fn metrics(State(worker): State<Arc<Worker>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// Why `listen` could not be bound: an address that is taken, or not this machine's, is a
+/// runtime failure (exit 1); one that cannot be an address at all is bad input (exit 2).
+pub fn bind_error(listen: &str, e: std::io::Error) -> Error {
+    let message = format!("--listen {listen}: {e}");
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse
+        | std::io::ErrorKind::AddrNotAvailable
+        | std::io::ErrorKind::PermissionDenied => Error::Internal(message),
+        _ => Error::BadInput(message),
+    }
+}
+
 /// Binds `listen` and serves until `shutdown`; `on_bound` learns the bound address.
 ///
 /// Connections are accepted here and handed round-robin to `config.workers` threads, each
@@ -848,17 +860,9 @@ pub async fn serve(
     shutdown: CancellationToken,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    // An address that is taken, or not this machine's, is a runtime failure (exit 1); one that
-    // cannot be an address at all is bad input (exit 2).
-    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
-        let message = format!("--listen {listen}: {e}");
-        match e.kind() {
-            std::io::ErrorKind::AddrInUse
-            | std::io::ErrorKind::AddrNotAvailable
-            | std::io::ErrorKind::PermissionDenied => Error::Internal(message),
-            _ => Error::BadInput(message),
-        }
-    })?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| bind_error(listen, e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Internal(e.to_string()))?;

@@ -181,6 +181,34 @@ fn demo_runs_end_to_end_on_embedded_defaults() {
     );
 }
 
+/// A taken `--listen` address fails the demo at once, naming the address and the cause, before
+/// it generates anything; a malformed one is a usage mistake.
+#[test]
+fn demo_refuses_a_taken_listen_address_before_its_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (listen, status) in [(addr.as_str(), 1), ("127.0.0.1:port", 2)] {
+        let out = run(&[
+            "demo",
+            "--dir",
+            &s(&dir.path().join("demo")),
+            "--listen",
+            listen,
+        ]);
+        let (_, stderr) = expect_status(&out, status);
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("duet: --listen ") && l.contains(listen)),
+            "{listen}: {stderr}"
+        );
+        assert!(!stderr.contains("[1/6"), "{listen}: {stderr}");
+        assert!(!dir.path().join("demo").exists(), "{listen}");
+    }
+    drop(taken);
+}
+
 #[test]
 fn usage_mistakes_are_one_line_naming_the_flag() {
     let cases: [(&[&str], &str); 4] = [
