@@ -82,21 +82,13 @@ impl<'a> Reader<'a> {
     }
     /// A float.
     pub fn f(&mut self) -> Result<f64, Corrupt> {
-        let bytes = self
-            .buf
-            .get(self.pos..self.pos + 8)
-            .ok_or(Corrupt(self.pos))?;
-        self.pos += 8;
+        let bytes = self.bytes(8)?;
         Ok(f64::from_le_bytes(bytes.try_into().expect("eight bytes")))
     }
     /// Length-prefixed UTF-8.
     pub fn s<T: for<'s> From<&'s str>>(&mut self) -> Result<T, Corrupt> {
         let n = self.u()? as usize;
-        let bytes = self
-            .buf
-            .get(self.pos..self.pos.checked_add(n).ok_or(Corrupt(self.pos))?)
-            .ok_or(Corrupt(self.pos))?;
-        self.pos += n;
+        let bytes = self.bytes(n)?;
         std::str::from_utf8(bytes)
             .map(T::from)
             .map_err(|_| Corrupt(self.pos))

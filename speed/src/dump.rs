@@ -10,7 +10,9 @@ use duet_batch::snapshot::{arrow_type, value_column};
 use duet_spec::Value;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{entity_of, history_entity_of, history_key, state_key_prefix};
+use crate::processor::{
+    entity_of, history_entity_of, history_key, history_key_prefix, state_key_prefix,
+};
 use crate::store::StateStore;
 use crate::{Error, Result};
 
@@ -73,7 +75,7 @@ pub async fn dump<S: StateStore>(
     }
     if plan.history > 0 && (!inexact.is_empty() || with_state.is_empty()) {
         let mut wanted: Vec<String> = inexact.keys().cloned().collect();
-        for k in store.keys(&format!("{prefix}h:")).await? {
+        for k in store.keys(&history_key_prefix(prefix)).await? {
             if let Some(entity) = history_entity_of(prefix, &k)
                 && !with_state.contains(entity)
             {

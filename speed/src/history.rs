@@ -101,13 +101,6 @@ pub fn read(entity: &str, bytes: &[u8], before: i64) -> Result<History, Corrupt>
     Ok(out)
 }
 
-/// One event as a history member (the entity is the key's).
-pub fn encode(e: &Event) -> Vec<u8> {
-    let mut w = Writer::with_capacity(24 + e.event_id.len() + e.event_type.len());
-    encode_into(e, &mut w);
-    w.buf
-}
-
 /// Appends one event's encoding to `w`.
 fn encode_into(e: &Event, w: &mut Writer) {
     w.u(FORMAT);
@@ -120,7 +113,7 @@ fn encode_into(e: &Event, w: &mut Writer) {
     }
 }
 
-/// An event of `entity` written by [`encode`].
+/// An event record of `entity`, as [`Records`] writes it (without its length).
 pub fn decode(entity: &str, bytes: &[u8]) -> Result<Event, Corrupt> {
     let mut r = Reader::new(bytes);
     if r.u()? != FORMAT {
@@ -221,6 +214,13 @@ pub fn evaluate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One event's record, without its length.
+    fn encode(e: &Event) -> Vec<u8> {
+        let mut w = Writer::default();
+        encode_into(e, &mut w);
+        w.buf
+    }
 
     #[test]
     fn an_event_survives_its_encoding_and_damage_is_refused() {

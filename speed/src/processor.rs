@@ -149,6 +149,11 @@ pub fn state_key_prefix(prefix: &str) -> String {
     format!("{prefix}s:")
 }
 
+/// The prefix every history key under `prefix` starts with.
+pub fn history_key_prefix(prefix: &str) -> String {
+    format!("{prefix}h:")
+}
+
 /// The entity of a state key.
 pub fn entity_of<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
     entity_of_kind(prefix, "s:{", key)
@@ -405,10 +410,15 @@ impl<S: StateStore> Processor<S> {
         before: &HashMap<i32, i64>,
         out: &mut BatchOutcome,
     ) -> Result<StateWrites> {
+        let reference_now = self.watermarks.values().copied().max().unwrap_or(i64::MIN);
         let settle = Settle {
             plan: self.plan.clone(),
             target: self.boundary_target(before),
-            reference_now: self.watermarks.values().copied().max().unwrap_or(i64::MIN),
+            reference_now,
+            history_header: crate::history::header(crate::history::keep_from(
+                &self.plan,
+                reference_now,
+            )),
         };
         let missing: Vec<&Text> = by_entity
             .keys()

@@ -31,6 +31,8 @@ pub(crate) struct Settle {
     pub(crate) target: Option<i64>,
     /// The newest watermark: key expiries count from it.
     pub(crate) reference_now: i64,
+    /// The header a history created in this batch starts with (the same for every entity).
+    pub(crate) history_header: Vec<u8>,
 }
 
 /// A state after a batch: applied/duplicate/late counts, and the bytes to store with their
@@ -95,10 +97,7 @@ impl Settle {
         (!records.is_empty()).then(|| HistoryWrite {
             key: history_key(prefix, entity),
             records,
-            header: crate::history::header(crate::history::keep_from(
-                &self.plan,
-                self.reference_now,
-            )),
+            header: self.history_header.clone(),
             ttl_ms: crate::history::ttl_ms(&self.plan),
         })
     }

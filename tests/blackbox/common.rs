@@ -38,3 +38,25 @@ pub fn expect_status(out: &Output, code: i32) -> (String, String) {
     );
     (stdout, stderr)
 }
+
+/// Runs `duet` with `args` and then `--listen` at a taken address and at a malformed one: the
+/// first must exit 1 and the second 2, each with a one-line cause naming the address (a log line
+/// of a task still running may follow it). Returns each run's listen address and stderr.
+pub fn expect_listen_refused(args: &[&str]) -> Vec<(String, String)> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut out = Vec::new();
+    for (listen, status) in [(addr.as_str(), 1), ("127.0.0.1:port", 2)] {
+        let run_out = run(&[args, &["--listen", listen]].concat());
+        let (_, stderr) = expect_status(&run_out, status);
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.starts_with("duet: --listen ") && l.contains(listen)),
+            "{listen}: {stderr}"
+        );
+        out.push((listen.to_string(), stderr));
+    }
+    drop(taken);
+    out
+}

@@ -186,27 +186,11 @@ fn demo_runs_end_to_end_on_embedded_defaults() {
 #[test]
 fn demo_refuses_a_taken_listen_address_before_its_work() {
     let dir = tempfile::tempdir().unwrap();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    for (listen, status) in [(addr.as_str(), 1), ("127.0.0.1:port", 2)] {
-        let out = run(&[
-            "demo",
-            "--dir",
-            &s(&dir.path().join("demo")),
-            "--listen",
-            listen,
-        ]);
-        let (_, stderr) = expect_status(&out, status);
-        assert!(
-            stderr
-                .lines()
-                .any(|l| l.starts_with("duet: --listen ") && l.contains(listen)),
-            "{listen}: {stderr}"
-        );
+    let demo_dir = s(&dir.path().join("demo"));
+    for (listen, stderr) in expect_listen_refused(&["demo", "--dir", &demo_dir]) {
         assert!(!stderr.contains("[1/6"), "{listen}: {stderr}");
         assert!(!dir.path().join("demo").exists(), "{listen}");
     }
-    drop(taken);
 }
 
 #[test]

@@ -201,6 +201,15 @@ async fn main() {
         let info: String = redis::cmd("INFO").arg("memory").query(con).unwrap();
         metric(&info.replace(':', " "), "used_memory ")
     };
+    // `MEMORY USAGE` of one key (0 when it is gone).
+    let usage = |con: &mut redis::Connection, key: &str| -> u64 {
+        let bytes: Option<u64> = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(key)
+            .query(con)
+            .unwrap();
+        bytes.unwrap_or(0)
+    };
     // Per round: the bare consumer's rate, duet's rate, and duet's rate timed the old way.
     let mut rounds = Vec::new();
     let (mut per_user_usage, mut per_user_delta, mut sampled_keys, mut all_keys) = (0.0, 0.0, 0, 0);
@@ -238,12 +247,7 @@ async fn main() {
             let after = used(&mut con);
             let mut sampled = 0u64;
             for k in keys.iter().take(2000) {
-                let bytes: Option<u64> = redis::cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(k)
-                    .query(&mut con)
-                    .unwrap();
-                sampled += bytes.unwrap_or(0);
+                sampled += usage(&mut con, k);
             }
             sampled_keys = keys.len().min(2000);
             all_keys = keys.len();
@@ -255,13 +259,8 @@ async fn main() {
                 .unwrap();
             let (mut bytes, mut events) = (0u64, 0u64);
             for k in histories.iter().take(2000) {
-                let usage: Option<u64> = redis::cmd("MEMORY")
-                    .arg("USAGE")
-                    .arg(k)
-                    .query(&mut con)
-                    .unwrap();
+                bytes += usage(&mut con, k);
                 let history: Vec<u8> = redis::cmd("GET").arg(k).query(&mut con).unwrap();
-                bytes += usage.unwrap_or(0);
                 events += duet_speed::history::read("", &history, i64::MAX)
                     .map_or(0, |h| h.events.len() as u64);
             }
