@@ -240,7 +240,9 @@ pub struct BatchLocations {
 
 #[derive(Debug, Args)]
 pub struct BatchRunArgs {
-    /// The instant the snapshot is as of: RFC 3339 or a date (its UTC midnight).
+    /// The instant the snapshot is as of: RFC 3339 or a date (its UTC midnight). An instant
+    /// between cadence boundaries gives the snapshot of the boundary before it (the one a
+    /// lookup at that instant is served from).
     #[arg(long)]
     pub as_of: String,
     #[command(flatten)]
@@ -317,6 +319,35 @@ pub enum EngineArg {
 
 /// Sets up `tracing`: text (coloured only on a terminal, so a log file or a pipe gets plain
 /// text), JSON lines when asked; `RUST_LOG` filters.
+/// Whether log lines still go to stderr: closed when the command's cause is printed.
+static LOGS_OPEN: std::sync::Mutex<bool> = std::sync::Mutex::new(true);
+
+/// Stderr for log lines while [`LOGS_OPEN`]; after that they are dropped. A line is written
+/// whole under the lock, so none can come out after the cause.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let open = LOGS_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        if *open {
+            std::io::stderr().write_all(buf)?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Prints a failed command's one-line cause as stderr's last line: log lines of tasks still
+/// running (a connection retrying, a background read) are dropped from here on.
+pub fn print_cause(cause: &str) {
+    let mut open = LOGS_OPEN.lock().unwrap_or_else(|e| e.into_inner());
+    *open = false;
+    eprintln!("{cause}");
+}
+
 pub fn init_tracing(json: bool) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -324,7 +355,7 @@ pub fn init_tracing(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter);
     if json {
         builder.json().init();
     } else {

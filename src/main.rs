@@ -58,8 +58,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);
-            // The whole chain on one line: "cannot create out.parquet: Permission denied".
-            eprintln!("duet: {e:#}");
+            // The whole chain on one line: "cannot create out.parquet: Permission denied",
+            // and the last line: tasks still running log no more.
+            cli::print_cause(&format!("duet: {e:#}"));
             ExitCode::from(code)
         }
     }

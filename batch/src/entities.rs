@@ -100,8 +100,10 @@ fn read_csv(bytes: Bytes, url: &str, join_key: &str) -> Result<RecordBatch> {
         ))
     };
     let format = arrow::csv::reader::Format::default().with_header(true);
+    // Over every row: a column whose first rows all look like numbers but a later one does
+    // not is text, where a sample would have typed it and then failed on that row.
     let (inferred, _) = format
-        .infer_schema(Cursor::new(&bytes[..]), Some(10_000))
+        .infer_schema(Cursor::new(&bytes[..]), None)
         .map_err(|e| bad(e.to_string()))?;
     // The key and the time are parsed by duet's own rules, not by CSV type inference.
     let fields: Vec<Field> = inferred
@@ -172,4 +174,33 @@ fn row_times(col: &Arc<dyn Array>, url: &str) -> Result<Vec<i64>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Column types are inferred from every row, not a sample: a late row that is not a number
+    /// makes its column text instead of failing the read.
+    #[test]
+    fn csv_column_types_come_from_every_row() {
+        let mut text = String::from("user_id,ts,label,note\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("u{i},2026-09-01T00:00:00Z,{},{i}\n", i % 2));
+        }
+        text.push_str("late,2026-09-01T00:00:00Z,1,n/a\n");
+        let batch = read_csv(Bytes::from(text), "e.csv", "user_id").unwrap();
+        assert_eq!(batch.num_rows(), 20_001);
+        let schema = batch.schema();
+        assert_eq!(
+            schema.field_with_name("label").unwrap().data_type(),
+            &DataType::Int64
+        );
+        assert_eq!(
+            schema.field_with_name("note").unwrap().data_type(),
+            &DataType::Utf8
+        );
+        let note = batch.column_by_name("note").unwrap().as_string::<i32>();
+        assert_eq!((note.value(12_345), note.value(20_000)), ("12345", "n/a"));
+    }
 }

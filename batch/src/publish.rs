@@ -154,6 +154,17 @@ fn key_instant(file_name: &str) -> Option<i64> {
 /// manifest that cannot be read, or whose instant is not its name's, is an error, as is a
 /// failure of the store.
 pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Manifest>> {
+    latest_manifest_until(store, view, i64::MAX).await
+}
+
+/// The newest published manifest of a view as of `until` or earlier, if any: the snapshot a
+/// lookup at `until` is served from when none was published for exactly that instant. Reads
+/// as [`latest_manifest`] does.
+pub async fn latest_manifest_until(
+    store: &Location,
+    view: &str,
+    until: i64,
+) -> Result<Option<Manifest>> {
     let (prefix, listed) = commit_files(store, view).await?;
     let newest = listed
         .into_iter()
@@ -168,6 +179,7 @@ pub async fn latest_manifest(store: &Location, view: &str) -> Result<Option<Mani
             }
             Some((at?, path))
         })
+        .filter(|(at, _)| *at <= until)
         .max_by_key(|(at, _)| *at);
     let Some((at, path)) = newest else {
         return Ok(None);
@@ -442,6 +454,20 @@ mod tests {
         }
         let latest = latest_manifest(&store, "v").await.unwrap().unwrap();
         assert_eq!(latest.as_of_ms, 20_402 * day);
+        // Bounded: the newest at or before the bound, the bound itself included.
+        let until = |t: i64| {
+            let store = &store;
+            async move {
+                latest_manifest_until(store, "v", t)
+                    .await
+                    .unwrap()
+                    .map(|m| m.as_of_ms / day)
+            }
+        };
+        assert_eq!(until(20_401 * day).await, Some(20_401));
+        assert_eq!(until(20_402 * day - 1).await, Some(20_401));
+        assert_eq!(until(20_400 * day + 5).await, Some(20_400));
+        assert_eq!(until(20_400 * day - 1).await, None);
         // The newest manifest damaged, or holding another instant than its name: an error, not
         // a silent fall back to an older snapshot.
         let newest = store.child(&format!(

@@ -106,6 +106,39 @@ fn run_id() -> String {
     )
 }
 
+/// The job with each instant moved back to a cadence boundary (of the shortest cadence: UTC
+/// midnight for the catalog), with a warning: snapshots are only ever as of boundaries, as the
+/// catalog defines them, and an instant between two gets the snapshot a lookup at that instant
+/// is served from.
+fn on_boundaries(job: &BatchJob, views: &[&duet_spec::View]) -> BatchJob {
+    let cadence = views
+        .iter()
+        .map(|v| v.cadence.as_ms())
+        .min()
+        .expect("batch views");
+    let mut as_of: Vec<i64> = job
+        .as_of
+        .iter()
+        .map(|&t| {
+            let s = floor_to(t, cadence);
+            if s != t {
+                tracing::warn!(
+                    "--as-of {} is not a cadence boundary: the snapshot is as of {}, the one a lookup at that instant is served from",
+                    format_ms(t),
+                    format_ms(s)
+                );
+            }
+            s
+        })
+        .collect();
+    as_of.sort_unstable();
+    as_of.dedup();
+    BatchJob {
+        as_of,
+        ..job.clone()
+    }
+}
+
 /// Runs a batch job over every batch view of the spec.
 pub async fn run_batch(spec: &Spec, job: &BatchJob) -> Result<BatchReport> {
     let started = Instant::now();
@@ -125,6 +158,7 @@ pub async fn run_batch(spec: &Spec, job: &BatchJob) -> Result<BatchReport> {
             "the spec has no batch views: nothing to compute".into(),
         ));
     }
+    let job = &on_boundaries(job, &views);
     let store = resolve(&job.store)?;
     let run_id = run_id();
     let progress = Progress::new(job.progress);

@@ -891,7 +891,7 @@ pub fn openapi(spec: &Spec, max_entities: usize) -> Json_ {
                 "entities": entities,
                 "full_feature_names": {"type": "boolean"},
                 "as_of": {"type": "string", "format": "date-time", "nullable": true,
-                    "description": "Evaluate as of this instant (RFC 3339, any UTC offset; a leap second, `:60`, is refused) instead of now."}
+                    "description": "Evaluate as of this instant (RFC 3339, any UTC offset; a leap second, `:60`, is refused) instead of now. Batch features come from the snapshot of its cadence boundary, or the newest published before it (OUTSIDE_MAX_AGE when older than the view's TTL)."}
             }},
             "FeastResponse": {"type": "object", "properties": {
                 "metadata": {"type": "object", "properties": {"feature_names": {"type": "array", "items": {"type": "string"}}}},

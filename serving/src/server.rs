@@ -45,7 +45,7 @@ pub struct ServeConfig {
     /// Longest wait for Redis before streaming features fail.
     pub redis_timeout: Duration,
     /// How often to look for a newer snapshot; also how long a past instant with no snapshot
-    /// is remembered as such.
+    /// of its own is remembered as such (with the older one that stands for it).
     pub snapshot_poll: Duration,
     /// Longest wait of a request with `as_of` for a past snapshot to be read from the store.
     pub snapshot_load_timeout: Duration,

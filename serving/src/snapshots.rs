@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
 use arrow::datatypes::{Float64Type, Int64Type};
-use duet_batch::publish::{Manifest, latest_manifest, manifest_at, read_snapshot};
+use duet_batch::publish::{Manifest, latest_manifest, latest_manifest_until, read_snapshot};
 use duet_batch::store::Location;
 use duet_spec::{Value, ValueType, View};
 use tokio::sync::watch;
@@ -151,6 +151,10 @@ impl LoadedSnapshot {
 
 /// Snapshots of one batch view: the newest, swapped in place, and a few older ones for
 /// requests `as_of` the past.
+///
+/// A request as of `T` is served from the snapshot as of its cadence boundary `S`, or when none
+/// was published for `S`, from the newest one before it: what a server running at `T` would
+/// have held. Its age then decides whether it is stale, as for requests without `as_of`.
 pub struct ViewSnapshots {
     /// The view.
     pub view: View,
@@ -161,38 +165,46 @@ pub struct ViewSnapshots {
     /// Where past snapshots are read: the runtime that made the view, so a read goes on when
     /// the request that started it has given up, and is shared by the requests that follow.
     runtime: tokio::runtime::Handle,
-    /// How long "no snapshot published for this instant" is believed before the store is
-    /// asked again.
+    /// How long "no snapshot published for this instant" (and which older one stands for it)
+    /// is believed before the store is asked again.
     recheck: Duration,
     /// Past snapshots read from the store (whether or not one was published).
     pub past_reads: AtomicU64,
+    /// When a poll last found the current snapshot to be the newest published.
+    polled: std::sync::Mutex<Option<Instant>>,
 }
 
-/// Past snapshots kept in memory per view, besides the current one.
+/// Past snapshots kept in memory per view, besides the current one (distinct snapshots: several
+/// instants can be served from one).
 const PAST_KEPT: usize = 4;
 /// Past snapshots of one view being read or waiting to be, at most; beyond, requests for
 /// other instants are answered at once without them.
 const PAST_PENDING: usize = 4;
-/// Instants remembered as having no snapshot, at most; beyond, the oldest is forgotten.
+/// Instants remembered as having no snapshot of their own, at most; beyond, the oldest is
+/// forgotten.
 const PAST_UNPUBLISHED: usize = 64;
 
 /// What the view holds for one past instant.
 enum Past {
     /// Being read; the outcome arrives on the channel.
     Reading(watch::Receiver<Option<Outcome>>),
+    /// The snapshot published for it.
     Loaded(Arc<LoadedSnapshot>),
-    /// None was published for it when the store was asked, at this instant.
-    Unpublished(Instant),
+    /// None was published for it when the store was asked, at this instant; the newest
+    /// published before it then, if any, stands for it.
+    Before(Option<Arc<LoadedSnapshot>>, Instant),
 }
 
-/// The outcome of reading a past snapshot: the snapshot, none published, or why it failed.
+/// The outcome of reading a past snapshot: the snapshot for the instant or the newest before
+/// it, none at or before it, or why it failed.
 type Outcome = std::result::Result<Option<Arc<LoadedSnapshot>>, String>;
 
 /// The snapshot a request as of an explicit instant gets.
 pub enum AsOf {
-    /// The snapshot published for the instant.
+    /// The snapshot published for the instant, or the newest published before it when there
+    /// is none for it (its `manifest.as_of_ms` tells which).
     Found(Arc<LoadedSnapshot>),
-    /// None was published for it.
+    /// None was published for it or before it.
     Unpublished,
     /// It could not be read, or not before the request's deadline: why.
     Unavailable(String),
@@ -214,6 +226,7 @@ impl ViewSnapshots {
             runtime: tokio::runtime::Handle::current(),
             recheck,
             past_reads: AtomicU64::new(0),
+            polled: Default::default(),
         }
     }
 
@@ -235,6 +248,7 @@ impl ViewSnapshots {
             && cur.manifest.as_of_ms == manifest.as_of_ms
             && cur.manifest.run_id == manifest.run_id
         {
+            self.mark_polled();
             return Ok(false);
         }
         let loaded = self.load(store, manifest).await?;
@@ -242,7 +256,13 @@ impl ViewSnapshots {
         if let Some(old) = self.current.swap(Some(Arc::new(loaded))) {
             free_when_unused(old);
         }
+        self.mark_polled();
         Ok(true)
+    }
+
+    /// Records that the current snapshot is the newest published, as of now.
+    fn mark_polled(&self) {
+        *self.polled.lock().expect("not poisoned") = Some(Instant::now());
     }
 
     async fn load(&self, store: &Location, manifest: Manifest) -> Result<LoadedSnapshot> {
@@ -255,13 +275,17 @@ impl ViewSnapshots {
             .map_err(|e| Error::Internal(e.to_string()))?
     }
 
-    /// The snapshot published for exactly `s`: the current one, a kept past one, or one read
-    /// from the store.
+    /// The snapshot for the cadence boundary `s`: the one published for exactly `s`, or the
+    /// newest published before it; the current one, a kept past one, or one read from the
+    /// store.
     ///
-    /// Requests for the same instant share one read, which goes on in the background when
-    /// they stop waiting (at `deadline`), so a later request finds it. An instant with no
-    /// snapshot is remembered for `recheck` (see [`ViewSnapshots::new`]). A failed read is not
-    /// remembered: the next request tries again.
+    /// At or after the current snapshot's instant that is the current snapshot, without asking
+    /// the store, while the polls that keep it the newest published succeed. Requests for the
+    /// same instant share one read, which goes on in the background when they stop waiting (at
+    /// `deadline`), so a later request finds it. Which snapshot stands for an instant with none
+    /// of its own is asked again once `recheck` has passed (see [`ViewSnapshots::new`]), in
+    /// the background while it goes on being served, so a backfilled snapshot is found. A
+    /// failed read is not remembered: the next request tries again.
     pub async fn at(
         self: &Arc<Self>,
         store: &Location,
@@ -269,32 +293,47 @@ impl ViewSnapshots {
         deadline: tokio::time::Instant,
     ) -> AsOf {
         if let Some(cur) = self.current()
-            && cur.manifest.as_of_ms == s
+            && (cur.manifest.as_of_ms == s
+                || (cur.manifest.as_of_ms < s && self.polled_within(self.recheck * 3)))
         {
             return AsOf::Found(cur);
         }
         let mut reading = {
             let mut past = self.past.lock().expect("not poisoned");
             let now = Instant::now();
+            let fresh = |at: &Instant| now.duration_since(*at) < self.recheck;
             past.retain(|(_, p)| match p {
-                Past::Unpublished(at) => now.duration_since(*at) < self.recheck,
+                // One holding a snapshot goes on serving while it is asked again.
+                Past::Before(l, at) => l.is_some() || fresh(at),
                 // A read whose task ended without settling (a panic, a runtime shutting
                 // down) must not hold its place among the pending ones.
                 Past::Reading(rx) => rx.has_changed().is_ok(),
                 Past::Loaded(_) => true,
             });
-            match past.iter().position(|(at, _)| *at == s) {
-                Some(i) => match &past[i].1 {
-                    Past::Loaded(l) => {
-                        let l = l.clone();
-                        // Most recently used last: eviction takes the first.
-                        let hit = past.remove(i);
-                        past.push(hit);
-                        return AsOf::Found(l);
+            match held_at(&past, s) {
+                Some(i) => {
+                    // Most recently used last: eviction takes the first.
+                    let mut hit = past.remove(i);
+                    let answer = match &mut hit.1 {
+                        Past::Loaded(l) => Ok(AsOf::Found(l.clone())),
+                        Past::Before(l, at) => {
+                            if !fresh(at) {
+                                *at = now;
+                                self.spawn_read(store, s, None);
+                            }
+                            Ok(match l {
+                                Some(l) => AsOf::Found(l.clone()),
+                                None => AsOf::Unpublished,
+                            })
+                        }
+                        Past::Reading(rx) => Err(rx.clone()),
+                    };
+                    past.push(hit);
+                    match answer {
+                        Ok(found) => return found,
+                        Err(rx) => rx,
                     }
-                    Past::Unpublished(_) => return AsOf::Unpublished,
-                    Past::Reading(rx) => rx.clone(),
-                },
+                }
                 None => {
                     let pending = past
                         .iter()
@@ -308,12 +347,7 @@ impl ViewSnapshots {
                     }
                     let (tx, rx) = watch::channel(None);
                     past.push((s, Past::Reading(rx.clone())));
-                    let (this, store) = (self.clone(), store.clone());
-                    self.runtime.spawn(async move {
-                        let outcome = this.read_past(&store, s).await;
-                        this.settle(s, &outcome);
-                        let _ = tx.send(Some(outcome));
-                    });
+                    self.spawn_read(store, s, Some(tx));
                     rx
                 }
             }
@@ -337,19 +371,43 @@ impl ViewSnapshots {
         }
     }
 
+    /// Reads the snapshot for `s`, or the newest before it, on the view's runtime, records
+    /// the outcome and sends it on `tx`. Reads go one at a time, each up to its outcome's
+    /// record, so a read finds what the one before it loaded.
+    fn spawn_read(
+        self: &Arc<Self>,
+        store: &Location,
+        s: i64,
+        tx: Option<watch::Sender<Option<Outcome>>>,
+    ) {
+        let (this, store) = (self.clone(), store.clone());
+        self.runtime.spawn(async move {
+            let outcome = match this.reading.acquire().await {
+                Ok(_permit) => {
+                    let outcome = this.read_past(&store, s).await;
+                    this.settle(s, &outcome);
+                    outcome
+                }
+                Err(e) => Err(format!("cannot read: {e}")),
+            };
+            if let Some(tx) = tx {
+                let _ = tx.send(Some(outcome));
+            }
+        });
+    }
+
+    /// The snapshot for `s` or the newest before it: one already held, or loaded.
     async fn read_past(&self, store: &Location, s: i64) -> Outcome {
-        let _permit = self
-            .reading
-            .acquire()
-            .await
-            .map_err(|e| format!("cannot read: {e}"))?;
         self.past_reads.fetch_add(1, Ordering::Relaxed);
-        let manifest = manifest_at(store, &self.view.name, s)
+        let manifest = latest_manifest_until(store, &self.view.name, s)
             .await
             .map_err(|e| e.to_string())?;
         let Some(manifest) = manifest else {
             return Ok(None);
         };
+        if let Some(l) = self.held(&manifest) {
+            return Ok(Some(l));
+        }
         let loaded = self
             .load(store, manifest)
             .await
@@ -358,39 +416,111 @@ impl ViewSnapshots {
         Ok(Some(Arc::new(loaded)))
     }
 
-    /// Records a read's outcome in place of its `Reading` entry, and keeps at most
-    /// [`PAST_KEPT`] loaded snapshots and [`PAST_UNPUBLISHED`] unpublished instants.
+    /// The snapshot of `manifest` if it is held: the current one or a past one.
+    fn held(&self, manifest: &Manifest) -> Option<Arc<LoadedSnapshot>> {
+        let same = |l: &Arc<LoadedSnapshot>| {
+            l.manifest.as_of_ms == manifest.as_of_ms && l.manifest.run_id == manifest.run_id
+        };
+        if let Some(cur) = self.current()
+            && same(&cur)
+        {
+            return Some(cur);
+        }
+        let past = self.past.lock().expect("not poisoned");
+        past.iter().find_map(|(_, p)| match p {
+            Past::Loaded(l) | Past::Before(Some(l), _) if same(l) => Some(l.clone()),
+            _ => None,
+        })
+    }
+
+    /// Records a read's outcome in place of the instant's entry (being read, or asked again
+    /// while served), and keeps at most [`PAST_KEPT`] distinct snapshots, the least recently
+    /// used going first, and [`PAST_UNPUBLISHED`] instants without their own. A failed read
+    /// leaves an entry that was being served as it was.
     fn settle(&self, s: i64, outcome: &Outcome) {
-        // An evicted snapshot is freed after the lock is released (it can be large).
-        let mut evicted = None;
+        // What is dropped is freed after the lock is released (snapshots can be large).
+        let mut dropped = Vec::new();
         let mut past = self.past.lock().expect("not poisoned");
-        let Some(i) = past
-            .iter()
-            .position(|(at, p)| *at == s && matches!(p, Past::Reading(_)))
-        else {
+        // Gone when evicted while it was asked again: nothing to record.
+        let Some(i) = held_at(&past, s) else {
             return;
         };
-        // Settled entries go last: the first of a kind is the oldest (a loaded one is also
-        // moved last when used).
-        past.remove(i);
+        let before = past.remove(i);
         match outcome {
-            Ok(Some(l)) => {
+            Ok(Some(l)) if l.manifest.as_of_ms == s => {
                 past.push((s, Past::Loaded(l.clone())));
-                evicted = evict_oldest(&mut past, PAST_KEPT, |p| matches!(p, Past::Loaded(_)));
+                dropped.push(before);
             }
-            Ok(None) => {
-                past.push((s, Past::Unpublished(Instant::now())));
-                evict_oldest(&mut past, PAST_UNPUBLISHED, |p| {
-                    matches!(p, Past::Unpublished(_))
-                });
+            Ok(l) => {
+                let changed = match (&before.1, l) {
+                    (Past::Before(Some(old), _), Some(new)) => !Arc::ptr_eq(old, new),
+                    (Past::Before(None, _), None) => false,
+                    _ => true,
+                };
+                if changed && let Some(l) = l {
+                    tracing::info!(view = %self.view.name, boundary = %duet_spec::timestamp::format_ms(s), served_from = %l.manifest.as_of, "no snapshot for a past boundary: the newest before it stands for it");
+                }
+                past.push((s, Past::Before(l.clone(), Instant::now())));
+                dropped.push(before);
+                dropped.extend(evict_oldest(&mut past, PAST_UNPUBLISHED, |p| {
+                    matches!(p, Past::Before(..))
+                }));
             }
             Err(e) => {
                 tracing::warn!(view = %self.view.name, as_of_ms = s, error = %e, "cannot read a past snapshot");
+                match before.1 {
+                    Past::Before(..) => past.push(before),
+                    _ => dropped.push(before),
+                }
             }
         }
+        // Every instant served from the least recently used snapshot goes, until at most
+        // `PAST_KEPT` distinct ones are held.
+        while distinct_snapshots(&past) > PAST_KEPT {
+            let oldest = past
+                .iter()
+                .find_map(|(_, p)| match p {
+                    Past::Loaded(l) | Past::Before(Some(l), _) => Some(l.clone()),
+                    _ => None,
+                })
+                .expect("snapshots are held");
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut *past).into_iter().partition(|(_, p)| {
+                matches!(p, Past::Loaded(l) | Past::Before(Some(l), _) if Arc::ptr_eq(l, &oldest))
+            });
+            *past = kept;
+            dropped.extend(gone);
+        }
         drop(past);
-        drop(evicted);
+        drop(dropped);
     }
+
+    /// Whether a poll found the newest published snapshot held within `within`.
+    fn polled_within(&self, within: Duration) -> bool {
+        self.polled
+            .lock()
+            .expect("not poisoned")
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+}
+
+/// Where the entry for instant `s` is.
+fn held_at(past: &[(i64, Past)], s: i64) -> Option<usize> {
+    past.iter().position(|(at, _)| *at == s)
+}
+
+/// Snapshots held by the entries, each counted once however many instants it stands for.
+fn distinct_snapshots(past: &[(i64, Past)]) -> usize {
+    let held: Vec<&Arc<LoadedSnapshot>> = past
+        .iter()
+        .filter_map(|(_, p)| match p {
+            Past::Loaded(l) | Past::Before(Some(l), _) => Some(l),
+            _ => None,
+        })
+        .collect();
+    (0..held.len())
+        .filter(|&i| !held[..i].iter().any(|h| Arc::ptr_eq(h, held[i])))
+        .count()
 }
 
 /// Removes the first entry of a kind when more than `most` are held, and returns it.
@@ -793,30 +923,31 @@ mod tests {
         settled(&snapshots).await;
         assert_eq!(reads(), 6, "day 1 was read again");
 
-        // A day with no snapshot is remembered as such until `recheck` has passed.
+        // A day with no snapshot is served from the newest before it, and that is remembered
+        // until `recheck` has passed.
         let missing = base + DAY;
         let _ = snapshots.at(&store, missing, wait()).await;
         settled(&snapshots).await;
-        assert!(matches!(
-            snapshots.at(&store, missing, wait()).await,
-            AsOf::Unpublished
-        ));
+        let stand_in = |a: AsOf| found(a).manifest.as_of_ms;
+        assert_eq!(stand_in(snapshots.at(&store, missing, wait()).await), base);
         let before = reads();
         publish(&store, &batch, missing).await;
-        assert!(matches!(
-            snapshots.at(&store, missing, wait()).await,
-            AsOf::Unpublished
-        ));
+        assert_eq!(stand_in(snapshots.at(&store, missing, wait()).await), base);
         assert_eq!(reads(), before, "remembered, not read again");
+        // Once `recheck` has passed, it is still served at once (within the 20 ms a request
+        // waits, from a store answering in 300), while the store is asked again in the
+        // background, which finds the snapshot published since.
+        throttled.config_mut(|c| c.wait_get_per_call = Duration::from_millis(300));
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let _ = snapshots.at(&store, missing, wait()).await;
-        settled(&snapshots).await;
-        assert_eq!(
-            found(snapshots.at(&store, missing, wait()).await)
-                .manifest
-                .as_of_ms,
-            missing
-        );
+        assert_eq!(stand_in(snapshots.at(&store, missing, wait()).await), base);
+        let asked = std::time::Instant::now();
+        while stand_in(snapshots.at(&store, missing, wait()).await) != missing {
+            assert!(
+                asked.elapsed() < Duration::from_secs(30),
+                "the snapshot published since was not found"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert_eq!(reads(), before + 1);
     }
 
@@ -884,6 +1015,91 @@ mod tests {
         // Published properly: the next request reads it.
         publish(&store, &batch, day).await;
         assert_eq!(found(snapshots.at(&store, day, wait()).await).len(), 3);
+    }
+
+    /// An instant with no snapshot of its own is served from the newest before it: the current
+    /// snapshot at or after its instant, without asking the store; an older one read once and
+    /// shared by the instants it stands for; none before the first. At most `PAST_KEPT`
+    /// distinct snapshots stay held, however many instants they stand for.
+    #[tokio::test]
+    async fn an_instant_without_its_snapshot_gets_the_newest_before_it() {
+        let (mut view, batch) = wide(3);
+        view.name = "v".into();
+        let store = duet_batch::store::resolve("memory://past-snapshots-before/x").unwrap();
+        let base = 1_796_083_200_000i64;
+        for d in [5, 3, 0] {
+            publish(&store, &batch, base - d * DAY).await;
+        }
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_secs(600)));
+        assert!(snapshots.refresh(&store).await.unwrap());
+        let current = snapshots.current().unwrap();
+        let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
+        let reads = || snapshots.past_reads.load(Ordering::Relaxed);
+        let at = |d: i64| snapshots.at(&store, base - d * DAY, wait());
+
+        for d in [0, -1, -30] {
+            assert!(Arc::ptr_eq(&found(at(d).await), &current), "day {d}");
+        }
+        assert_eq!(reads(), 0, "the current snapshot is the newest: no read");
+
+        let d3 = found(at(3).await);
+        assert_eq!(d3.manifest.as_of_ms, base - 3 * DAY);
+        for d in [2, 1] {
+            assert!(Arc::ptr_eq(&found(at(d).await), &d3), "day {d}");
+        }
+        assert_eq!(reads(), 3, "one read per instant");
+        assert_eq!(found(at(4).await).manifest.as_of_ms, base - 5 * DAY);
+        assert!(matches!(at(6).await, AsOf::Unpublished));
+        let held = || distinct_snapshots(&snapshots.past.lock().unwrap());
+        assert_eq!(held(), 2, "days 3 and 5");
+
+        // Snapshots every other day further back, asked for the days between: each stands in
+        // for one instant, and the oldest holders go.
+        for d in (10..=20).step_by(2) {
+            publish(&store, &batch, base - d * DAY).await;
+        }
+        for d in (11..=19).step_by(2) {
+            assert_eq!(found(at(d).await).manifest.as_of_ms, base - (d + 1) * DAY);
+            assert!(held() <= PAST_KEPT);
+        }
+        assert_eq!(held(), PAST_KEPT);
+        // The most recent is still held: answered without a read.
+        let before = reads();
+        assert_eq!(found(at(19).await).manifest.as_of_ms, base - 20 * DAY);
+        assert_eq!(reads(), before);
+    }
+
+    /// The current snapshot answers for later instants without a read only while the polls
+    /// succeed; otherwise the store is asked, and the current snapshot reused when it is the
+    /// answer.
+    #[tokio::test]
+    async fn later_instants_ask_the_store_when_the_polls_stopped() {
+        let (mut view, batch) = wide(3);
+        view.name = "v".into();
+        let store = duet_batch::store::resolve("memory://past-snapshots-polls/x").unwrap();
+        let base = 1_796_083_200_000i64;
+        publish(&store, &batch, base).await;
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_millis(50)));
+        assert!(snapshots.refresh(&store).await.unwrap());
+        let current = snapshots.current().unwrap();
+        let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
+        let reads = || snapshots.past_reads.load(Ordering::Relaxed);
+        let later = found(snapshots.at(&store, base + DAY, wait()).await);
+        assert!(Arc::ptr_eq(&later, &current));
+        assert_eq!(reads(), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        publish(&store, &batch, base + 2 * DAY).await;
+        let later = found(snapshots.at(&store, base + DAY, wait()).await);
+        assert!(Arc::ptr_eq(&later, &current), "reused, not loaded again");
+        assert_eq!(reads(), 1);
+        let newer = found(snapshots.at(&store, base + 3 * DAY, wait()).await);
+        assert_eq!(newer.manifest.as_of_ms, base + 2 * DAY);
+        assert_eq!(reads(), 2);
+        // A poll that succeeds again restores the shortcut.
+        assert!(snapshots.refresh(&store).await.unwrap());
+        let now_current = found(snapshots.at(&store, base + 5 * DAY, wait()).await);
+        assert!(Arc::ptr_eq(&now_current, &snapshots.current().unwrap()));
+        assert_eq!(reads(), 2);
     }
 
     #[test]

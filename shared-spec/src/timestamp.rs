@@ -133,7 +133,9 @@ pub fn format_ms(ms: i64) -> String {
 }
 
 /// Parses a point in time given on a command line or in a request: RFC 3339, a bare date
-/// (`2026-11-20`, meaning its UTC midnight), or `now`-free epoch milliseconds.
+/// (`2026-11-20`, meaning its UTC midnight), or epoch milliseconds written with 12 or 13
+/// digits (1973 to 2286). Other runs of digits are refused: a date without dashes
+/// (`20261120`) or epoch seconds would otherwise silently mean an instant in 1970.
 pub fn parse_instant(s: &str) -> Option<i64> {
     let s = s.trim();
     if let Some(ms) = parse_rfc3339_ms(s) {
@@ -147,7 +149,7 @@ pub fn parse_instant(s: &str) -> Option<i64> {
         }
         return None;
     }
-    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) {
+    if (12..=13).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit()) {
         return s.parse().ok();
     }
     None
@@ -197,5 +199,24 @@ mod tests {
             parse_instant("2026-11-20"),
             parse_rfc3339_ms("2026-11-20T00:00:00Z")
         );
+    }
+
+    #[test]
+    fn epoch_milliseconds_only_where_they_cannot_be_taken_for_something_else() {
+        let t = parse_rfc3339_ms("2026-11-20T00:00:00Z").unwrap();
+        assert_eq!(parse_instant(&t.to_string()), Some(t));
+        assert_eq!(parse_instant(" 100000000000 "), Some(100_000_000_000));
+        assert_eq!(parse_instant("9999999999999"), Some(9_999_999_999_999));
+        // A date without dashes, epoch seconds, too many digits: refused, not read as 1970.
+        for text in [
+            "20261120",
+            "1795132800",
+            "99999999999",
+            "17951328000000",
+            "0",
+            "",
+        ] {
+            assert_eq!(parse_instant(text), None, "{text}");
+        }
     }
 }

@@ -224,6 +224,110 @@ fn one_snapshot_store(dir: &Path) -> String {
     store
 }
 
+/// `as_of` an instant whose day has no snapshot: served from the newest snapshot before it, as
+/// a server running then would have, stale by its age; with none before it, not found. A batch
+/// run given an instant between midnights publishes that midnight's snapshot.
+#[test]
+fn as_of_a_day_without_its_snapshot_is_served_from_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_snapshot_store(dir.path());
+    let out = run(&[
+        "batch",
+        "run",
+        "--as-of",
+        "2026-08-30T15:20:00+02:00",
+        "--events",
+        &s(&golden("events.parquet")),
+        "--store",
+        &store,
+        "--no-progress",
+    ]);
+    let (stdout, stderr) = expect_status(&out, 0);
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let published: Vec<&str> = report["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["as_of"].as_str().unwrap())
+        .collect();
+    assert_eq!(published, ["2026-08-30T00:00:00.000Z"], "{stdout}");
+    assert!(
+        stderr
+            .contains("is not a cadence boundary: the snapshot is as of 2026-08-30T00:00:00.000Z"),
+        "{stderr}"
+    );
+    let server = Server::over(&store, &format!("{}:", unique("before")), &[]);
+    let users = ["u0000071", "u0000203", "u0000006", "nobody"];
+    let batch = |as_of: &str| {
+        let (status, body) = server.features(&serde_json::json!({
+            "feature_service": "user_batch", "entities": {"user_id": users}, "as_of": as_of,
+        }));
+        assert_eq!(status, 200, "{as_of}: {body}");
+        body["results"].as_array().unwrap()[1..].to_vec()
+    };
+    let column = |results: &[serde_json::Value], key: &str| -> Vec<serde_json::Value> {
+        results.iter().map(|r| r[key].clone()).collect()
+    };
+    // (as_of, the snapshot its day is served from, its status for a known user)
+    let cases = [
+        ("2026-08-30T12:00:00Z", "2026-08-30T00:00:00Z", "PRESENT"),
+        ("2026-08-31T05:00:00Z", "2026-08-30T00:00:00Z", "PRESENT"),
+        // 36 hours old is within the TTL; a millisecond more is not.
+        (
+            "2026-08-31T13:00:00+01:00",
+            "2026-08-30T00:00:00Z",
+            "PRESENT",
+        ),
+        (
+            "2026-08-31T13:00:00.001+01:00",
+            "2026-08-30T00:00:00Z",
+            "OUTSIDE_MAX_AGE",
+        ),
+        ("2026-09-01T08:00:00Z", "2026-09-01T00:00:00Z", "PRESENT"),
+        ("2026-09-02T10:00:00Z", "2026-09-01T00:00:00Z", "PRESENT"),
+        (
+            "2026-09-03T10:00:00Z",
+            "2026-09-01T00:00:00Z",
+            "OUTSIDE_MAX_AGE",
+        ),
+    ];
+    let own = [batch(cases[0].0), batch(cases[4].0)];
+    assert_ne!(
+        column(&own[0], "values"),
+        column(&own[1], "values"),
+        "the two snapshots differ"
+    );
+    for (as_of, from, status) in cases {
+        let results = batch(as_of);
+        let expected = &own[usize::from(from.starts_with("2026-09"))];
+        assert_eq!(
+            column(&results, "values"),
+            column(expected, "values"),
+            "{as_of}"
+        );
+        for r in &results {
+            let statuses = r["statuses"].as_array().unwrap();
+            assert_eq!(statuses[3], "NOT_FOUND", "{as_of}: {r}");
+            for st in &statuses[..3] {
+                assert!(st == status || st == "NULL_VALUE", "{as_of}: {r}");
+            }
+            assert!(statuses[..3].iter().any(|st| st == status), "{as_of}: {r}");
+            let stamp = r["event_timestamps"][0].as_str().unwrap();
+            assert_eq!(
+                duet_spec::timestamp::parse_rfc3339_ms(stamp),
+                duet_spec::timestamp::parse_rfc3339_ms(from),
+                "{as_of}: {r}"
+            );
+        }
+    }
+    // Before the first snapshot: nothing to serve from.
+    for r in batch("2026-08-29T23:59:59.999Z") {
+        for st in r["statuses"].as_array().unwrap() {
+            assert_eq!(st, "NOT_FOUND", "{r}");
+        }
+    }
+}
+
 #[test]
 fn feast_client_format_and_errors() {
     let dir = tempfile::tempdir().unwrap();
