@@ -11,7 +11,7 @@ use duet_batch::training::{
 use duet_spec::generate::{GenerateOptions, generate, write_jsonl, write_parquet};
 
 use crate::BadInput;
-use crate::config::{Config, required};
+use crate::config::{Config, required, setting};
 
 /// duet: one feature spec, computed in batch and in streaming, served merged.
 #[derive(Debug, Parser)]
@@ -79,9 +79,9 @@ pub struct CheckArgs {
     /// The event topic (with --brokers).
     #[arg(long, env = "DUET_TOPIC")]
     pub topic: Option<String>,
-    /// Largest mismatch rate a feature may have and still pass.
-    #[arg(long, default_value_t = 0.0)]
-    pub max_mismatch_rate: f64,
+    /// Largest mismatch rate a feature may have and still pass, from 0 to 1 [default: 0].
+    #[arg(long, env = "DUET_MAX_MISMATCH_RATE", value_parser = fraction)]
+    pub max_mismatch_rate: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -135,7 +135,7 @@ pub struct SpeedRunArgs {
     #[arg(long, env = "DUET_PREFIX")]
     pub prefix: Option<String>,
     /// Stop once caught up for this many seconds.
-    #[arg(long)]
+    #[arg(long, env = "DUET_EXIT_WHEN_IDLE", value_parser = seconds)]
     pub exit_when_idle: Option<f64>,
     /// Topic for invalid records (default: `<topic>.dead-letters`; `none` to only count them).
     #[arg(long, env = "DUET_DEAD_LETTER_TOPIC")]
@@ -147,12 +147,12 @@ pub struct SpeedRunArgs {
     #[arg(long, env = "DUET_ADMIN")]
     pub admin: Option<String>,
     /// Largest batch of messages per flush (under a backlog, larger batches write each entity's
-    /// state once for more of its events).
-    #[arg(long, default_value_t = 500_000)]
-    pub max_batch: usize,
-    /// Longest wait before a partial batch is flushed, in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    pub flush_ms: u64,
+    /// state once for more of its events) [default: 500000].
+    #[arg(long, env = "DUET_MAX_BATCH", value_parser = at_least_one)]
+    pub max_batch: Option<usize>,
+    /// Longest wait before a partial batch is flushed, in milliseconds [default: 50].
+    #[arg(long, env = "DUET_FLUSH_MS", value_parser = at_least_one_u64)]
+    pub flush_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -230,11 +230,11 @@ pub struct BatchLocations {
     /// The snapshot store: local, file://, s3:// or memory://.
     #[arg(long, env = "DUET_STORE")]
     pub store: Option<String>,
-    /// Snapshots kept per view; older ones are deleted after a successful run.
-    #[arg(long, env = "DUET_RETAIN", default_value_t = 400)]
-    pub retain: usize,
+    /// Snapshots kept per view; older ones are deleted after a successful run [default: 400].
+    #[arg(long, env = "DUET_RETAIN", value_parser = at_least_one)]
+    pub retain: Option<usize>,
     /// Never draw progress bars (structured logs only).
-    #[arg(long)]
+    #[arg(long, env = "DUET_NO_PROGRESS")]
     pub no_progress: bool,
 }
 
@@ -416,8 +416,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 events: required(&loc.events, &config.events, "events")?,
                 store: required(&loc.store, &config.store, "store")?,
                 as_of,
-                retain: loc.retain,
-                progress: !loc.no_progress,
+                retain: setting(
+                    loc.retain,
+                    config.retain,
+                    &config,
+                    "retain",
+                    at_least_one,
+                    400,
+                )?,
+                progress: !(loc.no_progress || config.no_progress.unwrap_or(false)),
             };
             let report = run_batch(&spec, &job).await?;
             println!("{}", serde_json::to_string(&report)?);
@@ -469,7 +476,14 @@ async fn run_check(spec: duet_spec::Spec, args: CheckArgs, config: &Config) -> a
             .unwrap_or_else(|| "duet:".into()),
         report_dir: args.report.clone(),
         kafka,
-        max_mismatch_rate: args.max_mismatch_rate,
+        max_mismatch_rate: setting(
+            args.max_mismatch_rate,
+            config.max_mismatch_rate,
+            config,
+            "max_mismatch_rate",
+            fraction,
+            0.0,
+        )?,
     };
     let report = duet_check::run_check(&spec, &req).await?;
     println!("{}", crate::demo::summary_json(&report));
@@ -553,6 +567,24 @@ pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// A whole number from 1 (a number of milliseconds).
+pub(crate) fn at_least_one_u64(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// A number of seconds, 0 or more.
+pub(crate) fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x >= 0.0 && std::time::Duration::try_from_secs_f64(x).is_ok() => Ok(x),
+        Ok(_) => Err(format!("`{s}` is not a number of seconds, 0 or more")),
+        Err(e) => Err(format!("`{s}` is not a number: {e}")),
     }
 }
 

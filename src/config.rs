@@ -49,6 +49,18 @@ pub struct Config {
     pub serve_workers: Option<u32>,
     /// Fraction of entities in the served-feature log.
     pub log_sample: Option<f64>,
+    /// The speed layer's largest batch per flush.
+    pub max_batch: Option<usize>,
+    /// The speed layer's longest wait before flushing a partial batch, in milliseconds.
+    pub flush_ms: Option<u64>,
+    /// The speed layer stops once caught up for this many seconds.
+    pub exit_when_idle: Option<f64>,
+    /// Snapshots kept per view by the batch job.
+    pub retain: Option<usize>,
+    /// The batch job never draws progress bars.
+    pub no_progress: Option<bool>,
+    /// The consistency check's tolerated mismatch rate per feature.
+    pub max_mismatch_rate: Option<f64>,
     /// The file these settings came from, for messages.
     #[serde(skip)]
     pub path: Option<std::path::PathBuf>,
@@ -145,6 +157,10 @@ mod tests {
         assert_eq!(config.max_entities, Some(1000));
         assert_eq!(config.log_sample, Some(0.01));
         assert_eq!(config.serve_workers, Some(2));
+        assert_eq!(config.max_batch, Some(500_000));
+        assert_eq!(config.exit_when_idle, Some(30.0));
+        assert_eq!(config.no_progress, Some(true));
+        assert_eq!(config.max_mismatch_rate, Some(0.001));
         assert_eq!(config.path.as_deref(), Some(path.as_path()));
     }
 }

@@ -8,8 +8,8 @@ use duet_speed::metrics::SpeedMetrics;
 use duet_speed::plan::SpeedPlan;
 use duet_speed::store::AnyStore;
 
-use crate::cli::{SpeedDumpArgs, SpeedRunArgs, instant};
-use crate::config::{Config, required};
+use crate::cli::{SpeedDumpArgs, SpeedRunArgs, at_least_one, at_least_one_u64, instant, seconds};
+use crate::config::{Config, required, setting};
 use crate::shutdown::shutdown_token;
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,18 +34,34 @@ pub async fn run(spec: duet_spec::Spec, args: SpeedRunArgs, config: &Config) -> 
             .or(config.prefix.clone())
             .unwrap_or_else(|| "duet:".into()),
         dead_letter_topic,
-        exit_when_idle: args
-            .exit_when_idle
-            .map(|secs| {
-                Duration::try_from_secs_f64(secs).map_err(|_| {
-                    crate::BadInput(format!(
-                        "--exit-when-idle {secs}: give a number of seconds, 0 or more"
-                    ))
-                })
-            })
-            .transpose()?,
-        max_batch: args.max_batch.max(1),
-        flush_interval: Duration::from_millis(args.flush_ms.max(1)),
+        // None: run forever.
+        exit_when_idle: match args.exit_when_idle.or(config.exit_when_idle) {
+            None => None,
+            Some(_) => Some(Duration::from_secs_f64(setting(
+                args.exit_when_idle,
+                config.exit_when_idle,
+                config,
+                "exit_when_idle",
+                seconds,
+                0.0,
+            )?)),
+        },
+        max_batch: setting(
+            args.max_batch,
+            config.max_batch,
+            config,
+            "max_batch",
+            at_least_one,
+            500_000,
+        )?,
+        flush_interval: Duration::from_millis(setting(
+            args.flush_ms,
+            config.flush_ms,
+            config,
+            "flush_ms",
+            at_least_one_u64,
+            50,
+        )?),
         archive: args.archive.or(config.archive.clone()),
         kafka_options: Vec::new(),
         topic,

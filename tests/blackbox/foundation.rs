@@ -235,3 +235,106 @@ fn usage_mistakes_are_one_line_naming_the_flag() {
     let (stdout, _) = expect_status(&run(&["batch", "run", "--help"]), 0);
     assert!(stdout.contains("--as-of"), "{stdout}");
 }
+
+/// The batch, speed and check settings come from a flag, a `DUET_*` variable or the config
+/// file, in that order; a value out of range is refused wherever it comes from, naming it.
+#[test]
+fn settings_come_from_flags_variables_or_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("duet.toml");
+    std::fs::write(&config, "retain = 2\nno_progress = true\n").unwrap();
+    let config = s(&config);
+    let events = s(&golden("events.parquet"));
+    // Four days backfilled: the file keeps 2, the variable (above the file) 3, the flag
+    // (above both) 4.
+    let expired = |store: &str, env: Option<&str>, flag: &[&str]| {
+        let mut cmd = duet();
+        if let Some(retain) = env {
+            cmd.env("DUET_RETAIN", retain);
+        }
+        let args = [
+            &["--config", &config, "batch", "backfill"][..],
+            &["--from", "2026-08-01", "--to", "2026-08-04"],
+            &["--events", &events, "--store", store],
+            flag,
+        ]
+        .concat();
+        let (stdout, _) = expect_status(&cmd.args(&args).output().unwrap(), 0);
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        report["expired"].as_array().unwrap().len()
+    };
+    let store = |name: &str| s(&dir.path().join(name));
+    assert_eq!(expired(&store("a"), None, &[]), 2);
+    assert_eq!(expired(&store("b"), Some("3"), &[]), 1);
+    assert_eq!(expired(&store("c"), Some("3"), &["--retain", "4"]), 0);
+
+    // Out of range in the file: refused, naming the file and the key. Each command is given
+    // a Redis URL or store it would refuse next, so a value let through fails the check on
+    // the message.
+    let speed = [
+        "speed",
+        "run",
+        "--brokers",
+        "127.0.0.1:1",
+        "--topic",
+        "t",
+        "--redis",
+        "nope://redis",
+    ];
+    let check = [
+        "check",
+        "--events",
+        "/nonexistent",
+        "--store",
+        "/nonexistent",
+        "--redis",
+        "nope://redis",
+        "--report",
+        "/nonexistent/report",
+    ];
+    let backfill = [
+        "batch",
+        "backfill",
+        "--from",
+        "2026-08-01",
+        "--to",
+        "2026-08-02",
+        "--events",
+        "/nonexistent",
+        "--store",
+        "/nonexistent",
+    ];
+    let cases: [(&str, &str, &[&str]); 5] = [
+        ("max_batch = 0", "max_batch", &speed),
+        ("flush_ms = 0", "flush_ms", &speed),
+        ("exit_when_idle = -1.0", "exit_when_idle", &speed),
+        ("max_mismatch_rate = 1.5", "max_mismatch_rate", &check),
+        ("retain = 0", "retain", &backfill),
+    ];
+    let bad = dir.path().join("bad.toml");
+    for (line, key, args) in cases {
+        std::fs::write(&bad, format!("{line}\n")).unwrap();
+        let out = run(&[&["--config", &s(&bad)][..], args].concat());
+        let (_, stderr) = expect_status(&out, 2);
+        assert!(
+            stderr.contains("bad.toml") && stderr.contains(&format!("`{key}` =")),
+            "{line}: {stderr}"
+        );
+    }
+    // Out of range in a variable: refused, naming its flag.
+    for (var, value, flag, args) in [
+        ("DUET_MAX_BATCH", "0", "--max-batch", &speed[..]),
+        ("DUET_FLUSH_MS", "x", "--flush-ms", &speed),
+        (
+            "DUET_MAX_MISMATCH_RATE",
+            "-0.1",
+            "--max-mismatch-rate",
+            &check,
+        ),
+        ("DUET_RETAIN", "0", "--retain", &backfill),
+    ] {
+        let out = duet().env(var, value).args(args).output().unwrap();
+        let (_, stderr) = expect_status(&out, 2);
+        assert!(stderr.contains(flag), "{var}={value}: {stderr}");
+    }
+}
