@@ -233,9 +233,17 @@ pub struct BatchLocations {
     /// Snapshots kept per view; older ones are deleted after a successful run [default: 400].
     #[arg(long, env = "DUET_RETAIN", value_parser = at_least_one)]
     pub retain: Option<usize>,
-    /// Never draw progress bars (structured logs only).
-    #[arg(long, env = "DUET_NO_PROGRESS")]
-    pub no_progress: bool,
+    /// Never draw progress bars (structured logs only); `--no-progress=false` draws them on a
+    /// terminal even when the config file says otherwise.
+    #[arg(
+        long,
+        env = "DUET_NO_PROGRESS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub no_progress: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -424,7 +432,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     at_least_one,
                     400,
                 )?,
-                progress: !(loc.no_progress || config.no_progress.unwrap_or(false)),
+                progress: !loc.no_progress.or(config.no_progress).unwrap_or(false),
             };
             let report = run_batch(&spec, &job).await?;
             println!("{}", serde_json::to_string(&report)?);

@@ -3,10 +3,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The `duet` binary under test.
+/// The `duet` binary under test, without the settings of the shell that runs the tests
+/// (`DUET_*` variables) or its log filter.
 pub fn duet() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_duet"));
     c.env_remove("RUST_LOG");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("DUET_") {
+            c.env_remove(name);
+        }
+    }
     c
 }
 

@@ -321,6 +321,60 @@ fn settings_come_from_flags_variables_or_the_config_file() {
             "{line}: {stderr}"
         );
     }
+    // A flag or variable is used instead of the file's value, which is then not even checked:
+    // these runs get past the settings and fail on the Redis URL or the store.
+    let overridden: [(&str, &[&str], Option<(&str, &str)>, &[&str]); 5] = [
+        ("max_batch = 0", &["--max-batch", "10"], None, &speed),
+        ("flush_ms = 0", &[], Some(("DUET_FLUSH_MS", "20")), &speed),
+        (
+            "exit_when_idle = -1.0",
+            &["--exit-when-idle", "1"],
+            None,
+            &speed,
+        ),
+        (
+            "max_mismatch_rate = 1.5",
+            &[],
+            Some(("DUET_MAX_MISMATCH_RATE", "0.5")),
+            &check,
+        ),
+        ("retain = 0", &["--retain", "3"], None, &backfill),
+    ];
+    for (line, flag, var, args) in overridden {
+        std::fs::write(&bad, format!("{line}\n")).unwrap();
+        let mut cmd = duet();
+        if let Some((name, value)) = var {
+            cmd.env(name, value);
+        }
+        let out = cmd
+            .args([&["--config", &s(&bad)][..], args, flag].concat())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() != Some(0) && !stderr.contains("bad.toml"),
+            "{line}: {stderr}"
+        );
+    }
+    // `no_progress` takes any boolean spelling from the variable, and the flag can say false.
+    let d = store("d");
+    for (var, flag) in [
+        (Some("yes"), None),
+        (Some("0"), None),
+        (None, Some("--no-progress=false")),
+    ] {
+        let mut cmd = duet();
+        if let Some(value) = var {
+            cmd.env("DUET_NO_PROGRESS", value);
+        }
+        let args = [
+            &["--config", &config, "batch", "run", "--as-of", "2026-08-01"][..],
+            &["--events", &events, "--store", &d],
+            flag.as_slice(),
+        ]
+        .concat();
+        expect_status(&cmd.args(&args).output().unwrap(), 0);
+    }
     // Out of range in a variable: refused, naming its flag.
     for (var, value, flag, args) in [
         ("DUET_MAX_BATCH", "0", "--max-batch", &speed[..]),
@@ -332,6 +386,8 @@ fn settings_come_from_flags_variables_or_the_config_file() {
             &check,
         ),
         ("DUET_RETAIN", "0", "--retain", &backfill),
+        ("DUET_NO_PROGRESS", "maybe", "--no-progress", &backfill),
+        ("DUET_EXIT_WHEN_IDLE", "-1", "--exit-when-idle", &speed),
     ] {
         let out = duet().env(var, value).args(args).output().unwrap();
         let (_, stderr) = expect_status(&out, 2);
