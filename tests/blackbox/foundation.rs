@@ -323,7 +323,14 @@ fn settings_come_from_flags_variables_or_the_config_file() {
     }
     // A flag or variable is used instead of the file's value, which is then not even checked:
     // these runs get past the settings and fail on the Redis URL or the store.
-    let overridden: [(&str, &[&str], Option<(&str, &str)>, &[&str]); 5] = [
+    // (the file's line, a flag, a variable, the command)
+    type Overridden<'a> = (
+        &'a str,
+        &'a [&'a str],
+        Option<(&'a str, &'a str)>,
+        &'a [&'a str],
+    );
+    let overridden: [Overridden<'_>; 5] = [
         ("max_batch = 0", &["--max-batch", "10"], None, &speed),
         ("flush_ms = 0", &[], Some(("DUET_FLUSH_MS", "20")), &speed),
         (
