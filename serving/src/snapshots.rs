@@ -172,6 +172,8 @@ pub struct ViewSnapshots {
     pub past_reads: AtomicU64,
     /// When a poll last found the current snapshot to be the newest published.
     polled: std::sync::Mutex<Option<Instant>>,
+    /// Background re-checks queued or running.
+    rechecks: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Past snapshots kept in memory per view, besides the current one (distinct snapshots: several
@@ -190,10 +192,32 @@ enum Past {
     Reading(watch::Receiver<Option<Outcome>>),
     /// The snapshot published for it.
     Loaded(Arc<LoadedSnapshot>),
-    /// None was published for it when the store was asked, at this instant; the newest
-    /// published before it then, if any, stands for it.
-    Before(Option<Arc<LoadedSnapshot>>, Instant),
+    /// None was published for it when the store was asked, at `since`; the newest published
+    /// before it then, if any, stands for it.
+    Before {
+        snapshot: Option<Arc<LoadedSnapshot>>,
+        since: Instant,
+        /// The store is being asked again, in the background.
+        rechecking: bool,
+    },
 }
+
+impl Past {
+    /// The snapshot the entry holds, if any.
+    fn snapshot(&self) -> Option<&Arc<LoadedSnapshot>> {
+        match self {
+            Past::Loaded(l)
+            | Past::Before {
+                snapshot: Some(l), ..
+            } => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// Background re-checks of stand-ins queued or running at most, per view: they go one at a
+/// time, before reads that requests wait for.
+const RECHECKS: usize = 2;
 
 /// The outcome of reading a past snapshot: the snapshot for the instant or the newest before
 /// it, none at or before it, or why it failed.
@@ -227,6 +251,7 @@ impl ViewSnapshots {
             recheck,
             past_reads: AtomicU64::new(0),
             polled: Default::default(),
+            rechecks: Default::default(),
         }
     }
 
@@ -304,7 +329,9 @@ impl ViewSnapshots {
             let fresh = |at: &Instant| now.duration_since(*at) < self.recheck;
             past.retain(|(_, p)| match p {
                 // One holding a snapshot goes on serving while it is asked again.
-                Past::Before(l, at) => l.is_some() || fresh(at),
+                Past::Before {
+                    snapshot, since, ..
+                } => snapshot.is_some() || fresh(since),
                 // A read whose task ended without settling (a panic, a runtime shutting
                 // down) must not hold its place among the pending ones.
                 Past::Reading(rx) => rx.has_changed().is_ok(),
@@ -316,12 +343,16 @@ impl ViewSnapshots {
                     let mut hit = past.remove(i);
                     let answer = match &mut hit.1 {
                         Past::Loaded(l) => Ok(AsOf::Found(l.clone())),
-                        Past::Before(l, at) => {
-                            if !fresh(at) {
-                                *at = now;
+                        Past::Before {
+                            snapshot,
+                            since,
+                            rechecking,
+                        } => {
+                            if !fresh(since) && !*rechecking && self.recheck_slot() {
+                                *rechecking = true;
                                 self.spawn_read(store, s, None);
                             }
-                            Ok(match l {
+                            Ok(match snapshot {
                                 Some(l) => AsOf::Found(l.clone()),
                                 None => AsOf::Unpublished,
                             })
@@ -381,11 +412,19 @@ impl ViewSnapshots {
         tx: Option<watch::Sender<Option<Outcome>>>,
     ) {
         let (this, store) = (self.clone(), store.clone());
+        // A background re-check gives its slot back however its task ends.
+        let slot = tx.is_none().then(|| RecheckSlot(self.rechecks.clone()));
         self.runtime.spawn(async move {
+            let _slot = slot;
             let outcome = match this.reading.acquire().await {
                 Ok(_permit) => {
                     let outcome = this.read_past(&store, s).await;
-                    this.settle(s, &outcome);
+                    if !this.settle(s, &outcome)
+                        && let Ok(Some(l)) = &outcome
+                    {
+                        // Not kept: whoever it is sent to may hold it last.
+                        free_when_unused(l.clone());
+                    }
                     outcome
                 }
                 Err(e) => Err(format!("cannot read: {e}")),
@@ -394,6 +433,15 @@ impl ViewSnapshots {
                 let _ = tx.send(Some(outcome));
             }
         });
+    }
+
+    /// Takes a slot for a background re-check, if one of [`RECHECKS`] is free.
+    fn recheck_slot(&self) -> bool {
+        self.rechecks
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < RECHECKS).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     /// The snapshot for `s` or the newest before it: one already held, or loaded.
@@ -427,72 +475,104 @@ impl ViewSnapshots {
             return Some(cur);
         }
         let past = self.past.lock().expect("not poisoned");
-        past.iter().find_map(|(_, p)| match p {
-            Past::Loaded(l) | Past::Before(Some(l), _) if same(l) => Some(l.clone()),
-            _ => None,
-        })
+        past.iter()
+            .find_map(|(_, p)| p.snapshot().filter(|l| same(l)).cloned())
     }
 
     /// Records a read's outcome in place of the instant's entry (being read, or asked again
     /// while served), and keeps at most [`PAST_KEPT`] distinct snapshots, the least recently
-    /// used going first, and [`PAST_UNPUBLISHED`] instants without their own. A failed read
-    /// leaves an entry that was being served as it was.
-    fn settle(&self, s: i64, outcome: &Outcome) {
+    /// used going first with every entry holding it, and [`PAST_UNPUBLISHED`] instants without
+    /// their own. A failed read leaves an entry that was being served as it was. Returns
+    /// whether the outcome was recorded (its entry may have been evicted meanwhile).
+    fn settle(&self, s: i64, outcome: &Outcome) -> bool {
         // What is dropped is freed after the lock is released (snapshots can be large).
         let mut dropped = Vec::new();
         let mut past = self.past.lock().expect("not poisoned");
-        // Gone when evicted while it was asked again: nothing to record.
         let Some(i) = held_at(&past, s) else {
-            return;
+            return false;
         };
         let before = past.remove(i);
-        match outcome {
+        let recorded = match outcome {
             Ok(Some(l)) if l.manifest.as_of_ms == s => {
                 past.push((s, Past::Loaded(l.clone())));
                 dropped.push(before);
+                true
             }
             Ok(l) => {
-                let changed = match (&before.1, l) {
-                    (Past::Before(Some(old), _), Some(new)) => !Arc::ptr_eq(old, new),
-                    (Past::Before(None, _), None) => false,
+                let changed = match (before.1.snapshot(), l) {
+                    (Some(old), Some(new)) => !Arc::ptr_eq(old, new),
+                    (None, None) => !matches!(before.1, Past::Before { .. }),
                     _ => true,
                 };
                 if changed && let Some(l) = l {
                     tracing::info!(view = %self.view.name, boundary = %duet_spec::timestamp::format_ms(s), served_from = %l.manifest.as_of, "no snapshot for a past boundary: the newest before it stands for it");
                 }
-                past.push((s, Past::Before(l.clone(), Instant::now())));
+                let entry = Past::Before {
+                    snapshot: l.clone(),
+                    since: Instant::now(),
+                    rechecking: false,
+                };
+                past.push((s, entry));
                 dropped.push(before);
                 dropped.extend(evict_oldest(&mut past, PAST_UNPUBLISHED, |p| {
-                    matches!(p, Past::Before(..))
+                    matches!(p, Past::Before { .. })
                 }));
+                true
             }
             Err(e) => {
                 tracing::warn!(view = %self.view.name, as_of_ms = s, error = %e, "cannot read a past snapshot");
                 match before.1 {
-                    Past::Before(..) => past.push(before),
-                    _ => dropped.push(before),
+                    Past::Reading(_) => dropped.push(before),
+                    Past::Before {
+                        snapshot, since, ..
+                    } => past.push((
+                        s,
+                        Past::Before {
+                            snapshot,
+                            since,
+                            rechecking: false,
+                        },
+                    )),
+                    Past::Loaded(_) => past.push(before),
                 }
+                false
             }
-        }
+        };
         // Every instant served from the least recently used snapshot goes, until at most
         // `PAST_KEPT` distinct ones are held.
-        while distinct_snapshots(&past) > PAST_KEPT {
-            let oldest = past
-                .iter()
-                .find_map(|(_, p)| match p {
-                    Past::Loaded(l) | Past::Before(Some(l), _) => Some(l.clone()),
-                    _ => None,
-                })
-                .expect("snapshots are held");
-            let (gone, kept): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut *past).into_iter().partition(|(_, p)| {
-                matches!(p, Past::Loaded(l) | Past::Before(Some(l), _) if Arc::ptr_eq(l, &oldest))
-            });
+        loop {
+            let held = snapshots_by_use(&past);
+            if held.len() <= PAST_KEPT {
+                break;
+            }
+            let oldest = held.last().expect("more than PAST_KEPT").clone();
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *past)
+                .into_iter()
+                .partition(|(_, p)| p.snapshot().is_some_and(|l| Arc::ptr_eq(l, &oldest)));
             *past = kept;
             dropped.extend(gone);
         }
+        // A dropped snapshot no entry or the current one still holds may be in a request's
+        // hands: freed off the serving threads once that request is done with it.
+        let current = self.current();
+        let mut unheld: Vec<Arc<LoadedSnapshot>> = Vec::new();
+        for (_, p) in &dropped {
+            if let Some(l) = p.snapshot()
+                && !past
+                    .iter()
+                    .any(|(_, q)| q.snapshot().is_some_and(|h| Arc::ptr_eq(h, l)))
+                && !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, l))
+                && !unheld.iter().any(|u| Arc::ptr_eq(u, l))
+            {
+                unheld.push(l.clone());
+            }
+        }
         drop(past);
         drop(dropped);
+        for l in unheld {
+            free_when_unused(l);
+        }
+        recorded
     }
 
     /// Whether a poll found the newest published snapshot held within `within`.
@@ -509,18 +589,25 @@ fn held_at(past: &[(i64, Past)], s: i64) -> Option<usize> {
     past.iter().position(|(at, _)| *at == s)
 }
 
-/// Snapshots held by the entries, each counted once however many instants it stands for.
-fn distinct_snapshots(past: &[(i64, Past)]) -> usize {
-    let held: Vec<&Arc<LoadedSnapshot>> = past
-        .iter()
-        .filter_map(|(_, p)| match p {
-            Past::Loaded(l) | Past::Before(Some(l), _) => Some(l),
-            _ => None,
-        })
-        .collect();
-    (0..held.len())
-        .filter(|&i| !held[..i].iter().any(|h| Arc::ptr_eq(h, held[i])))
-        .count()
+/// The snapshots the entries hold, each once however many instants it stands for, the most
+/// recently used first (entries are kept in order of use, the most recent last).
+fn snapshots_by_use(past: &[(i64, Past)]) -> Vec<Arc<LoadedSnapshot>> {
+    let mut held: Vec<Arc<LoadedSnapshot>> = Vec::new();
+    for l in past.iter().rev().filter_map(|(_, p)| p.snapshot()) {
+        if !held.iter().any(|h| Arc::ptr_eq(h, l)) {
+            held.push(l.clone());
+        }
+    }
+    held
+}
+
+/// A slot of [`RECHECKS`], given back when dropped.
+struct RecheckSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for RecheckSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Removes the first entry of a kind when more than `most` are held, and returns it.
@@ -1050,7 +1137,7 @@ mod tests {
         assert_eq!(reads(), 3, "one read per instant");
         assert_eq!(found(at(4).await).manifest.as_of_ms, base - 5 * DAY);
         assert!(matches!(at(6).await, AsOf::Unpublished));
-        let held = || distinct_snapshots(&snapshots.past.lock().unwrap());
+        let held = || snapshots_by_use(&snapshots.past.lock().unwrap()).len();
         assert_eq!(held(), 2, "days 3 and 5");
 
         // Snapshots every other day further back, asked for the days between: each stands in
@@ -1079,7 +1166,7 @@ mod tests {
         let store = duet_batch::store::resolve("memory://past-snapshots-polls/x").unwrap();
         let base = 1_796_083_200_000i64;
         publish(&store, &batch, base).await;
-        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_millis(50)));
+        let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_secs(600)));
         assert!(snapshots.refresh(&store).await.unwrap());
         let current = snapshots.current().unwrap();
         let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1087,7 +1174,8 @@ mod tests {
         let later = found(snapshots.at(&store, base + DAY, wait()).await);
         assert!(Arc::ptr_eq(&later, &current));
         assert_eq!(reads(), 0);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // As if no poll had succeeded for longer than three poll intervals.
+        *snapshots.polled.lock().unwrap() = None;
         publish(&store, &batch, base + 2 * DAY).await;
         let later = found(snapshots.at(&store, base + DAY, wait()).await);
         assert!(Arc::ptr_eq(&later, &current), "reused, not loaded again");
