@@ -325,8 +325,6 @@ pub enum EngineArg {
     Reference,
 }
 
-/// Sets up `tracing`: text (coloured only on a terminal, so a log file or a pipe gets plain
-/// text), JSON lines when asked; `RUST_LOG` filters.
 /// Whether log lines still go to stderr: closed when the command's cause is printed.
 static LOGS_OPEN: std::sync::Mutex<bool> = std::sync::Mutex::new(true);
 
@@ -356,6 +354,9 @@ pub fn print_cause(cause: &str) {
     eprintln!("{cause}");
 }
 
+/// Sets up `tracing`: text (coloured only on a terminal, so a log file or a pipe gets plain
+/// text), JSON lines when asked; `RUST_LOG` filters. Lines go to stderr until a failed
+/// command's cause is printed ([`print_cause`]).
 pub fn init_tracing(json: bool) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
