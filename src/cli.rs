@@ -148,10 +148,10 @@ pub struct SpeedRunArgs {
     pub admin: Option<String>,
     /// Largest batch of messages per flush (under a backlog, larger batches write each entity's
     /// state once for more of its events) [default: 500000].
-    #[arg(long, env = "DUET_MAX_BATCH", value_parser = at_least_one)]
+    #[arg(long, env = "DUET_MAX_BATCH", value_parser = at_least_one::<usize>)]
     pub max_batch: Option<usize>,
     /// Longest wait before a partial batch is flushed, in milliseconds [default: 50].
-    #[arg(long, env = "DUET_FLUSH_MS", value_parser = at_least_one_u64)]
+    #[arg(long, env = "DUET_FLUSH_MS", value_parser = at_least_one::<u64>)]
     pub flush_ms: Option<u64>,
 }
 
@@ -186,10 +186,10 @@ pub struct ServeArgs {
     #[arg(long, env = "DUET_PREFIX")]
     pub prefix: Option<String>,
     /// Most entities per request [default: 1000].
-    #[arg(long, env = "DUET_MAX_ENTITIES", value_parser = at_least_one)]
+    #[arg(long, env = "DUET_MAX_ENTITIES", value_parser = at_least_one::<usize>)]
     pub max_entities: Option<usize>,
     /// Largest request body in bytes [default: 1048576].
-    #[arg(long, env = "DUET_MAX_BODY_BYTES", value_parser = at_least_one)]
+    #[arg(long, env = "DUET_MAX_BODY_BYTES", value_parser = at_least_one::<usize>)]
     pub max_body_bytes: Option<usize>,
     /// Require `Authorization: Bearer <token>`.
     #[arg(long, env = "DUET_AUTH_TOKEN")]
@@ -231,7 +231,7 @@ pub struct BatchLocations {
     #[arg(long, env = "DUET_STORE")]
     pub store: Option<String>,
     /// Snapshots kept per view; older ones are deleted after a successful run [default: 400].
-    #[arg(long, env = "DUET_RETAIN", value_parser = at_least_one)]
+    #[arg(long, env = "DUET_RETAIN", value_parser = at_least_one::<usize>)]
     pub retain: Option<usize>,
     /// Never draw progress bars (structured logs only); `--no-progress=false` draws them on a
     /// terminal even when the config file says otherwise.
@@ -571,18 +571,13 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// A count of at least one.
-pub(crate) fn at_least_one(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
-    }
-}
-
-/// A whole number from 1 (a number of milliseconds).
-pub(crate) fn at_least_one_u64(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(0) => Err("must be at least 1".into()),
+pub(crate) fn at_least_one<T>(s: &str) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + From<u8>,
+    T::Err: std::fmt::Display,
+{
+    match s.parse::<T>() {
+        Ok(n) if n < T::from(1) => Err("must be at least 1".into()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
     }

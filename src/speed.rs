@@ -8,7 +8,7 @@ use duet_speed::metrics::SpeedMetrics;
 use duet_speed::plan::SpeedPlan;
 use duet_speed::store::AnyStore;
 
-use crate::cli::{SpeedDumpArgs, SpeedRunArgs, at_least_one, at_least_one_u64, instant, seconds};
+use crate::cli::{SpeedDumpArgs, SpeedRunArgs, at_least_one, instant, seconds};
 use crate::config::{Config, required, setting};
 use crate::shutdown::shutdown_token;
 
@@ -59,7 +59,7 @@ pub async fn run(spec: duet_spec::Spec, args: SpeedRunArgs, config: &Config) -> 
             config.flush_ms,
             config,
             "flush_ms",
-            at_least_one_u64,
+            at_least_one,
             50,
         )?),
         archive: args.archive.or(config.archive.clone()),

@@ -499,12 +499,10 @@ impl ViewSnapshots {
                 true
             }
             Ok(l) => {
-                let changed = match (before.1.snapshot(), l) {
-                    (Some(old), Some(new)) => !Arc::ptr_eq(old, new),
-                    (None, None) => !matches!(before.1, Past::Before { .. }),
-                    _ => true,
-                };
-                if changed && let Some(l) = l {
+                // Logged when the stand-in is new, not at every re-check that finds it again.
+                if let Some(l) = l
+                    && !before.1.snapshot().is_some_and(|old| Arc::ptr_eq(old, l))
+                {
                     tracing::info!(view = %self.view.name, boundary = %duet_spec::timestamp::format_ms(s), served_from = %l.manifest.as_of, "no snapshot for a past boundary: the newest before it stands for it");
                 }
                 let entry = Past::Before {
@@ -823,6 +821,13 @@ mod tests {
         assert_eq!(index.text, b"\x02yy\x03zzz");
     }
 
+    /// `wide(3)` named `v`, the view `publish` writes snapshots of.
+    fn view_v() -> (View, RecordBatch) {
+        let (mut view, batch) = wide(3);
+        view.name = "v".into();
+        (view, batch)
+    }
+
     /// A view of `n` features alternating int and float, and a batch holding every other one.
     fn wide(n: usize) -> (View, RecordBatch) {
         let spec = duet_spec::parse_spec("catalog.toml", duet_spec::CATALOG).unwrap();
@@ -938,8 +943,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn past_snapshots_are_read_once_and_kept() {
         use object_store::throttle::{ThrottleConfig, ThrottledStore};
-        let (mut view, batch) = wide(3);
-        view.name = "v".into();
+        let (view, batch) = view_v();
         let mut store = duet_batch::store::resolve("memory://past-snapshots/x").unwrap();
         let throttled = Arc::new(ThrottledStore::new(
             store.store.clone(),
@@ -1041,8 +1045,7 @@ mod tests {
     /// Instants with no snapshot are remembered up to a bound: the oldest go first.
     #[tokio::test]
     async fn unpublished_instants_stay_bounded() {
-        let (mut view, _) = wide(3);
-        view.name = "v".into();
+        let (view, _) = view_v();
         let store = duet_batch::store::resolve("memory://past-snapshots-unpublished/x").unwrap();
         let snapshots = Arc::new(ViewSnapshots::new(view, Duration::from_secs(600)));
         let wait = || tokio::time::Instant::now() + Duration::from_secs(10);
@@ -1069,8 +1072,7 @@ mod tests {
     /// A failed read is answered as unavailable, naming the failure, and is not remembered.
     #[tokio::test]
     async fn a_failed_past_read_is_not_remembered() {
-        let (mut view, batch) = wide(3);
-        view.name = "v".into();
+        let (view, batch) = view_v();
         let store = duet_batch::store::resolve("memory://past-snapshots-failing/x").unwrap();
         let day = 1_796_083_200_000i64;
         // A manifest naming a data file that is not there.
@@ -1110,8 +1112,7 @@ mod tests {
     /// distinct snapshots stay held, however many instants they stand for.
     #[tokio::test]
     async fn an_instant_without_its_snapshot_gets_the_newest_before_it() {
-        let (mut view, batch) = wide(3);
-        view.name = "v".into();
+        let (view, batch) = view_v();
         let store = duet_batch::store::resolve("memory://past-snapshots-before/x").unwrap();
         let base = 1_796_083_200_000i64;
         for d in [5, 3, 0] {
@@ -1161,8 +1162,7 @@ mod tests {
     /// answer.
     #[tokio::test]
     async fn later_instants_ask_the_store_when_the_polls_stopped() {
-        let (mut view, batch) = wide(3);
-        view.name = "v".into();
+        let (view, batch) = view_v();
         let store = duet_batch::store::resolve("memory://past-snapshots-polls/x").unwrap();
         let base = 1_796_083_200_000i64;
         publish(&store, &batch, base).await;

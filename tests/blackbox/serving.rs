@@ -205,22 +205,24 @@ fn raw_get(addr: &str, path: &str) -> String {
     response
 }
 
+/// `duet batch run --as-of <as_of>` over the golden events into `store`.
+fn batch_run(store: &str, as_of: &str) -> std::process::Output {
+    run(&[
+        "batch",
+        "run",
+        "--as-of",
+        as_of,
+        "--events",
+        &s(&golden("events.parquet")),
+        "--store",
+        store,
+        "--no-progress",
+    ])
+}
+
 fn one_snapshot_store(dir: &Path) -> String {
     let store = s(&dir.join("store"));
-    expect_status(
-        &run(&[
-            "batch",
-            "run",
-            "--as-of",
-            "2026-09-01",
-            "--events",
-            &s(&golden("events.parquet")),
-            "--store",
-            &store,
-            "--no-progress",
-        ]),
-        0,
-    );
+    expect_status(&batch_run(&store, "2026-09-01"), 0);
     store
 }
 
@@ -231,18 +233,7 @@ fn one_snapshot_store(dir: &Path) -> String {
 fn as_of_a_day_without_its_snapshot_is_served_from_the_one_before() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
-    let out = run(&[
-        "batch",
-        "run",
-        "--as-of",
-        "2026-08-30T15:20:00+02:00",
-        "--events",
-        &s(&golden("events.parquet")),
-        "--store",
-        &store,
-        "--no-progress",
-    ]);
-    let (stdout, stderr) = expect_status(&out, 0);
+    let (stdout, stderr) = expect_status(&batch_run(&store, "2026-08-30T15:20:00+02:00"), 0);
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let published: Vec<&str> = report["snapshots"]
         .as_array()
