@@ -23,9 +23,18 @@ pub struct Cli {
     /// Feature spec; defaults to the reference catalog shipped with duet.
     #[arg(long, global = true, env = "DUET_SPEC")]
     pub spec: Option<String>,
-    /// Log as JSON lines instead of text.
-    #[arg(long, global = true, env = "DUET_LOG_JSON")]
-    pub log_json: bool,
+    /// Log as JSON lines instead of text; `--log-json=false` logs text even when the config
+    /// file says otherwise.
+    #[arg(
+        long,
+        global = true,
+        env = "DUET_LOG_JSON",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub log_json: Option<bool>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -49,6 +49,8 @@ pub struct Config {
     pub serve_workers: Option<u32>,
     /// Fraction of entities in the served-feature log.
     pub log_sample: Option<f64>,
+    /// Log as JSON lines instead of text.
+    pub log_json: Option<bool>,
     /// The speed layer's largest batch per flush.
     pub max_batch: Option<usize>,
     /// The speed layer's longest wait before flushing a partial batch, in milliseconds.

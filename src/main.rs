@@ -43,7 +43,12 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => return usage_error(e),
     };
-    cli::init_tracing(args.log_json);
+    // Logging starts before the command reads its config file: the file's `log_json` is read
+    // here. A file that cannot be read is reported by the command itself.
+    let file_json = config::Config::load(args.config.as_deref())
+        .ok()
+        .and_then(|c| c.log_json);
+    cli::init_tracing(args.log_json.or(file_json).unwrap_or(false));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -382,6 +382,40 @@ fn settings_come_from_flags_variables_or_the_config_file() {
         .concat();
         expect_status(&cmd.args(&args).output().unwrap(), 0);
     }
+    // `log_json` from the file (read before logging starts), overridden by the variable or
+    // `--log-json=false`; the variable alone also turns it on.
+    let json_config = dir.path().join("json.toml");
+    std::fs::write(&json_config, "log_json = true\n").unwrap();
+    let json_config = s(&json_config);
+    for (file, var, flag, json) in [
+        (true, None, None, true),
+        (true, Some("no"), None, false),
+        (true, None, Some("--log-json=false"), false),
+        (false, Some("1"), None, true),
+        (false, None, None, false),
+    ] {
+        let mut cmd = duet();
+        if let Some(value) = var {
+            cmd.env("DUET_LOG_JSON", value);
+        }
+        if file {
+            cmd.args(["--config", &json_config]);
+        }
+        let args = [
+            &["batch", "run", "--as-of", "2026-08-01"][..],
+            &["--events", &events, "--store", &d],
+            flag.as_slice(),
+        ]
+        .concat();
+        let (_, stderr) = expect_status(&cmd.args(&args).output().unwrap(), 0);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "no log lines");
+        for line in lines {
+            let parsed =
+                serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object());
+            assert_eq!(parsed, json, "{file} {var:?} {flag:?}: {line}");
+        }
+    }
     // Out of range in a variable: refused, naming its flag.
     for (var, value, flag, args) in [
         ("DUET_MAX_BATCH", "0", "--max-batch", &speed[..]),
@@ -394,6 +428,7 @@ fn settings_come_from_flags_variables_or_the_config_file() {
         ),
         ("DUET_RETAIN", "0", "--retain", &backfill),
         ("DUET_NO_PROGRESS", "maybe", "--no-progress", &backfill),
+        ("DUET_LOG_JSON", "maybe", "--log-json", &backfill),
         ("DUET_EXIT_WHEN_IDLE", "-1", "--exit-when-idle", &speed),
     ] {
         let out = duet().env(var, value).args(args).output().unwrap();
