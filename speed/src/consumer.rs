@@ -589,11 +589,29 @@ async fn handle_rebalances(
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .map_err(kafka)?;
                 let saved = checkpoints.load(processor.store()).await?;
+                let starts = log_starts(consumer, topic, &parts).await?;
                 for e in committed.elements() {
                     let offset = match e.offset() {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     };
+                    // Where the broker's log now starts, against where this group would go on
+                    // (the start of the partition for a new group): messages between were
+                    // deleted before the layer read them.
+                    let expected = offset.unwrap_or(0);
+                    if let Some(&start) = starts.get(&e.partition())
+                        && start > expected
+                    {
+                        tracing::warn!(
+                            partition = e.partition(),
+                            from = expected,
+                            to = start,
+                            "messages the speed layer never consumed are gone from the broker \
+                             (retention): their events are missing from the state and the \
+                             histories"
+                        );
+                        sinks.metrics.lost.add((start - expected) as u64);
+                    }
                     let wm = e
                         .metadata()
                         .strip_prefix(WM_PREFIX)
@@ -608,6 +626,36 @@ async fn handle_rebalances(
         }
     }
     Ok(newly)
+}
+
+/// Where each partition's log starts on the broker (the oldest offset it still holds). A
+/// partition the broker does not answer for is left out, with a warning: the answer only
+/// tells whether messages were lost, and consuming goes on either way.
+async fn log_starts(
+    consumer: &Arc<StreamConsumer<GroupContext>>,
+    topic: &str,
+    parts: &[i32],
+) -> Result<BTreeMap<i32, i64>> {
+    let (c, topic, parts) = (consumer.clone(), topic.to_string(), parts.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let mut starts = BTreeMap::new();
+        for p in parts {
+            match c.fetch_watermarks(&topic, p, Duration::from_secs(15)) {
+                Ok((low, _)) => {
+                    starts.insert(p, low);
+                }
+                Err(e) => tracing::warn!(
+                    partition = p,
+                    error = %e,
+                    "cannot read where the partition's log starts, so cannot tell whether \
+                     messages were deleted before the speed layer read them"
+                ),
+            }
+        }
+        starts
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))
 }
 
 #[cfg(test)]

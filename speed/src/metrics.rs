@@ -152,6 +152,8 @@ pub struct SpeedMetrics {
     pub duplicates: Counter,
     /// Late events dropped.
     pub late: Counter,
+    /// Messages deleted from the broker (retention) before the layer consumed them.
+    pub lost: Counter,
     /// Invalid records by reason.
     pub invalid: Mutex<BTreeMap<String, u64>>,
     /// Batches flushed.
@@ -175,6 +177,7 @@ impl Default for SpeedMetrics {
             events: Counter::default(),
             duplicates: Counter::default(),
             late: Counter::default(),
+            lost: Counter::default(),
             invalid: Mutex::default(),
             flushes: Counter::default(),
             conflicts: Counter::default(),
@@ -219,6 +222,12 @@ impl SpeedMetrics {
             "duet_speed_late_total",
             "Events dropped for arriving after the allowed lateness.",
             self.late.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_lost_messages_total",
+            "Messages deleted from the broker (retention) before the speed layer consumed them.",
+            self.lost.get(),
         );
         counter(
             &mut out,

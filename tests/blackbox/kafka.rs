@@ -58,8 +58,13 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 
 /// Produces `(key, value)` records in order and waits until all are delivered.
 pub async fn produce(topic: &str, records: &[(Option<String>, Vec<u8>)]) {
+    produce_to(&brokers(), topic, records).await
+}
+
+/// [`produce`] to the broker at `brokers`.
+pub async fn produce_to(brokers: &str, topic: &str, records: &[(Option<String>, Vec<u8>)]) {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .set("message.timeout.ms", "60000")
         .set("queue.buffering.max.messages", "1000000")

@@ -76,7 +76,8 @@ pub fn speed_run(topic: &str, group: &str, prefix: &str, extra: &[&str]) -> Chil
     c.spawn().expect("duet speed run starts")
 }
 
-pub fn wait_ok(mut child: Child, limit: Duration) {
+/// Waits for a speed run to end well, and returns its stderr.
+pub fn wait_ok(mut child: Child, limit: Duration) -> String {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -89,7 +90,7 @@ pub fn wait_ok(mut child: Child, limit: Duration) {
                 .read_to_string(&mut err)
                 .unwrap();
             assert!(status.success(), "speed run failed ({status}):\n{err}");
-            return;
+            return err;
         }
         if start.elapsed() > limit {
             child.kill().unwrap();
@@ -318,4 +319,85 @@ async fn consume_all(topic: &str, at_least: usize) -> Vec<String> {
         }
     }
     reasons
+}
+
+/// A new group on a topic whose oldest messages were deleted before it read them: the speed
+/// layer names the lost offsets, and its state holds exactly the retained events. A later
+/// run of the group, which resumes past the log's start, reports nothing.
+///
+/// The broker here is librdkafka's own, run inside this test process and reached over TCP like
+/// any broker: tansu 0.6.0 never deletes records (its storage engines leave `DeleteRecords`
+/// unimplemented), while librdkafka's keeps at most 5 MB per partition and drops the oldest
+/// batches beyond that, as Kafka's retention does.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_deleted_before_the_layer_read_them_are_reported() {
+    let mock = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = "events";
+    mock.create_topic(topic, 1, 1).unwrap();
+    mock.create_topic("events.dead-letters", 1, 1).unwrap();
+    let mock_brokers = mock.bootstrap_servers();
+    let prefix = format!("{}:", unique("lost"));
+    let group = unique("g");
+    let (lines, _) = generated(300, 50_000, now_ms() - HOUR, 17);
+    let bytes: usize = lines.iter().map(Vec::len).sum();
+    assert!(
+        bytes > 6 << 20,
+        "{bytes} bytes: not enough to overflow the broker's 5 MB"
+    );
+    produce_to(&mock_brokers, topic, &keyed(&lines)).await;
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &mock_brokers)
+        .create()
+        .unwrap();
+    use rdkafka::consumer::Consumer;
+    let (start, end) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(end, lines.len() as i64);
+    assert!(start > 0, "the broker kept every message");
+
+    let run = |extra: &[&str]| {
+        let mut c = duet();
+        c.args(["speed", "run", "--brokers", &mock_brokers, "--topic", topic])
+            .args([
+                "--group",
+                &group,
+                "--redis",
+                &redis_url(),
+                "--prefix",
+                &prefix,
+            ])
+            .args(["--exit-when-idle", "2"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        wait_ok(c.spawn().unwrap(), Duration::from_secs(180))
+    };
+    let err = run(&[]);
+    let warning = err
+        .lines()
+        .find(|l| l.contains("gone from the broker"))
+        .unwrap_or_else(|| panic!("no warning about the lost messages:\n{err}"));
+    let fields: Vec<&str> = warning.split_whitespace().collect();
+    for field in [
+        "partition=0".to_string(),
+        "from=0".into(),
+        format!("to={start}"),
+    ] {
+        assert!(fields.contains(&field.as_str()), "no {field}: {warning}");
+    }
+    // The state holds the retained events, and only those.
+    let retained: Vec<_> = lines[start as usize..]
+        .iter()
+        .filter_map(|l| parse_json_event(l).ok())
+        .map(|e| e.to_event())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let t = retained.iter().map(|e| e.ts).max().unwrap() + 1;
+    assert_state_matches(&prefix, retained, t, dir.path());
+
+    // Resumed past the log's start: nothing lost.
+    let err = run(&[]);
+    assert!(!err.contains("gone from the broker"), "{err}");
+    clean_redis(&prefix);
 }
