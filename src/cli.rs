@@ -388,8 +388,10 @@ fn load_spec(cli_spec: &Option<String>, config: &Config) -> anyhow::Result<duet_
     )?)
 }
 
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref())?;
+/// Runs the command with the config file as loaded (once: it may be a pipe) before logging
+/// started.
+pub async fn run(cli: Cli, config: anyhow::Result<Config>) -> anyhow::Result<()> {
+    let config = config?;
     match cli.command {
         Command::Spec(SpecCommand::Check) => {
             let spec = load_spec(&cli.spec, &config)?;

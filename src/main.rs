@@ -43,11 +43,10 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => return usage_error(e),
     };
-    // Logging starts before the command reads its config file: the file's `log_json` is read
-    // here. A file that cannot be read is reported by the command itself.
-    let file_json = config::Config::load(args.config.as_deref())
-        .ok()
-        .and_then(|c| c.log_json);
+    // The config file is read once, before logging starts (its `log_json` decides the log
+    // format). A file that cannot be read is reported by the command, once logging is set up.
+    let config = config::Config::load(args.config.as_deref());
+    let file_json = config.as_ref().ok().and_then(|c| c.log_json);
     cli::init_tracing(args.log_json.or(file_json).unwrap_or(false));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -59,7 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    match runtime.block_on(cli::run(args, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);

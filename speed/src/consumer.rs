@@ -322,6 +322,7 @@ pub async fn run<S: StateStore + Clone>(
                 &mut buffer,
                 &mut assigned,
                 &mut at_end,
+                true,
             )
             .await?
             {
@@ -347,6 +348,7 @@ pub async fn run<S: StateStore + Clone>(
         &mut buffer,
         &mut assigned,
         &mut at_end,
+        false,
     )
     .await?;
     if !buffer.is_empty() {
@@ -562,6 +564,7 @@ async fn handle_rebalances(
     buffer: &mut Vec<Message>,
     assigned: &mut BTreeMap<i32, ()>,
     at_end: &mut BTreeSet<i32>,
+    check_losses: bool,
 ) -> Result<Vec<(i32, Option<i64>)>> {
     let (consumer, topic, checkpoints) = (&sinks.consumer, &sinks.config.topic, &sinks.checkpoints);
     let mut newly = Vec::new();
@@ -589,28 +592,14 @@ async fn handle_rebalances(
                 .map_err(|e| Error::Internal(e.to_string()))?
                 .map_err(kafka)?;
                 let saved = checkpoints.load(processor.store()).await?;
-                let starts = log_starts(consumer, topic, &parts).await?;
+                let mut resumes = Vec::new();
                 for e in committed.elements() {
                     let offset = match e.offset() {
                         Offset::Offset(o) => Some(o),
                         _ => None,
                     };
-                    // Where the broker's log now starts, against where this group would go on
-                    // (the start of the partition for a new group): messages between were
-                    // deleted before the layer read them.
-                    let expected = offset.unwrap_or(0);
-                    if let Some(&start) = starts.get(&e.partition())
-                        && start > expected
-                    {
-                        tracing::warn!(
-                            partition = e.partition(),
-                            from = expected,
-                            to = start,
-                            "messages the speed layer never consumed are gone from the broker \
-                             (retention): their events are missing from the state and the \
-                             histories"
-                        );
-                        sinks.metrics.lost.add((start - expected) as u64);
+                    if e.error().is_ok() {
+                        resumes.push((e.partition(), offset));
                     }
                     let wm = e
                         .metadata()
@@ -622,40 +611,74 @@ async fn handle_rebalances(
                     assigned.insert(e.partition(), ());
                     newly.push((e.partition(), offset));
                 }
+                if check_losses {
+                    report_losses(sinks, resumes);
+                }
             }
         }
     }
     Ok(newly)
 }
 
-/// Where each partition's log starts on the broker (the oldest offset it still holds). A
-/// partition the broker does not answer for is left out, with a warning: the answer only
-/// tells whether messages were lost, and consuming goes on either way.
-async fn log_starts(
-    consumer: &Arc<StreamConsumer<GroupContext>>,
-    topic: &str,
-    parts: &[i32],
-) -> Result<BTreeMap<i32, i64>> {
-    let (c, topic, parts) = (consumer.clone(), topic.to_string(), parts.to_vec());
-    tokio::task::spawn_blocking(move || {
-        let mut starts = BTreeMap::new();
-        for p in parts {
-            match c.fetch_watermarks(&topic, p, Duration::from_secs(15)) {
-                Ok((low, _)) => {
-                    starts.insert(p, low);
+/// Compares where each newly assigned partition's log starts on the broker (the oldest offset
+/// it still holds) with the offset the group resumes from (`None`: no committed offset), and
+/// reports what was deleted before the layer read it: a warning naming the offsets, and
+/// `duet_speed_lost_messages_total`. A new group starting after the log's start is only noted:
+/// it holds nothing older, and rebuilding from what Kafka retains is what it is for.
+///
+/// The broker is asked on a thread of its own, so that a slow answer (a partition without a
+/// leader costs the 15 s timeout) neither holds up consuming nor delays a process that stops.
+/// A partition the broker does not answer for is only warned about.
+fn report_losses(sinks: &Sinks, resumes: Vec<(i32, Option<i64>)>) {
+    if resumes.is_empty() {
+        return;
+    }
+    let consumer = sinks.consumer.clone();
+    let topic = sinks.config.topic.clone();
+    let metrics = sinks.metrics.clone();
+    let report = move || {
+        for (p, resume) in resumes {
+            let start = match consumer.fetch_watermarks(&topic, p, Duration::from_secs(15)) {
+                Ok((low, _)) => low,
+                Err(e) => {
+                    tracing::warn!(
+                        partition = p,
+                        error = %e,
+                        "cannot read where the partition's log starts, so cannot tell whether \
+                         messages were deleted before the speed layer read them"
+                    );
+                    continue;
                 }
-                Err(e) => tracing::warn!(
+            };
+            match resume {
+                Some(from) if start > from => {
+                    tracing::warn!(
+                        partition = p,
+                        from,
+                        to = start,
+                        "messages the speed layer never consumed are gone from the broker \
+                         (deleted by retention while the group was stopped or behind): their \
+                         events (offsets from..to, `to` excluded) are missing from the state \
+                         and the histories"
+                    );
+                    metrics.lost.add((start - from) as u64);
+                }
+                None if start > 0 => tracing::info!(
                     partition = p,
-                    error = %e,
-                    "cannot read where the partition's log starts, so cannot tell whether \
-                     messages were deleted before the speed layer read them"
+                    start,
+                    "a new group starts at the oldest offset the broker still holds: the \
+                     state and the histories hold nothing older"
                 ),
+                _ => {}
             }
         }
-        starts
-    })
-    .await
-    .map_err(|e| Error::Internal(e.to_string()))
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("duet-log-starts".into())
+        .spawn(report)
+    {
+        tracing::warn!(error = %e, "cannot start the check for deleted messages");
+    }
 }
 
 #[cfg(test)]

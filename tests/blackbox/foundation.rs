@@ -383,7 +383,8 @@ fn settings_come_from_flags_variables_or_the_config_file() {
         expect_status(&cmd.args(&args).output().unwrap(), 0);
     }
     // `log_json` from the file (read before logging starts), overridden by the variable or
-    // `--log-json=false`; the variable alone also turns it on.
+    // `--log-json=false`; the variable alone also turns it on, and a bare `--log-json` (before
+    // the command or after it) beats a variable that says no.
     let json_config = dir.path().join("json.toml");
     std::fs::write(&json_config, "log_json = true\n").unwrap();
     let json_config = s(&json_config);
@@ -393,6 +394,8 @@ fn settings_come_from_flags_variables_or_the_config_file() {
         (true, None, Some("--log-json=false"), false),
         (false, Some("1"), None, true),
         (false, None, None, false),
+        (false, Some("0"), Some("--log-json"), true),
+        (false, Some("off"), Some("before"), true),
     ] {
         let mut cmd = duet();
         if let Some(value) = var {
@@ -400,6 +403,13 @@ fn settings_come_from_flags_variables_or_the_config_file() {
         }
         if file {
             cmd.args(["--config", &json_config]);
+        }
+        let (flag, before) = match flag {
+            Some("before") => (None, true),
+            other => (other, false),
+        };
+        if before {
+            cmd.arg("--log-json");
         }
         let args = [
             &["batch", "run", "--as-of", "2026-08-01"][..],
@@ -416,6 +426,40 @@ fn settings_come_from_flags_variables_or_the_config_file() {
             assert_eq!(parsed, json, "{file} {var:?} {flag:?}: {line}");
         }
     }
+    // A config file that can be read only once (a pipe): its `log_json` and its locations
+    // both apply.
+    let mut child = duet()
+        .args([
+            "--config",
+            "/dev/stdin",
+            "batch",
+            "run",
+            "--as-of",
+            "2026-08-01",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        write!(
+            stdin,
+            "log_json = true\nevents = {:?}\nstore = {:?}\n",
+            events,
+            store("e")
+        )
+        .unwrap();
+    }
+    let (_, stderr) = expect_status(&child.wait_with_output().unwrap(), 0);
+    assert!(
+        stderr
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{stderr}"
+    );
     // Out of range in a variable: refused, naming its flag.
     for (var, value, flag, args) in [
         ("DUET_MAX_BATCH", "0", "--max-batch", &speed[..]),

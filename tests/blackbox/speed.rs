@@ -1,5 +1,6 @@
-//! The speed layer against a real Kafka-protocol broker (tansu) and a real Redis: exactly once
-//! across kill -9 and restarts, shared partitions, and bad input that never stalls it.
+//! The speed layer against a real Kafka-protocol broker (tansu; librdkafka's own broker where
+//! records must be deleted) and a real Redis: exactly once across kill -9 and restarts, shared
+//! partitions, bad input that never stalls it, and messages deleted before it read them.
 
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -321,9 +322,10 @@ async fn consume_all(topic: &str, at_least: usize) -> Vec<String> {
     reasons
 }
 
-/// A new group on a topic whose oldest messages were deleted before it read them: the speed
-/// layer names the lost offsets, and its state holds exactly the retained events. A later
-/// run of the group, which resumes past the log's start, reports nothing.
+/// Messages deleted before the speed layer read them. A new group on a trimmed topic notes
+/// where it starts, counts no loss, and its state holds exactly the retained events; a later
+/// run resuming past the log's start reports nothing; a group whose committed offset the
+/// broker deleted past names the lost offsets.
 ///
 /// The broker here is librdkafka's own, run inside this test process and reached over TCP like
 /// any broker: tansu 0.6.0 never deletes records (its storage engines leave `DeleteRecords`
@@ -350,13 +352,16 @@ async fn messages_deleted_before_the_layer_read_them_are_reported() {
         .create()
         .unwrap();
     use rdkafka::consumer::Consumer;
-    let (start, end) = consumer
-        .fetch_watermarks(topic, 0, Duration::from_secs(10))
-        .unwrap();
+    let watermarks = || {
+        consumer
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .unwrap()
+    };
+    let (start, end) = watermarks();
     assert_eq!(end, lines.len() as i64);
     assert!(start > 0, "the broker kept every message");
 
-    let run = |extra: &[&str]| {
+    let run = || {
         let mut c = duet();
         c.args(["speed", "run", "--brokers", &mock_brokers, "--topic", topic])
             .args([
@@ -368,24 +373,27 @@ async fn messages_deleted_before_the_layer_read_them_are_reported() {
                 &prefix,
             ])
             .args(["--exit-when-idle", "2"])
-            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         wait_ok(c.spawn().unwrap(), Duration::from_secs(180))
     };
-    let err = run(&[]);
-    let warning = err
-        .lines()
-        .find(|l| l.contains("gone from the broker"))
-        .unwrap_or_else(|| panic!("no warning about the lost messages:\n{err}"));
-    let fields: Vec<&str> = warning.split_whitespace().collect();
-    for field in [
-        "partition=0".to_string(),
-        "from=0".into(),
-        format!("to={start}"),
-    ] {
-        assert!(fields.contains(&field.as_str()), "no {field}: {warning}");
-    }
+    // The line naming a field set, or `None`.
+    let line_with = |err: &str, text: &str, fields: &[String]| -> Option<String> {
+        let line = err.lines().find(|l| l.contains(text))?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for field in fields {
+            assert!(words.contains(&field.as_str()), "no {field}: {line}");
+        }
+        Some(line.to_string())
+    };
+    const LOST: &str = "gone from the broker";
+    const NEW: &str = "a new group starts at the oldest offset";
+
+    // A new group: where it starts is noted, no loss is claimed.
+    let err = run();
+    let fields = ["partition=0".to_string(), format!("start={start}")];
+    line_with(&err, NEW, &fields).unwrap_or_else(|| panic!("no note of the start:\n{err}"));
+    assert!(!err.contains(LOST), "{err}");
     // The state holds the retained events, and only those.
     let retained: Vec<_> = lines[start as usize..]
         .iter()
@@ -396,8 +404,20 @@ async fn messages_deleted_before_the_layer_read_them_are_reported() {
     let t = retained.iter().map(|e| e.ts).max().unwrap() + 1;
     assert_state_matches(&prefix, retained, t, dir.path());
 
-    // Resumed past the log's start: nothing lost.
-    let err = run(&[]);
-    assert!(!err.contains("gone from the broker"), "{err}");
+    // Resumed past the log's start: nothing to say.
+    let err = run();
+    assert!(!err.contains(LOST) && !err.contains(NEW), "{err}");
+
+    // The broker drops past the group's committed offset (`end`): those offsets are lost.
+    produce_to(&mock_brokers, topic, &keyed(&lines)).await;
+    let (start_now, _) = watermarks();
+    assert!(start_now > end, "{start_now} <= {end}");
+    let err = run();
+    let fields = [
+        "partition=0".to_string(),
+        format!("from={end}"),
+        format!("to={start_now}"),
+    ];
+    line_with(&err, LOST, &fields).unwrap_or_else(|| panic!("no warning of the loss:\n{err}"));
     clean_redis(&prefix);
 }
