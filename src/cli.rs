@@ -363,11 +363,35 @@ pub fn print_cause(cause: &str) {
     eprintln!("{cause}");
 }
 
+/// Whether log lines are JSON (set once, by [`init_tracing`]).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A line on stderr that scripts wait for (such as the server's address), printed whatever
+/// `RUST_LOG` says: as is in text mode, and as a JSON object shaped like the log lines (with
+/// its message under `fields.message`) when they are JSON, so a JSON log stays JSON throughout.
+pub fn announce(message: &str) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let line = serde_json::json!({
+            "timestamp": duet_spec::timestamp::format_ms(now),
+            "level": "INFO",
+            "fields": { "message": message },
+            "target": "duet",
+        });
+        eprintln!("{line}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
 /// Sets up `tracing`: text (coloured only on a terminal, so a log file or a pipe gets plain
 /// text), JSON lines when asked; `RUST_LOG` filters. Lines go to stderr until a failed
 /// command's cause is printed ([`print_cause`]).
 pub fn init_tracing(json: bool) {
     use std::io::IsTerminal;
+    JSON_LOGS.store(json, std::sync::atomic::Ordering::Relaxed);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -113,7 +113,7 @@ pub async fn run(spec: duet_spec::Spec, args: ServeArgs, config: &Config) -> any
     };
     let app = App::new(spec, store, state, serve_config, log).await?;
     let served = serve(app, &listen, shutdown, |addr| {
-        eprintln!("duet serve: listening on http://{addr}")
+        crate::cli::announce(&format!("duet serve: listening on http://{addr}"))
     })
     .await;
     log_stop.cancel();

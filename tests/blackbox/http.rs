@@ -56,7 +56,9 @@ impl Server {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // The address ends the text line, or the message of a JSON one.
                 if let Some(addr) = line.split("listening on http://").nth(1)
+                    && let Some(addr) = addr.split(['"', ' ']).next()
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addr.trim().to_string());
@@ -109,6 +111,13 @@ impl Server {
             serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("response is not JSON ({e}): {text}")),
         )
+    }
+}
+
+impl Server {
+    /// What the server wrote to stderr so far, line by line.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

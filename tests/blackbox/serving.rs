@@ -602,8 +602,9 @@ fn feast_client_format_and_errors() {
 fn bearer_token_guards_features() {
     let dir = tempfile::tempdir().unwrap();
     let store = one_snapshot_store(dir.path());
+    // With JSON logs (checked at the end: the address line is JSON too).
     let server = Server::start(
-        &[],
+        &["--log-json"],
         &[
             "--store",
             &store,
@@ -695,6 +696,17 @@ fn bearer_token_guards_features() {
     assert_eq!(status, 400, "{text}");
     // The message shows the value as it arrived.
     assert!(text.contains("`2026-09-01 05:30`"), "{text}");
+    let lines = server.log_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("listening on")),
+        "{lines:?}"
+    );
+    for line in lines {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v.is_object()),
+            "not JSON: {line}"
+        );
+    }
 }
 
 /// Starts a server over one snapshot and the Redis at `redis`, which fails (refuses, or never
