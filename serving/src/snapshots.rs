@@ -276,9 +276,20 @@ impl ViewSnapshots {
             self.mark_polled();
             return Ok(false);
         }
-        let loaded = self.load(store, manifest).await?;
-        tracing::info!(view = %self.view.name, as_of = %loaded.manifest.as_of, entities = loaded.len(), bytes = loaded.bytes, "snapshot loaded");
-        if let Some(old) = self.current.swap(Some(Arc::new(loaded))) {
+        // A request with `as_of` may have loaded it already, as a past snapshot (after polls
+        // failed for a while): that copy is taken, not a second one loaded.
+        let loaded = match self.held(&manifest) {
+            Some(held) => {
+                tracing::info!(view = %self.view.name, as_of = %held.manifest.as_of, entities = held.len(), "snapshot taken from the past snapshots held");
+                held
+            }
+            None => {
+                let loaded = self.load(store, manifest).await?;
+                tracing::info!(view = %self.view.name, as_of = %loaded.manifest.as_of, entities = loaded.len(), bytes = loaded.bytes, "snapshot loaded");
+                Arc::new(loaded)
+            }
+        };
+        if let Some(old) = self.current.swap(Some(loaded)) {
             free_when_unused(old);
         }
         self.mark_polled();
@@ -1183,8 +1194,10 @@ mod tests {
         let newer = found(snapshots.at(&store, base + 3 * DAY, wait()).await);
         assert_eq!(newer.manifest.as_of_ms, base + 2 * DAY);
         assert_eq!(reads(), 2);
-        // A poll that succeeds again restores the shortcut.
+        // A poll that succeeds again makes the past copy current (not loading a second one),
+        // and restores the shortcut.
         assert!(snapshots.refresh(&store).await.unwrap());
+        assert!(Arc::ptr_eq(&snapshots.current().unwrap(), &newer));
         let now_current = found(snapshots.at(&store, base + 5 * DAY, wait()).await);
         assert!(Arc::ptr_eq(&now_current, &snapshots.current().unwrap()));
         assert_eq!(reads(), 2);
