@@ -601,7 +601,7 @@ async fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
         Ok(records.len())
     })
     .await??;
-    eprintln!("wrote {count} records to {}", args.out.display());
+    announce(&format!("wrote {count} records to {}", args.out.display()));
     Ok(())
 }
 

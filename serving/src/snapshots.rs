@@ -280,7 +280,7 @@ impl ViewSnapshots {
         // failed for a while): that copy is taken, not a second one loaded.
         let loaded = match self.held(&manifest) {
             Some(held) => {
-                tracing::info!(view = %self.view.name, as_of = %held.manifest.as_of, entities = held.len(), "snapshot taken from the past snapshots held");
+                tracing::info!(view = %self.view.name, as_of = %held.manifest.as_of, entities = held.len(), bytes = held.bytes, "snapshot taken from the past snapshots held");
                 held
             }
             None => {

@@ -216,12 +216,14 @@ pub async fn run<S: StateStore + Clone>(
         }
         None => None,
     };
+    let losses = LossCheck::start(&cc, &config.topic, metrics.clone(), owned.clone());
     let sinks = Arc::new(Sinks {
         consumer: consumer.clone(),
         producer,
         checkpoints: Checkpoints::new(&config),
         metrics: metrics.clone(),
         owned,
+        losses,
         config,
     });
     let config = &sinks.config;
@@ -620,64 +622,113 @@ async fn handle_rebalances(
     Ok(newly)
 }
 
-/// Compares where each newly assigned partition's log starts on the broker (the oldest offset
-/// it still holds) with the offset the group resumes from (`None`: no committed offset), and
-/// reports what was deleted before the layer read it: a warning naming the offsets, and
-/// `duet_speed_lost_messages_total`. A new group starting after the log's start is only noted:
-/// it holds nothing older, and rebuilding from what Kafka retains is what it is for.
-///
-/// The broker is asked on a thread of its own, so that a slow answer (a partition without a
-/// leader costs the 15 s timeout) neither holds up consuming nor delays a process that stops.
-/// A partition the broker does not answer for is only warned about.
+/// Sends newly assigned partitions, with the offset the group resumes from (`None`: no
+/// committed offset), to the [`LossCheck`].
 fn report_losses(sinks: &Sinks, resumes: Vec<(i32, Option<i64>)>) {
-    if resumes.is_empty() {
-        return;
+    if let Some(losses) = &sinks.losses
+        && !resumes.is_empty()
+    {
+        // The worker only stops with the process.
+        let _ = losses.tx.send(resumes);
     }
-    let consumer = sinks.consumer.clone();
-    let topic = sinks.config.topic.clone();
-    let metrics = sinks.metrics.clone();
-    let report = move || {
-        for (p, resume) in resumes {
-            let start = match consumer.fetch_watermarks(&topic, p, Duration::from_secs(15)) {
-                Ok((low, _)) => low,
-                Err(e) => {
-                    tracing::warn!(
-                        partition = p,
-                        error = %e,
-                        "cannot read where the partition's log starts, so cannot tell whether \
-                         messages were deleted before the speed layer read them"
-                    );
-                    continue;
+}
+
+/// Checks whether newly assigned partitions lost messages: compares where each one's log
+/// starts on the broker (the oldest offset it still holds) with the offset the group resumes
+/// from, and reports what was deleted before the layer read it, a warning naming the offsets
+/// and `duet_speed_lost_messages_total` (each range counted once per process). A new group
+/// starting after the log's start is only noted: it holds nothing older, and rebuilding from
+/// what Kafka retains is what it is for.
+///
+/// One thread does it for the whole run, with a client of its own outside the group: a slow
+/// answer (a partition without a leader costs the 15 s timeout, and then the rest of that
+/// assignment is skipped) neither holds up consuming nor keeps the group's consumer open when
+/// the process stops. A partition revoked meanwhile is skipped.
+pub(crate) struct LossCheck {
+    tx: std::sync::mpsc::Sender<Vec<(i32, Option<i64>)>>,
+}
+
+impl LossCheck {
+    /// Starts the check with the group consumer's settings `cc` (without its group); `None`,
+    /// with a warning, when its client or thread cannot be made.
+    fn start(
+        cc: &ClientConfig,
+        topic: &str,
+        metrics: Arc<SpeedMetrics>,
+        owned: Arc<Mutex<BTreeSet<i32>>>,
+    ) -> Option<LossCheck> {
+        let mut cc = cc.clone();
+        cc.remove("group.id")
+            .remove("statistics.interval.ms")
+            .remove("enable.partition.eof");
+        let client: BaseConsumer = match cc.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the check for deleted messages");
+                return None;
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<(i32, Option<i64>)>>();
+        let topic = topic.to_string();
+        let check = move || {
+            // Per partition, the offset up to which lost messages were counted.
+            let mut counted: std::collections::HashMap<i32, i64> = Default::default();
+            while let Ok(resumes) = rx.recv() {
+                for (p, resume) in resumes {
+                    if !owned.lock().expect("not poisoned").contains(&p) {
+                        continue;
+                    }
+                    let start = match client.fetch_watermarks(&topic, p, Duration::from_secs(15)) {
+                        Ok((low, _)) => low,
+                        Err(e) => {
+                            tracing::warn!(
+                                partition = p,
+                                error = %e,
+                                "cannot read where the partition's log starts, so cannot tell \
+                                 whether messages were deleted before the speed layer read them \
+                                 (this assignment's other partitions are not checked either)"
+                            );
+                            break;
+                        }
+                    };
+                    match resume {
+                        Some(from) if start > from => {
+                            tracing::warn!(
+                                partition = p,
+                                from,
+                                to = start,
+                                "messages the speed layer never consumed are gone from the \
+                                 broker (deleted by retention while the group was stopped or \
+                                 behind): their events (offsets from..to, `to` excluded) are \
+                                 missing from the state and the histories"
+                            );
+                            let new_from = counted.get(&p).map_or(from, |&c| c.max(from));
+                            if start > new_from {
+                                metrics.lost.add((start - new_from) as u64);
+                                counted.insert(p, start);
+                            }
+                        }
+                        None if start > 0 => tracing::info!(
+                            partition = p,
+                            start,
+                            "a new group starts at the oldest offset the broker still holds: \
+                             the state and the histories hold nothing older"
+                        ),
+                        _ => {}
+                    }
                 }
-            };
-            match resume {
-                Some(from) if start > from => {
-                    tracing::warn!(
-                        partition = p,
-                        from,
-                        to = start,
-                        "messages the speed layer never consumed are gone from the broker \
-                         (deleted by retention while the group was stopped or behind): their \
-                         events (offsets from..to, `to` excluded) are missing from the state \
-                         and the histories"
-                    );
-                    metrics.lost.add((start - from) as u64);
-                }
-                None if start > 0 => tracing::info!(
-                    partition = p,
-                    start,
-                    "a new group starts at the oldest offset the broker still holds: the \
-                     state and the histories hold nothing older"
-                ),
-                _ => {}
+            }
+        };
+        match std::thread::Builder::new()
+            .name("duet-loss-check".into())
+            .spawn(check)
+        {
+            Ok(_) => Some(LossCheck { tx }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the check for deleted messages");
+                None
             }
         }
-    };
-    if let Err(e) = std::thread::Builder::new()
-        .name("duet-log-starts".into())
-        .spawn(report)
-    {
-        tracing::warn!(error = %e, "cannot start the check for deleted messages");
     }
 }
 

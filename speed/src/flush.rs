@@ -97,6 +97,9 @@ pub(crate) struct Sinks {
     /// Partitions this member owns now (kept by the rebalance callback): a flush that started
     /// before a partition was revoked does not commit its offsets.
     pub(crate) owned: Arc<Mutex<BTreeSet<i32>>>,
+    /// Where newly assigned partitions go to be checked for deleted messages (`None`: the
+    /// check could not start).
+    pub(crate) losses: Option<crate::consumer::LossCheck>,
 }
 
 /// A batch through the processor, its states not yet written.
@@ -159,6 +162,7 @@ pub(crate) async fn commit<S: StateStore>(
         metrics,
         checkpoints,
         owned,
+        losses: _,
     } = sinks;
     let Prepared {
         mut outcome,

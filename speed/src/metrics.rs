@@ -287,6 +287,7 @@ mod tests {
         m.events.add(5);
         m.duplicates.add(1);
         m.late.add(1);
+        m.lost.add(3);
         let text = m.render();
         for line in [
             "# TYPE duet_speed_received_total counter",
@@ -294,6 +295,7 @@ mod tests {
             "duet_speed_events_total 5",
             "duet_speed_duplicates_total 1",
             "duet_speed_late_total 1",
+            "duet_speed_lost_messages_total 3",
             "duet_speed_flushes_total 0",
         ] {
             assert!(

@@ -455,9 +455,10 @@ fn settings_come_from_flags_variables_or_the_config_file() {
     }
     let (_, stderr) = expect_status(&child.wait_with_output().unwrap(), 0);
     assert!(
-        stderr
-            .lines()
-            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        !stderr.trim().is_empty()
+            && stderr
+                .lines()
+                .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "{stderr}"
     );
     // Out of range in a variable: refused, naming its flag.
