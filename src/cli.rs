@@ -371,11 +371,8 @@ static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 /// its message under `fields.message`) when they are JSON, so a JSON log stays JSON throughout.
 pub fn announce(message: &str) {
     if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
         let line = serde_json::json!({
-            "timestamp": duet_spec::timestamp::format_ms(now),
+            "timestamp": duet_spec::timestamp::format_ms(duet_speed::now_ms()),
             "level": "INFO",
             "fields": { "message": message },
             "target": "duet",

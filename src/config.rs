@@ -103,13 +103,25 @@ pub fn setting<T: Copy + std::fmt::Display>(
     check: impl Fn(&str) -> Result<T, String>,
     default: T,
 ) -> anyhow::Result<T> {
+    Ok(optional_setting(flag, file, config, key, check)?.unwrap_or(default))
+}
+
+/// [`setting`] for a setting without a default: `None` when neither the flag nor the file
+/// gives it.
+pub fn optional_setting<T: Copy + std::fmt::Display>(
+    flag: Option<T>,
+    file: Option<T>,
+    config: &Config,
+    key: &str,
+    check: impl Fn(&str) -> Result<T, String>,
+) -> anyhow::Result<Option<T>> {
     if let Some(v) = flag {
-        return Ok(v);
+        return Ok(Some(v));
     }
     let Some(v) = file else {
-        return Ok(default);
+        return Ok(None);
     };
-    check(&v.to_string()).map_err(|why| {
+    check(&v.to_string()).map(Some).map_err(|why| {
         let file = config
             .path
             .as_ref()

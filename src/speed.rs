@@ -9,7 +9,7 @@ use duet_speed::plan::SpeedPlan;
 use duet_speed::store::AnyStore;
 
 use crate::cli::{SpeedDumpArgs, SpeedRunArgs, at_least_one, instant, seconds};
-use crate::config::{Config, required, setting};
+use crate::config::{Config, optional_setting, required, setting};
 use crate::shutdown::shutdown_token;
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,17 +35,14 @@ pub async fn run(spec: duet_spec::Spec, args: SpeedRunArgs, config: &Config) -> 
             .unwrap_or_else(|| "duet:".into()),
         dead_letter_topic,
         // None: run forever.
-        exit_when_idle: match args.exit_when_idle.or(config.exit_when_idle) {
-            None => None,
-            Some(_) => Some(Duration::from_secs_f64(setting(
-                args.exit_when_idle,
-                config.exit_when_idle,
-                config,
-                "exit_when_idle",
-                seconds,
-                0.0,
-            )?)),
-        },
+        exit_when_idle: optional_setting(
+            args.exit_when_idle,
+            config.exit_when_idle,
+            config,
+            "exit_when_idle",
+            seconds,
+        )?
+        .map(Duration::from_secs_f64),
         max_batch: setting(
             args.max_batch,
             config.max_batch,
