@@ -56,12 +56,23 @@ pub fn keyed(lines: &[Vec<u8>]) -> Vec<(Option<String>, Vec<u8>)> {
 }
 
 pub fn speed_run(topic: &str, group: &str, prefix: &str, extra: &[&str]) -> Child {
+    speed_run_at(&brokers(), topic, group, prefix, extra)
+}
+
+/// [`speed_run`] against the broker at `brokers`.
+pub fn speed_run_at(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> Child {
     let mut c = duet();
     c.args([
         "speed",
         "run",
         "--brokers",
-        &brokers(),
+        brokers,
         "--topic",
         topic,
         "--group",
@@ -362,20 +373,16 @@ async fn messages_deleted_before_the_layer_read_them_are_reported() {
     assert!(start > 0, "the broker kept every message");
 
     let run = || {
-        let mut c = duet();
-        c.args(["speed", "run", "--brokers", &mock_brokers, "--topic", topic])
-            .args([
-                "--group",
+        wait_ok(
+            speed_run_at(
+                &mock_brokers,
+                topic,
                 &group,
-                "--redis",
-                &redis_url(),
-                "--prefix",
                 &prefix,
-            ])
-            .args(["--exit-when-idle", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        wait_ok(c.spawn().unwrap(), Duration::from_secs(180))
+                &["--exit-when-idle", "2"],
+            ),
+            Duration::from_secs(180),
+        )
     };
     // The line naming a field set, or `None`.
     let line_with = |err: &str, text: &str, fields: &[String]| -> Option<String> {
