@@ -14,7 +14,7 @@ use crate::Result;
 use crate::plan::SpeedPlan;
 use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore};
-use crate::writes::{Settle, StateWrites, retrying};
+use crate::writes::{Expiry, Settle, StateWrites, retrying};
 
 /// Events this far ahead of the wall clock still count but do not advance the watermark, so
 /// one producer with a broken clock cannot make every other event late.
@@ -24,7 +24,17 @@ pub const MAX_CLOCK_SKEW_MS: i64 = 5 * 60 * 1000;
 const CACHE_LIMIT: usize = 500_000;
 
 /// A batch's accepted events grouped by entity.
-pub(crate) type ByEntity = HashMap<Text, Vec<Event>, foldhash::fast::RandomState>;
+pub(crate) type ByEntity = HashMap<Text, Grouped, foldhash::fast::RandomState>;
+
+/// One entity's accepted events of a batch, and the partition they came from.
+#[derive(Debug, Default)]
+pub(crate) struct Grouped {
+    pub(crate) events: Vec<Event>,
+    /// The partition of the first event.
+    pub(crate) partition: i32,
+    /// Some event came from another partition (events not keyed by `user_id`).
+    pub(crate) mixed: bool,
+}
 
 /// One consumed message.
 #[derive(Debug, Clone)]
@@ -367,7 +377,7 @@ impl<S: StateStore> Processor<S> {
                 out.accepted.push((m.partition, event.clone()));
             }
             accepted.push(i as u32);
-            group(&mut by_entity, event);
+            group(&mut by_entity, m.partition, event);
         }
         if let Some(r) = run.take() {
             self.end_run(r, &mut out);
@@ -379,7 +389,13 @@ impl<S: StateStore> Processor<S> {
         let entities = by_entity.len();
         self.last_entities = entities;
         let writes = self
-            .states(by_entity, Replay { messages, accepted }, before, &mut out)
+            .states(
+                by_entity,
+                Replay { messages, accepted },
+                before,
+                now_ms,
+                &mut out,
+            )
             .await?;
         tracing::debug!(
             messages = writes.replay.messages.len(),
@@ -408,17 +424,15 @@ impl<S: StateStore> Processor<S> {
         by_entity: ByEntity,
         replay: Replay,
         before: &HashMap<i32, i64>,
+        now_ms: i64,
         out: &mut BatchOutcome,
     ) -> Result<StateWrites> {
-        let reference_now = self.watermarks.values().copied().max().unwrap_or(i64::MIN);
+        let newest = self.watermarks.values().copied().max().unwrap_or(i64::MIN);
         let settle = Settle {
             plan: self.plan.clone(),
             target: self.boundary_target(before),
-            reference_now,
-            history_header: crate::history::header(crate::history::keep_from(
-                &self.plan,
-                reference_now,
-            )),
+            expiry: Expiry::new(&self.watermarks, out.commit.keys(), now_ms),
+            history_header: crate::history::header(crate::history::keep_from(&self.plan, newest)),
         };
         let missing: Vec<&Text> = by_entity
             .keys()
@@ -436,15 +450,15 @@ impl<S: StateStore> Processor<S> {
             // Keep this batch's entities; the others are read again when next needed.
             self.cache.retain(|e, _| by_entity.contains_key(e));
         }
-        let work: Vec<(Text, Vec<Event>, u64, EntityState)> = by_entity
+        let work: Vec<(Text, Grouped, u64, EntityState)> = by_entity
             .into_iter()
-            .map(|(e, events)| {
+            .map(|(e, grouped)| {
                 let (version, state) = self.cache.remove(&e).expect("loaded above");
-                (e, events, version, state)
+                (e, grouped, version, state)
             })
             .collect();
-        let settled = par_map(work, PAR_MIN, |(entity, events, version, mut state)| {
-            let s = settle.settle(&mut state, events);
+        let settled = par_map(work, PAR_MIN, |(entity, grouped, version, mut state)| {
+            let s = settle.settle(&mut state, grouped);
             (entity, version, state, s)
         });
         let mut writes = Vec::with_capacity(settled.len());
@@ -518,19 +532,30 @@ impl Replay {
             if let Ok(e) = parse_message(&self.messages[i as usize])
                 && wanted.contains(e.user_id.as_str())
             {
-                group(&mut out, e);
+                group(&mut out, self.messages[i as usize].partition, e);
             }
         }
         out
     }
 }
 
-/// Adds `event` to its entity's events; the key is copied once per entity, not once per event.
-fn group(by_entity: &mut ByEntity, event: Event) {
+/// Adds `event`, from `partition`, to its entity's events; the key is copied once per entity,
+/// not once per event.
+fn group(by_entity: &mut ByEntity, partition: i32, event: Event) {
     match by_entity.get_mut(event.user_id.as_str()) {
-        Some(events) => events.push(event),
+        Some(g) => {
+            g.mixed |= g.partition != partition;
+            g.events.push(event);
+        }
         None => {
-            by_entity.insert(event.user_id.clone(), vec![event]);
+            by_entity.insert(
+                event.user_id.clone(),
+                Grouped {
+                    events: vec![event],
+                    partition,
+                    mixed: false,
+                },
+            );
         }
     }
 }

@@ -128,6 +128,13 @@ impl MemoryStore {
         Self::default()
     }
 
+    /// How long a state key has left to live (`None`: absent or expired).
+    pub fn expires_in(&self, key: &str) -> Option<Duration> {
+        let g = self.inner.lock().expect("not poisoned");
+        let (_, expiry) = g.values.get(key)?;
+        expiry.checked_duration_since(Instant::now())
+    }
+
     /// Overwrites a key's bytes without a version check (for fault-injection tests).
     pub fn corrupt(&self, key: &str, bytes: Vec<u8>) {
         let mut g = self.inner.lock().expect("not poisoned");

@@ -5,6 +5,7 @@
 //! recomputing never counts an event twice. A write carries its entity's new history events
 //! (when the spec keeps a `history`), appended in the same atomic step only if it applies.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +13,60 @@ use duet_batch::par::par_map;
 use duet_spec::event::Text;
 
 use crate::plan::SpeedPlan;
-use crate::processor::{BatchOutcome, PAR_MIN, Replay, history_key, state_key};
+use crate::processor::{BatchOutcome, Grouped, PAR_MIN, Replay, history_key, state_key};
 use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, HistoryWrite, StateStore, Versioned};
 use crate::{Error, Result};
 
 /// Extra time a key lives beyond the last instant its state can matter.
 const KEY_GRACE_MS: i64 = 60_000;
+
+/// The longest expiry a state key is given (a year): beyond any state's relevance, and well
+/// within what Redis accepts.
+const MAX_KEY_TTL_MS: i64 = 366 * 24 * 3_600_000;
+
+/// The watermarks key expiries count from.
+///
+/// A key must outlive every event its entity's partition can still accept, so its expiry counts
+/// from that partition's watermark. Counted from the newest watermark of all (as it was), a
+/// partition lagging hours behind another (a group catching up) had its entities' keys expire
+/// a minute after each write while their events still came, and the next event started an
+/// empty state that claimed to hold every event.
+#[derive(Clone)]
+pub(crate) struct Expiry {
+    /// The watermark of each partition of the batch that has one.
+    watermarks: HashMap<i32, i64>,
+    /// For an entity whose events came from several partitions (not keyed by `user_id`), or
+    /// from one without a watermark yet: the oldest of the batch's, or else the wall clock.
+    fallback: i64,
+}
+
+impl Expiry {
+    /// Expiries for a batch of `partitions`, given every partition's watermark, at `now_ms`.
+    pub(crate) fn new<'p>(
+        all: &HashMap<i32, i64>,
+        partitions: impl Iterator<Item = &'p i32>,
+        now_ms: i64,
+    ) -> Self {
+        let watermarks: HashMap<i32, i64> = partitions
+            .filter_map(|p| Some((*p, *all.get(p)?)))
+            .filter(|(_, w)| *w != i64::MIN)
+            .collect();
+        let fallback = watermarks.values().copied().min().unwrap_or(now_ms);
+        Expiry {
+            watermarks,
+            fallback,
+        }
+    }
+
+    /// The watermark the expiry of an entity with `grouped` events counts from.
+    fn watermark(&self, grouped: &Grouped) -> i64 {
+        match self.watermarks.get(&grouped.partition) {
+            Some(w) if !grouped.mixed => *w,
+            _ => self.fallback,
+        }
+    }
+}
 
 /// Attempts at a write that keeps losing before the batch fails.
 const ATTEMPTS: usize = 8;
@@ -29,8 +77,8 @@ pub(crate) struct Settle {
     pub(crate) plan: Arc<SpeedPlan>,
     /// The boundary states fold up to, when one is known.
     pub(crate) target: Option<i64>,
-    /// The newest watermark: key expiries count from it.
-    pub(crate) reference_now: i64,
+    /// Where key expiries count from.
+    pub(crate) expiry: Expiry,
     /// The header a history created in this batch starts with (the same for every entity).
     pub(crate) history_header: Vec<u8>,
 }
@@ -47,12 +95,10 @@ pub(crate) struct Settled {
 
 impl Settle {
     /// Applies an entity's events of the batch to its state and encodes the result.
-    pub(crate) fn settle(
-        &self,
-        state: &mut EntityState,
-        events: Vec<duet_spec::event::Event>,
-    ) -> Settled {
+    pub(crate) fn settle(&self, state: &mut EntityState, grouped: Grouped) -> Settled {
         let plan = &self.plan;
+        let watermark = self.expiry.watermark(&grouped);
+        let events = grouped.events;
         // What the history keeps: every event the state does not refuse as late (duplicates
         // included: readers deduplicate).
         let history = if plan.history > 0 {
@@ -73,9 +119,10 @@ impl Settle {
             Some(until) => {
                 let left = until
                     .saturating_add(plan.lateness)
-                    .saturating_sub(self.reference_now)
-                    .max(0);
-                (Some(state.encode(plan)), (left + KEY_GRACE_MS) as u64)
+                    .saturating_sub(watermark)
+                    .saturating_add(KEY_GRACE_MS)
+                    .clamp(KEY_GRACE_MS, MAX_KEY_TTL_MS);
+                (Some(state.encode(plan)), left as u64)
             }
         };
         Settled {
@@ -179,11 +226,16 @@ impl StateWrites {
             let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
             let stored = retrying("the reads", || store.get_many(&keys)).await?;
             let mut events = replay.events_of(&lost);
-            let work: Vec<(Text, Vec<duet_spec::event::Event>, Option<Versioned>)> = lost
+            let work: Vec<(Text, Grouped, Option<Versioned>)> = lost
                 .into_iter()
                 .zip(stored)
                 .map(|(entity, value)| {
-                    let evs = events.remove(&entity).unwrap_or_default();
+                    // (Every lost entity has events in the batch; without, the fallback
+                    // expiry applies.)
+                    let evs = events.remove(&entity).unwrap_or(Grouped {
+                        mixed: true,
+                        ..Grouped::default()
+                    });
                     (entity, evs, value)
                 })
                 .collect();

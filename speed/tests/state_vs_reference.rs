@@ -400,6 +400,89 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
     assert_eq!(stored(), written);
 }
 
+/// One partition hours behind another (a group catching up): the lagging partition's entities
+/// keep their keys for as long as their own partition's events can still reach them, not a
+/// minute, as counting from the other partition's watermark gave. An expired key would bring
+/// the next event an empty state claiming to hold every event (a session counted from the
+/// middle, as exact). The leading partition's keys, in the same batch, live no longer than its
+/// own watermark needs.
+#[test]
+fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
+    let spec = duet_spec::load_spec(None).unwrap();
+    let plan = Arc::new(SpeedPlan::compile(&spec));
+    let store = MemoryStore::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let now = T0 + 24 * 60 * MIN;
+    let message = |partition: i32, offset: i64, user: &str, ts: i64| {
+        let e = Event {
+            event_id: format!("{user}-{offset}").into(),
+            user_id: user.into(),
+            event_type: "view".into(),
+            amount: None,
+            ts,
+        };
+        Message {
+            partition,
+            offset,
+            payload: Some(to_json(&e).into()),
+            timestamp_ms: None,
+        }
+    };
+    let ahead = T0 + 10 * 60 * MIN;
+    // The time a key has to live beyond its state's last relevant instant counted from `wm`.
+    let needed = |user: &str, wm: i64| {
+        let v = rt
+            .block_on(store.get_many(&[state_key("t:", user)]))
+            .unwrap()
+            .pop()
+            .unwrap()
+            .expect("stored");
+        let state = EntityState::decode(&plan, user, &v.bytes).unwrap();
+        let until = state.relevant_until(&plan).unwrap();
+        std::time::Duration::from_millis((until + plan.lateness - wm) as u64)
+    };
+    let left = |user: &str| store.expires_in(&state_key("t:", user)).expect("alive");
+    let mut p = Processor::new(plan.clone(), store.clone(), "t:", "events");
+
+    // Both partitions in one batch; then the lagging one alone.
+    let mut first: Vec<Message> = (0..30)
+        .map(|i| message(1, i, "behind", T0 + i * MIN))
+        .collect();
+    first.push(message(0, 0, "ahead", ahead));
+    rt.block_on(p.process(first, now)).unwrap();
+    let wm = T0 + 29 * MIN;
+    assert!(
+        left("behind") >= needed("behind", wm),
+        "{:?}",
+        left("behind")
+    );
+    let second = (30..40)
+        .map(|i| message(1, i, "behind", T0 + i * MIN))
+        .collect();
+    rt.block_on(p.process(second, now)).unwrap();
+    let wm = T0 + 39 * MIN;
+    assert!(
+        left("behind") >= needed("behind", wm),
+        "{:?} left, {:?} needed",
+        left("behind"),
+        needed("behind", wm)
+    );
+    assert!(left("behind") > std::time::Duration::from_millis(plan.horizon as u64));
+
+    // Each entity's key counts from its own partition's watermark: the lagging partition in
+    // the same batch does not stretch the leading one's keys by hours.
+    let third = vec![
+        message(1, 40, "behind", T0 + 40 * MIN),
+        message(0, 1, "ahead", ahead + MIN),
+    ];
+    rt.block_on(p.process(third, now)).unwrap();
+    let limit = needed("ahead", ahead + MIN) + std::time::Duration::from_secs(60);
+    assert!(left("ahead") <= limit, "{:?} > {limit:?}", left("ahead"));
+    assert!(left("behind") >= needed("behind", T0 + 40 * MIN));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

@@ -63,6 +63,22 @@ pub async fn produce(topic: &str, records: &[(Option<String>, Vec<u8>)]) {
 
 /// [`produce`] to the broker at `brokers`.
 pub async fn produce_to(brokers: &str, topic: &str, records: &[(Option<String>, Vec<u8>)]) {
+    let placed: Vec<_> = records.iter().map(|(k, v)| (None, k.clone(), v)).collect();
+    send(brokers, topic, &placed).await
+}
+
+/// Produces `(partition, key, value)` records to the partitions named, in order, and waits
+/// until all are delivered.
+pub async fn produce_placed(topic: &str, records: &[(i32, String, Vec<u8>)]) {
+    let placed: Vec<_> = records
+        .iter()
+        .map(|(p, k, v)| (Some(*p), Some(k.clone()), v))
+        .collect();
+    send(&brokers(), topic, &placed).await
+}
+
+/// Records (with their partition when set, else the key's) in order, all delivered.
+async fn send(brokers: &str, topic: &str, records: &[(Option<i32>, Option<String>, &Vec<u8>)]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
@@ -71,11 +87,14 @@ pub async fn produce_to(brokers: &str, topic: &str, records: &[(Option<String>, 
         .create()
         .expect("producer");
     let mut pending = Vec::with_capacity(records.len());
-    for (k, v) in records {
+    for (p, k, v) in records {
         loop {
-            let mut r = FutureRecord::to(topic).payload(v);
+            let mut r = FutureRecord::to(topic).payload(*v);
             if let Some(k) = k {
                 r = r.key(k);
+            }
+            if let Some(p) = p {
+                r = r.partition(*p);
             }
             match producer.send_result(r) {
                 Ok(delivery) => {

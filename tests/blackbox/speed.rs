@@ -231,6 +231,61 @@ async fn exactly_once_across_kill_9_restarts() {
     clean_redis(&prefix);
 }
 
+/// One partition hours behind another, as when a group catches up: the lagging partition's
+/// states outlive a pause longer than a minute (they expired a minute after their write,
+/// counted from the leading partition's watermark), so a session that goes on after the pause
+/// counts its events from before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lagging_partition_keeps_its_states_across_a_pause() {
+    let topic = unique("speed-lag");
+    let prefix = format!("{}:", unique("lag"));
+    create_topic(&topic, 2).await;
+    let lead = now_ms() - HOUR;
+    let lag = lead - 5 * HOUR;
+    let record = |p: i32, user: &str, i: i64, ts: i64| {
+        let line = serde_json::json!({
+            "event_id": format!("{user}-{i}"), "user_id": user, "event_type": "view", "ts": ts,
+        });
+        (p, user.to_string(), serde_json::to_vec(&line).unwrap())
+    };
+    // Ten users on each partition (and enough features compared), their events in time order.
+    let users = |stem: &'static str| (0..10).map(move |u| format!("{stem}{u}"));
+    let session = |from: i64, to: i64| -> Vec<_> {
+        (from..to)
+            .flat_map(|i| users("lagging").map(move |u| (u, i)))
+            .map(|(u, i)| record(1, &u, i, lag + i * 60_000))
+            .collect()
+    };
+    let leading: Vec<_> = (0..10)
+        .flat_map(|i| users("leading").map(move |u| (u, i)))
+        .map(|(u, i)| record(0, &u, i, lead + i * 60_000))
+        .collect();
+    // The leading partition first, so that its watermark is known when the lagging one's
+    // first session events are written.
+    let runs = [leading, session(0, 20), session(20, 40)];
+    let group = unique("g");
+    for (i, records) in runs.iter().enumerate() {
+        if i == 2 {
+            // Longer than a key's minute of grace.
+            std::thread::sleep(Duration::from_secs(65));
+        }
+        produce_placed(&topic, records).await;
+        wait_ok(
+            speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+            Duration::from_secs(120),
+        );
+    }
+    let valid: Vec<_> = runs
+        .iter()
+        .flatten()
+        .map(|(_, _, line)| parse_json_event(line).unwrap().to_event())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    assert_state_matches(&prefix, valid.clone(), lag + 40 * 60_000, dir.path());
+    assert_state_matches(&prefix, valid, lead + 10 * 60_000, dir.path());
+    clean_redis(&prefix);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_processes_share_the_partitions() {
     let topic = unique("speed-share");
