@@ -338,6 +338,21 @@ fn edges_match_reference_at_every_boundary() {
     assert!(checked > 10_000, "{checked}");
 }
 
+/// What the processor tests below run with: the catalog's plan, an empty store, a runtime to
+/// drive the processor, and the processing time (a day after `T0`).
+fn catalog_processing() -> (Arc<SpeedPlan>, MemoryStore, tokio::runtime::Runtime, i64) {
+    let spec = duet_spec::load_spec(None).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    (
+        Arc::new(SpeedPlan::compile(&spec)),
+        MemoryStore::new(),
+        rt,
+        T0 + 24 * 60 * MIN,
+    )
+}
+
 /// A batch's states fold up to the watermark from *before* the batch, minus the lateness: a
 /// pipelined batch does not keep the previous batch's events as raw records. A process that
 /// dies after writing a batch's states but before committing its offsets is replaced by one
@@ -345,13 +360,7 @@ fn edges_match_reference_at_every_boundary() {
 /// among the records (a duplicate, not late) and leaves the state as it was.
 #[test]
 fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
-    let spec = duet_spec::load_spec(None).unwrap();
-    let plan = Arc::new(SpeedPlan::compile(&spec));
-    let store = MemoryStore::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let now = T0 + 24 * 60 * MIN;
+    let (plan, store, rt, now) = catalog_processing();
     let messages: Vec<Message> = (0..120)
         .map(|i| {
             let purchase = i % 3 == 0;
@@ -408,13 +417,7 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
 /// own watermark needs.
 #[test]
 fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
-    let spec = duet_spec::load_spec(None).unwrap();
-    let plan = Arc::new(SpeedPlan::compile(&spec));
-    let store = MemoryStore::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let now = T0 + 24 * 60 * MIN;
+    let (plan, store, rt, now) = catalog_processing();
     let message = |partition: i32, offset: i64, user: &str, ts: i64| {
         let e = Event {
             event_id: format!("{user}-{offset}").into(),
