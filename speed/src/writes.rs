@@ -21,9 +21,10 @@ use crate::{Error, Result};
 /// Extra time a key lives beyond the last instant its state can matter.
 const KEY_GRACE_MS: i64 = 60_000;
 
-/// The longest expiry a state key is given (a year): beyond any state's relevance, and well
-/// within what Redis accepts.
-const MAX_KEY_TTL_MS: i64 = 366 * 24 * 3_600_000;
+/// The longest expiry a state key is given (a thousand years): beyond the relevance of any
+/// state a sensible spec keeps, and far within what Redis accepts (an expiry whose instant
+/// overflows is refused, and the write would be retried forever).
+const MAX_KEY_TTL_MS: i64 = 1_000 * 365 * 24 * 3_600_000;
 
 /// The watermarks key expiries count from.
 ///

@@ -486,6 +486,41 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
     assert!(left("behind") >= needed("behind", T0 + 40 * MIN));
 }
 
+/// A first batch whose every event is further ahead of the clock than the skew allowed: the
+/// partition gets no watermark, and the key's expiry counts from the processing time (it used
+/// to overflow, counted from no watermark at all).
+#[test]
+fn a_key_whose_events_are_all_ahead_of_the_clock_expires_from_the_processing_time() {
+    let (plan, store, rt, now) = catalog_processing();
+    let ts = now + 10 * MIN;
+    let e = Event {
+        event_id: "e1".into(),
+        user_id: "u1".into(),
+        event_type: "view".into(),
+        amount: None,
+        ts,
+    };
+    let m = Message {
+        partition: 0,
+        offset: 0,
+        payload: Some(to_json(&e).into()),
+        timestamp_ms: None,
+    };
+    let mut p = Processor::new(plan.clone(), store.clone(), "t:", "events");
+    let out = rt.block_on(p.process(vec![m], now)).unwrap();
+    assert_eq!((out.applied, out.commit[&0].1), (1, i64::MIN));
+    let left = store.expires_in(&state_key("t:", "u1")).expect("alive");
+    let most = ts + plan.horizon + plan.lateness + MIN - now;
+    assert!(
+        left <= std::time::Duration::from_millis(most as u64),
+        "{left:?}"
+    );
+    assert!(
+        left >= std::time::Duration::from_millis(plan.horizon as u64),
+        "{left:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

@@ -267,7 +267,7 @@ async fn a_lagging_partition_keeps_its_states_across_a_pause() {
     for (i, records) in runs.iter().enumerate() {
         if i == 2 {
             // Longer than a key's minute of grace.
-            std::thread::sleep(Duration::from_secs(65));
+            tokio::time::sleep(Duration::from_secs(65)).await;
         }
         produce_placed(&topic, records).await;
         wait_ok(
