@@ -529,10 +529,11 @@ impl Replay {
             entities.iter().map(Text::as_str).collect();
         let mut out = ByEntity::default();
         for &i in &self.accepted {
-            if let Ok(e) = parse_message(&self.messages[i as usize])
+            let m = &self.messages[i as usize];
+            if let Ok(e) = parse_message(m)
                 && wanted.contains(e.user_id.as_str())
             {
-                group(&mut out, self.messages[i as usize].partition, e);
+                group(&mut out, m.partition, e);
             }
         }
         out

@@ -338,6 +338,23 @@ fn edges_match_reference_at_every_boundary() {
     assert!(checked > 10_000, "{checked}");
 }
 
+/// A message on `partition` at `offset`: a view by `user` at `ts`.
+fn view_message(partition: i32, offset: i64, user: &str, ts: i64) -> Message {
+    let e = Event {
+        event_id: format!("{user}-{offset}").into(),
+        user_id: user.into(),
+        event_type: "view".into(),
+        amount: None,
+        ts,
+    };
+    Message {
+        partition,
+        offset,
+        payload: Some(to_json(&e).into()),
+        timestamp_ms: None,
+    }
+}
+
 /// What the processor tests below run with: the catalog's plan, an empty store, a runtime to
 /// drive the processor, and the processing time (a day after `T0`).
 fn catalog_processing() -> (Arc<SpeedPlan>, MemoryStore, tokio::runtime::Runtime, i64) {
@@ -418,21 +435,6 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
 #[test]
 fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
     let (plan, store, rt, now) = catalog_processing();
-    let message = |partition: i32, offset: i64, user: &str, ts: i64| {
-        let e = Event {
-            event_id: format!("{user}-{offset}").into(),
-            user_id: user.into(),
-            event_type: "view".into(),
-            amount: None,
-            ts,
-        };
-        Message {
-            partition,
-            offset,
-            payload: Some(to_json(&e).into()),
-            timestamp_ms: None,
-        }
-    };
     let ahead = T0 + 10 * 60 * MIN;
     // The time a key has to live beyond its state's last relevant instant counted from `wm`.
     let needed = |user: &str, wm: i64| {
@@ -451,9 +453,9 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
 
     // Both partitions in one batch; then the lagging one alone.
     let mut first: Vec<Message> = (0..30)
-        .map(|i| message(1, i, "behind", T0 + i * MIN))
+        .map(|i| view_message(1, i, "behind", T0 + i * MIN))
         .collect();
-    first.push(message(0, 0, "ahead", ahead));
+    first.push(view_message(0, 0, "ahead", ahead));
     rt.block_on(p.process(first, now)).unwrap();
     let wm = T0 + 29 * MIN;
     assert!(
@@ -462,7 +464,7 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
         left("behind")
     );
     let second = (30..40)
-        .map(|i| message(1, i, "behind", T0 + i * MIN))
+        .map(|i| view_message(1, i, "behind", T0 + i * MIN))
         .collect();
     rt.block_on(p.process(second, now)).unwrap();
     let wm = T0 + 39 * MIN;
@@ -477,8 +479,8 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
     // Each entity's key counts from its own partition's watermark: the lagging partition in
     // the same batch does not stretch the leading one's keys by hours.
     let third = vec![
-        message(1, 40, "behind", T0 + 40 * MIN),
-        message(0, 1, "ahead", ahead + MIN),
+        view_message(1, 40, "behind", T0 + 40 * MIN),
+        view_message(0, 1, "ahead", ahead + MIN),
     ];
     rt.block_on(p.process(third, now)).unwrap();
     let limit = needed("ahead", ahead + MIN) + std::time::Duration::from_secs(60);
@@ -493,19 +495,7 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
 fn a_key_whose_events_are_all_ahead_of_the_clock_expires_from_the_processing_time() {
     let (plan, store, rt, now) = catalog_processing();
     let ts = now + 10 * MIN;
-    let e = Event {
-        event_id: "e1".into(),
-        user_id: "u1".into(),
-        event_type: "view".into(),
-        amount: None,
-        ts,
-    };
-    let m = Message {
-        partition: 0,
-        offset: 0,
-        payload: Some(to_json(&e).into()),
-        timestamp_ms: None,
-    };
+    let m = view_message(0, 0, "u1", ts);
     let mut p = Processor::new(plan.clone(), store.clone(), "t:", "events");
     let out = rt.block_on(p.process(vec![m], now)).unwrap();
     assert_eq!((out.applied, out.commit[&0].1), (1, i64::MIN));
