@@ -6,6 +6,7 @@
 //! which the states' event-id deduplication makes harmless.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -296,6 +297,33 @@ async fn record<S: StateStore>(
     metrics.duplicates.add(o.duplicates);
     metrics.late.add(o.late);
     metrics.conflicts.add(o.conflicts);
+    if o.rebuilt > 0 {
+        metrics.rebuilt.add(o.rebuilt);
+        metrics.rebuilt_partially.add(o.rebuilt_partially);
+        // At most once a minute: a catch-up rebuilds states in many batches in a row.
+        static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+        let now = crate::now_ms();
+        let last = LOGGED.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && LOGGED
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let (total, partial) = (metrics.rebuilt.get(), metrics.rebuilt_partially.get());
+            if partial > 0 {
+                tracing::warn!(
+                    total,
+                    partial,
+                    "rebuilt absent states from their histories; some histories did not reach back the streaming horizon, so those states may miss events"
+                );
+            } else {
+                tracing::info!(
+                    total,
+                    "rebuilt absent states from their histories: their partitions' watermarks trail the clock, so their keys may have expired while still needed"
+                );
+            }
+        }
+    }
     metrics.flushes.add(1);
     {
         let mut inv = metrics.invalid.lock().expect("not poisoned");

@@ -160,6 +160,10 @@ pub struct SpeedMetrics {
     pub flushes: Counter,
     /// Compare-and-set conflicts.
     pub conflicts: Counter,
+    /// Absent states rebuilt from histories.
+    pub rebuilt: Counter,
+    /// Of those, states whose history did not reach back the streaming horizon.
+    pub rebuilt_partially: Counter,
     /// Flush latency.
     pub flush_seconds: Histogram,
     /// From a message's producer timestamp to its effect being visible in the store.
@@ -181,6 +185,8 @@ impl Default for SpeedMetrics {
             invalid: Mutex::default(),
             flushes: Counter::default(),
             conflicts: Counter::default(),
+            rebuilt: Counter::default(),
+            rebuilt_partially: Counter::default(),
             flush_seconds: Histogram::new(LATENCY_BUCKETS),
             freshness_seconds: Histogram::new(LATENCY_BUCKETS),
             lag: Mutex::default(),
@@ -240,6 +246,18 @@ impl SpeedMetrics {
             "duet_speed_cas_conflicts_total",
             "State writes retried after another writer.",
             self.conflicts.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_states_rebuilt_total",
+            "Absent entity states rebuilt from their histories, because their keys may have expired while still needed (the partition's watermark trailed the clock by over half a minute).",
+            self.rebuilt.get(),
+        );
+        counter(
+            &mut out,
+            "duet_speed_states_rebuilt_partially_total",
+            "Of the rebuilt states, those whose history did not reach back the streaming horizon before the state's boundary (a `history` shorter than the horizon, or expired): they may miss events.",
+            self.rebuilt_partially.get(),
         );
         let _ = writeln!(
             out,

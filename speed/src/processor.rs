@@ -14,7 +14,7 @@ use crate::Result;
 use crate::plan::SpeedPlan;
 use crate::state::{ApplyCounts, EntityState};
 use crate::store::{CasWrite, StateStore};
-use crate::writes::{Expiry, Settle, StateWrites, retrying};
+use crate::writes::{Expiry, Rebuilt, Settle, Stale, StateWrites};
 
 /// Events this far ahead of the wall clock still count but do not advance the watermark, so
 /// one producer with a broken clock cannot make every other event late.
@@ -73,9 +73,27 @@ pub struct BatchOutcome {
     pub written: u64,
     /// Compare-and-set conflicts resolved by reloading.
     pub conflicts: u64,
+    /// Absent states rebuilt from their entities' histories and written (their keys may have
+    /// expired while the partition's watermark stood still).
+    pub rebuilt: u64,
+    /// Of those, states whose history did not reach back the streaming horizon: they may miss
+    /// events.
+    pub rebuilt_partially: u64,
 }
 
 impl BatchOutcome {
+    /// Counts a written state rebuilt `how`.
+    pub(crate) fn count_rebuilt(&mut self, how: Rebuilt) {
+        match how {
+            Rebuilt::No => {}
+            Rebuilt::Whole => self.rebuilt += 1,
+            Rebuilt::Partial => {
+                self.rebuilt += 1;
+                self.rebuilt_partially += 1;
+            }
+        }
+    }
+
     /// Adds what applying one entity's events did.
     pub(crate) fn count(&mut self, c: ApplyCounts) {
         self.applied += c.applied;
@@ -393,7 +411,7 @@ impl<S: StateStore> Processor<S> {
                 by_entity,
                 Replay { messages, accepted },
                 before,
-                now_ms,
+                (now_ms, t0),
                 &mut out,
             )
             .await?;
@@ -424,26 +442,32 @@ impl<S: StateStore> Processor<S> {
         by_entity: ByEntity,
         replay: Replay,
         before: &HashMap<i32, i64>,
-        now_ms: i64,
+        clock: (i64, std::time::Instant),
         out: &mut BatchOutcome,
     ) -> Result<StateWrites> {
+        let now_ms = clock.0;
         let newest = self.watermarks.values().copied().max().unwrap_or(i64::MIN);
         let settle = Settle {
             plan: self.plan.clone(),
             target: self.boundary_target(before),
             expiry: Expiry::new(&self.watermarks, out.commit.keys(), now_ms),
             history_header: crate::history::header(crate::history::keep_from(&self.plan, newest)),
+            stale: Stale::new(before, out.commit.keys()),
+            clock,
         };
-        let missing: Vec<&Text> = by_entity
-            .keys()
-            .filter(|e| !self.cache.contains_key(*e))
+        let missing: Vec<(&Text, &Grouped)> = by_entity
+            .iter()
+            .filter(|(e, _)| !self.cache.contains_key(*e))
             .collect();
+        // The entities whose states were rebuilt (counted once written).
+        let mut rebuilt: HashMap<Text, Rebuilt, foldhash::fast::RandomState> = HashMap::default();
         if !missing.is_empty() {
-            let keys: Vec<String> = missing.iter().map(|e| state_key(&self.prefix, e)).collect();
-            let loaded = retrying("the state reads", || self.store.get_many(&keys)).await?;
-            for (entity, value) in missing.into_iter().zip(loaded) {
-                let state = settle.decode(entity, value);
-                self.cache.insert(entity.clone(), state);
+            let loaded = settle.load(&self.store, &self.prefix, &missing).await?;
+            for ((entity, _), (version, state, how)) in missing.into_iter().zip(loaded) {
+                if how != Rebuilt::No {
+                    rebuilt.insert(entity.clone(), how);
+                }
+                self.cache.insert(entity.clone(), (version, state));
             }
         }
         if self.cache.len() > CACHE_LIMIT + by_entity.len() {
@@ -494,7 +518,8 @@ impl<S: StateStore> Processor<S> {
                 ttl_ms: s.ttl_ms,
                 history,
             });
-            entries.push((entity, s.counts));
+            let how = rebuilt.remove(&entity).unwrap_or_default();
+            entries.push((entity, s.counts, how));
         }
         Ok(StateWrites {
             settle,

@@ -135,6 +135,12 @@ impl MemoryStore {
         expiry.checked_duration_since(Instant::now())
     }
 
+    /// Removes a state key before its expiry, as Redis does when it expires early (for
+    /// fault-injection tests).
+    pub fn expire(&self, key: &str) {
+        self.inner.lock().expect("not poisoned").values.remove(key);
+    }
+
     /// Overwrites a key's bytes without a version check (for fault-injection tests).
     pub fn corrupt(&self, key: &str, bytes: Vec<u8>) {
         let mut g = self.inner.lock().expect("not poisoned");

@@ -53,6 +53,13 @@ impl Expiry {
             .filter_map(|p| Some((*p, *all.get(p)?)))
             .filter(|(_, w)| *w != i64::MIN)
             .collect();
+        // A watermark ahead of the clock (events up to the allowed skew early) counts as the
+        // clock: counted from the watermark, a key would expire up to the skew too soon once
+        // the watermark moved with the clock again.
+        let watermarks: HashMap<i32, i64> = watermarks
+            .into_iter()
+            .map(|(p, w)| (p, w.min(now_ms)))
+            .collect();
         let fallback = watermarks.values().copied().min().unwrap_or(now_ms);
         Expiry {
             watermarks,
@@ -69,6 +76,78 @@ impl Expiry {
     }
 }
 
+/// The partitions of a batch whose states' keys may have expired while still needed, so that
+/// an absent state is rebuilt from its history rather than started empty.
+///
+/// A key written while its partition's watermark stood `lag` behind the wall clock (never less
+/// than zero: expiries count from the clock when the watermark is ahead of it, see
+/// [`Expiry::new`]) expires `lag` plus the lateness plus [`KEY_GRACE_MS`] after the watermark
+/// would pass the last instant its state can count. So while a partition's watermark trails the
+/// wall clock by at most the grace, every absent key was rightly gone. When it trails by more
+/// (the layer was stopped, the producers held their events back, or the layer falls behind),
+/// some keys may have expired while their states still counted: their entities' absent states
+/// are rebuilt from their histories. So are those of a partition without a watermark before the
+/// batch (a group without checkpoints, on a prefix that may hold states).
+#[derive(Clone, Default)]
+pub(crate) struct Stale {
+    /// The watermark each partition of the batch had before it (`None`: none yet).
+    before: HashMap<i32, Option<i64>>,
+}
+
+impl Stale {
+    /// For a batch of `partitions`, given every partition's watermark before the batch.
+    pub(crate) fn new<'p>(
+        before: &HashMap<i32, i64>,
+        partitions: impl Iterator<Item = &'p i32>,
+    ) -> Self {
+        Stale {
+            before: partitions
+                .map(|p| (*p, before.get(p).copied().filter(|w| *w != i64::MIN)))
+                .collect(),
+        }
+    }
+
+    /// The watermark that decides what an entity with `grouped` events can still receive: its
+    /// partition's before the batch, or the oldest of the batch's for events from several
+    /// partitions; `None` when one of them has none yet.
+    fn watermark(&self, grouped: &Grouped) -> Option<i64> {
+        if grouped.mixed {
+            self.before
+                .values()
+                .try_fold(i64::MAX, |min, w| w.map(|w| min.min(w)))
+        } else {
+            self.before.get(&grouped.partition).copied().flatten()
+        }
+    }
+
+    /// True when the key of an entity with `grouped` events may have expired early by `now_ms`:
+    /// its watermark trails the clock by more than half the grace, or is unknown. (The other
+    /// half absorbs steps of this host's clock between a write and this read; Redis counts an
+    /// expiry from when it receives the write, which only lengthens it.)
+    fn suspect(&self, grouped: &Grouped, now_ms: i64) -> bool {
+        self.watermark(grouped)
+            .is_none_or(|wm| now_ms.saturating_sub(wm) > KEY_GRACE_MS / 2)
+    }
+}
+
+/// Whether a loaded state was rebuilt from its entity's history.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) enum Rebuilt {
+    /// Read from its key, or started empty.
+    #[default]
+    No,
+    /// Rebuilt from a history that holds every event it can need.
+    Whole,
+    /// Rebuilt from a history that does not reach back the streaming horizon before the state's
+    /// boundary (a `history` shorter than the horizon, or one that expired too): it may miss
+    /// events.
+    Partial,
+}
+
+/// Histories read in one round trip while rebuilding states: each can hold a long `history`'s
+/// events, so a catch-up batch's are read a few at a time.
+const HISTORIES_PER_READ: usize = 256;
+
 /// Attempts at a write that keeps losing before the batch fails.
 const ATTEMPTS: usize = 8;
 
@@ -82,6 +161,10 @@ pub(crate) struct Settle {
     pub(crate) expiry: Expiry,
     /// The header a history created in this batch starts with (the same for every entity).
     pub(crate) history_header: Vec<u8>,
+    /// Whose absent states may have expired early.
+    pub(crate) stale: Stale,
+    /// The batch's wall-clock reading (epoch ms) and the instant it was taken.
+    pub(crate) clock: (i64, std::time::Instant),
 }
 
 /// A state after a batch: applied/duplicate/late counts, and the bytes to store with their
@@ -150,6 +233,126 @@ impl Settle {
         })
     }
 
+    /// The wall clock now (epoch ms), from the batch's reading.
+    fn now_ms(&self) -> i64 {
+        let (at, since) = self.clock;
+        at.saturating_add(since.elapsed().as_millis() as i64)
+    }
+
+    /// The stored states of `entities` (with their events of the batch) and their versions: a
+    /// fresh state where none is stored or it is unreadable, except that an absent state whose
+    /// key may have expired while it still counted ([`Stale`]) is rebuilt from the entity's
+    /// history, when the spec keeps one.
+    pub(crate) async fn load<S: StateStore>(
+        &self,
+        store: &S,
+        prefix: &str,
+        entities: &[(&Text, &Grouped)],
+    ) -> Result<Vec<(u64, EntityState, Rebuilt)>> {
+        let keys: Vec<String> = entities.iter().map(|(e, _)| state_key(prefix, e)).collect();
+        let values = retrying("the state reads", || store.get_many(&keys)).await?;
+        let mut suspects = Vec::new();
+        if self.plan.history > 0 {
+            // The clock read after the states: a key that expired before their read is seen.
+            let now = self.now_ms();
+            suspects = values
+                .iter()
+                .zip(entities)
+                .enumerate()
+                .filter(|(_, (v, (_, grouped)))| v.is_none() && self.stale.suspect(grouped, now))
+                .map(|(i, _)| i)
+                .collect();
+        }
+        let mut loaded: Vec<(u64, EntityState, Rebuilt)> = entities
+            .iter()
+            .zip(values)
+            .map(|((entity, _), value)| {
+                let (version, state) = self.decode(entity, value);
+                (version, state, Rebuilt::No)
+            })
+            .collect();
+        for chunk in suspects.chunks(HISTORIES_PER_READ) {
+            let history_keys: Vec<String> = chunk
+                .iter()
+                .map(|&i| history_key(prefix, entities[i].0))
+                .collect();
+            let (_, histories) = retrying("the history reads", || {
+                store.get_many_with_history(&[], &history_keys)
+            })
+            .await?;
+            let work: Vec<(usize, Vec<u8>)> = chunk
+                .iter()
+                .copied()
+                .zip(histories)
+                .filter(|(_, bytes)| !bytes.is_empty())
+                .collect();
+            // Few, but each replays a whole history: spread over the cores from a few on.
+            let rebuilt = par_map(work, 8, |(i, bytes)| {
+                let (entity, grouped) = entities[i];
+                (i, self.rebuild(entity, grouped, &bytes))
+            });
+            for (i, state) in rebuilt {
+                if let Some((state, how)) = state {
+                    loaded[i].1 = state;
+                    loaded[i].2 = how;
+                }
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// The state of `entity` (with `grouped` events in the batch) rebuilt from its history's
+    /// `bytes`: every event the history holds, applied to an empty state, folded up to the
+    /// batch's boundary. `None` when the history cannot be read, or nothing in it still counts
+    /// (the key had rightly expired).
+    fn rebuild(
+        &self,
+        entity: &str,
+        grouped: &Grouped,
+        bytes: &[u8],
+    ) -> Option<(EntityState, Rebuilt)> {
+        let plan = &self.plan;
+        let h = match crate::history::read(entity, bytes, i64::MAX) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(entity, error = %e, "unreadable history; the entity's state starts over");
+                return None;
+            }
+        };
+        let from = h.from?;
+        let watermark = self.stale.watermark(grouped);
+        // The batch's boundary; while it is unknown (an owned partition has no watermark yet),
+        // the entity's own partition's watermark before the batch, less the lateness, for no
+        // older event of the entity can still be accepted.
+        let fold = self.target.or_else(|| {
+            watermark
+                .filter(|_| !grouped.mixed)
+                .map(|w| w.saturating_sub(plan.lateness))
+        });
+        // Taking events from the history's header on, or from its oldest event or the fold
+        // if earlier: none of the history's events, nor the batch's, is refused as late.
+        let start = [Some(from), h.events.first().map(|e| e.ts), fold]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("the header");
+        let mut state = EntityState::new(plan, start);
+        state.apply_all(h.events);
+        if let Some(t) = fold {
+            state.advance(plan, t);
+        }
+        let until = state.relevant_until(plan)?;
+        if watermark.is_some_and(|w| until.saturating_add(plan.lateness) < w) {
+            return None;
+        }
+        let how = if from <= state.boundary.saturating_sub(plan.horizon) {
+            Rebuilt::Whole
+        } else {
+            Rebuilt::Partial
+        };
+        Some((state, how))
+    }
+
     /// The state stored for `entity` (a fresh one when absent or unreadable) and its version.
     pub(crate) fn decode(&self, entity: &str, value: Option<Versioned>) -> (u64, EntityState) {
         let fresh = || EntityState::new(&self.plan, self.target.unwrap_or(i64::MIN));
@@ -172,8 +375,8 @@ pub struct StateWrites {
     pub(crate) prefix: String,
     pub(crate) replay: Replay,
     pub(crate) writes: Vec<CasWrite>,
-    /// Per write: its entity and counts.
-    pub(crate) entries: Vec<(Text, ApplyCounts)>,
+    /// Per write: its entity, counts, and whether its state was rebuilt from its history.
+    pub(crate) entries: Vec<(Text, ApplyCounts, Rebuilt)>,
 }
 
 impl StateWrites {
@@ -207,10 +410,11 @@ impl StateWrites {
         for attempt in 0..ATTEMPTS {
             let results = retrying("the writes", || store.put_many(&writes)).await?;
             let mut lost = Vec::new();
-            for ((entity, counts), ok) in entries.into_iter().zip(results) {
+            for ((entity, counts, how), ok) in entries.into_iter().zip(results) {
                 if ok {
                     out.count(counts);
                     out.written += 1;
+                    out.count_rebuilt(how);
                 } else {
                     lost.push(entity);
                 }
@@ -224,30 +428,39 @@ impl StateWrites {
                 entities = lost.len(),
                 "state changed underneath; reloading"
             );
-            let keys: Vec<String> = lost.iter().map(|e| state_key(&prefix, e)).collect();
-            let stored = retrying("the reads", || store.get_many(&keys)).await?;
             let mut events = replay.events_of(&lost);
-            let work: Vec<(Text, Grouped, Option<Versioned>)> = lost
-                .into_iter()
-                .zip(stored)
-                .map(|(entity, value)| {
+            let grouped: Vec<Grouped> = lost
+                .iter()
+                .map(|entity| {
                     // (Every lost entity has events in the batch; without, the fallback
                     // expiry applies.)
-                    let evs = events.remove(&entity).unwrap_or(Grouped {
+                    events.remove(entity).unwrap_or(Grouped {
                         mixed: true,
                         ..Grouped::default()
-                    });
-                    (entity, evs, value)
+                    })
                 })
                 .collect();
-            let recomputed = par_map(work, PAR_MIN, |(entity, events, value)| {
-                let (version, mut state) = settle.decode(&entity, value);
-                let s = settle.settle(&mut state, events);
-                (entity, version, s)
-            });
+            let which: Vec<(&Text, &Grouped)> = lost.iter().zip(&grouped).collect();
+            // A key that expired since the batch read it (or while it was cached) is rebuilt
+            // here as well.
+            let stored = settle.load(store, &prefix, &which).await?;
+            let work: Vec<(Text, Grouped, (u64, EntityState, Rebuilt))> = lost
+                .into_iter()
+                .zip(grouped)
+                .zip(stored)
+                .map(|((entity, events), stored)| (entity, events, stored))
+                .collect();
+            let recomputed = par_map(
+                work,
+                PAR_MIN,
+                |(entity, events, (version, mut state, how))| {
+                    let s = settle.settle(&mut state, events);
+                    (entity, version, s, how)
+                },
+            );
             writes = Vec::with_capacity(recomputed.len());
             entries = Vec::with_capacity(recomputed.len());
-            for (entity, version, mut s) in recomputed {
+            for (entity, version, mut s, how) in recomputed {
                 let expected = (version > 0).then_some(version);
                 // The stored state may hold a boundary other than the cached one: its history
                 // gets the events it accepts, with it.
@@ -263,7 +476,7 @@ impl StateWrites {
                         ttl_ms: s.ttl_ms,
                         history,
                     });
-                    entries.push((entity.clone(), s.counts));
+                    entries.push((entity.clone(), s.counts, how));
                 }
                 reloaded.push(entity);
             }

@@ -511,6 +511,169 @@ fn a_key_whose_events_are_all_ahead_of_the_clock_expires_from_the_processing_tim
     );
 }
 
+/// A key expires by the wall clock, counted from its partition's watermark: while the
+/// watermark stands still (the layer stopped, or no events came) the key of a state that still
+/// counts can expire. The next event of its entity finds no state: it is rebuilt from the
+/// entity's history, not started empty (which would claim, as exact, that the entity had no
+/// earlier events). Both ways a state is found absent: read by a restarted process, and by a
+/// running one whose cached copy's write then loses.
+#[test]
+fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its_history() {
+    let (plan, _, rt, _) = catalog_processing();
+    let spec = duet_spec::load_spec(None).unwrap();
+    let ev = |id: &str, user: &str, kind: &str, amount: Option<f64>, ts: i64| Event {
+        event_id: id.into(),
+        user_id: user.into(),
+        event_type: kind.into(),
+        amount,
+        ts,
+    };
+    let message = |offset: i64, e: &Event| Message {
+        partition: 0,
+        offset,
+        payload: Some(to_json(e).into()),
+        timestamp_ms: None,
+    };
+    // u1 buys at T0 and views in the next minutes; another user's event moves the watermark to
+    // 110 minutes, ten before u1's purchase stops counting (the catalog's 2-hour `last`). u3's
+    // only event stopped counting long before that watermark.
+    let first = vec![
+        ev("z", "u3", "purchase", Some(9.0), T0 - 180 * MIN),
+        ev("a", "u1", "purchase", Some(5.0), T0),
+        ev("b", "u1", "view", None, T0 + MIN),
+        ev("c", "u1", "view", None, T0 + 2 * MIN),
+        ev("d", "u2", "view", None, T0 + 110 * MIN),
+    ];
+    let wm = T0 + 110 * MIN;
+    // Half an hour later (a stop, or a stall), u1 and u3 buy again. u3's history holds nothing
+    // that still counts: its key had rightly expired, and its state starts empty.
+    let next = [
+        ev("e", "u1", "view", None, T0 + 111 * MIN),
+        ev("y", "u3", "purchase", Some(1.0), T0 + 111 * MIN),
+    ];
+    let stopped = wm + 30 * MIN;
+    let mut all = first.clone();
+    all.extend(next.iter().cloned());
+    let reference = Reference::new(&spec, all);
+    let check = |plan: &SpeedPlan, store: &MemoryStore, how: &str| {
+        for user in ["u1", "u3"] {
+            let v = rt
+                .block_on(store.get_many(&[state_key("t:", user)]))
+                .unwrap()
+                .pop()
+                .unwrap()
+                .expect("stored");
+            let state = EntityState::decode(plan, user, &v.bytes).unwrap();
+            for t in [next[0].ts, next[0].ts + 1, T0 + 119 * MIN, T0 + 121 * MIN] {
+                let got = state.evaluate(plan, t);
+                assert!(got.exact, "{how}: {user} not exact at T0{:+}ms", t - T0);
+                for (f, v) in plan.features.iter().zip(&got.values) {
+                    let expected = reference.value(&f.feature, user, t);
+                    assert!(
+                        agree(expected, *v),
+                        "{how}: {} of {user} at T0{:+}ms: reference {expected:?}, speed {v:?}",
+                        f.feature.name,
+                        t - T0
+                    );
+                }
+            }
+        }
+    };
+    let first_batch = |plan: &Arc<SpeedPlan>, store: &MemoryStore| {
+        let mut p = Processor::new(plan.clone(), store.clone(), "t:", "events");
+        let messages = first.iter().enumerate().map(|(i, e)| message(i as i64, e));
+        let out = rt.block_on(p.process(messages.collect(), wm)).unwrap();
+        assert_eq!((out.applied, out.rebuilt), (5, 0));
+        // Expired early (u1), as by a stop of over ten minutes plus the lateness, or rightly
+        // (u3).
+        store.expire(&state_key("t:", "u1"));
+        store.expire(&state_key("t:", "u3"));
+        p
+    };
+    let messages = || {
+        next.iter()
+            .enumerate()
+            .map(|(i, e)| message(first.len() as i64 + i as i64, e))
+            .collect::<Vec<_>>()
+    };
+    let restart = |plan: &Arc<SpeedPlan>, store: &MemoryStore, now: i64| {
+        let mut restarted = Processor::new(plan.clone(), store.clone(), "t:", "events");
+        restarted.assign(0, Some(wm));
+        rt.block_on(restarted.process(messages(), now)).unwrap()
+    };
+
+    // A restarted process reads the absent state.
+    let store = MemoryStore::new();
+    drop(first_batch(&plan, &store));
+    let out = restart(&plan, &store, stopped);
+    assert_eq!((out.applied, out.rebuilt, out.rebuilt_partially), (2, 1, 0));
+    check(&plan, &store, "restarted");
+
+    // A running process holds the state in its cache: its write finds the key gone.
+    let store = MemoryStore::new();
+    let mut running = first_batch(&plan, &store);
+    let out = rt.block_on(running.process(messages(), stopped)).unwrap();
+    assert_eq!((out.applied, out.conflicts, out.rebuilt), (2, 2, 1));
+    check(&plan, &store, "running");
+
+    // A `history` shorter than the streaming horizon: the rebuilt state is counted as possibly
+    // missing events (here it misses none: the history was created with the first ones).
+    let short = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared-spec/catalog.toml"),
+    )
+    .unwrap()
+    .replace("history = \"400d\"", "history = \"1h\"");
+    let short = Arc::new(SpeedPlan::compile(
+        &parse_spec("short.toml", &short).unwrap(),
+    ));
+    assert_eq!(short.history, 60 * MIN);
+    let store = MemoryStore::new();
+    drop(first_batch(&short, &store));
+    let out = restart(&short, &store, stopped);
+    assert_eq!((out.applied, out.rebuilt, out.rebuilt_partially), (2, 1, 1));
+    check(&short, &store, "short history");
+
+    // The cost side: with the watermark within half a minute of the clock, no key can have
+    // expired early, and an absent state's history is not read.
+    let store = MemoryStore::new();
+    drop(first_batch(&plan, &store));
+    let out = restart(&plan, &store, wm + 20_000);
+    assert_eq!((out.applied, out.rebuilt), (2, 0));
+}
+
+/// Events up to the allowed clock skew ahead of the wall clock move the watermark ahead of it.
+/// A key's expiry then counts from the clock, not from that watermark: counted from it, the
+/// key expired that much too soon once the watermark moved with the clock again, while its
+/// state still counted.
+#[test]
+fn a_key_written_while_events_run_ahead_of_the_clock_lives_as_long_as_the_clock_needs() {
+    let (plan, store, rt, now) = catalog_processing();
+    let ts = now + 4 * MIN;
+    let mut p = Processor::new(plan.clone(), store.clone(), "t:", "events");
+    let out = rt
+        .block_on(p.process(vec![view_message(0, 0, "u1", ts)], now))
+        .unwrap();
+    assert_eq!(out.commit[&0].1, ts);
+    let v = rt
+        .block_on(store.get_many(&[state_key("t:", "u1")]))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .expect("stored");
+    let until = EntityState::decode(&plan, "u1", &v.bytes)
+        .unwrap()
+        .relevant_until(&plan)
+        .unwrap();
+    // Until the watermark, moving with the clock from here on, passes that instant plus the
+    // lateness (a second less: the clock moved on since the batch read it).
+    let needed = until + plan.lateness - now - 1_000;
+    let left = store.expires_in(&state_key("t:", "u1")).expect("alive");
+    assert!(
+        left >= std::time::Duration::from_millis(needed as u64),
+        "{left:?} left, {needed} ms needed"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 

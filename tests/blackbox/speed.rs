@@ -118,24 +118,37 @@ pub fn wait_ok(mut child: Child, limit: Duration) -> String {
 
 /// Dumps streaming state as of `t` and compares every feature of every user with the reference.
 pub fn assert_state_matches(prefix: &str, valid: Vec<duet_spec::event::Event>, t: i64, dir: &Path) {
-    let spec = duet_spec::load_spec(None).unwrap();
+    assert_state_matches_under(None, prefix, valid, t, dir)
+}
+
+/// [`assert_state_matches`] for the spec at `spec` (`None`: the catalog).
+pub fn assert_state_matches_under(
+    spec_path: Option<&Path>,
+    prefix: &str,
+    valid: Vec<duet_spec::event::Event>,
+    t: i64,
+    dir: &Path,
+) {
+    let spec = duet_spec::load_spec(spec_path).unwrap();
     let out = dir.join(format!("{}.parquet", prefix.trim_end_matches(':')));
     let as_of = duet_spec::timestamp::format_ms(t);
-    let (stdout, _) = expect_status(
-        &run(&[
-            "speed",
-            "dump",
-            "--redis",
-            &redis_url(),
-            "--prefix",
-            prefix,
-            "--as-of",
-            &as_of,
-            "--out",
-            &s(&out),
-        ]),
-        0,
-    );
+    let mut args = vec![
+        "speed".to_string(),
+        "dump".into(),
+        "--redis".into(),
+        redis_url(),
+        "--prefix".into(),
+        prefix.into(),
+        "--as-of".into(),
+        as_of.clone(),
+        "--out".into(),
+        s(&out),
+    ];
+    if let Some(path) = spec_path {
+        args.extend(["--spec".into(), s(path)]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (stdout, _) = expect_status(&run(&args), 0);
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["inexact"], 0, "{summary}");
     assert_eq!(summary["corrupt"], serde_json::json!([]), "{summary}");
@@ -283,6 +296,99 @@ async fn a_lagging_partition_keeps_its_states_across_a_pause() {
     let dir = tempfile::tempdir().unwrap();
     assert_state_matches(&prefix, valid.clone(), lag + 40 * 60_000, dir.path());
     assert_state_matches(&prefix, valid, lead + 10 * 60_000, dir.path());
+    clean_redis(&prefix);
+}
+
+/// A stop longer than a state key's time to live: keys expire by the wall clock while the
+/// watermark stands still, so the states of entities whose features still count are gone when
+/// the layer comes back. Their next events rebuild them from their histories; before, they
+/// started empty states that answered, as exact, as if the entities had no earlier events.
+/// The catalog with a lateness of one second, so that keys live about a minute.
+#[tokio::test(flavor = "multi_thread")]
+async fn states_that_expire_during_a_stop_are_rebuilt_from_their_histories() {
+    let topic = unique("speed-stop");
+    let prefix = format!("{}:", unique("stop"));
+    create_topic(&topic, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("spec.toml");
+    let catalog = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("shared-spec/catalog.toml"),
+    )
+    .unwrap();
+    assert!(catalog.contains("allowed_lateness = \"10m\""));
+    std::fs::write(
+        &spec,
+        catalog.replace("allowed_lateness = \"10m\"", "allowed_lateness = \"1s\""),
+    )
+    .unwrap();
+    let spec_arg = s(&spec);
+    let base = (now_ms() - 3 * HOUR) / 60_000 * 60_000 + 30_000;
+    // Every user buys at `base`; a last event moves the watermark to four seconds before those
+    // purchases stop counting (the catalog's 2-hour `last_purchase_amount`), so the states'
+    // keys live about 65 seconds: four, the lateness, and a minute of grace.
+    let wm = base + 2 * HOUR - 4_000;
+    let record = |user: &str, id: &str, kind: &str, amount: Option<f64>, ts: i64| {
+        let mut line = serde_json::json!({
+            "event_id": id, "user_id": user, "event_type": kind, "ts": ts,
+        });
+        if let Some(a) = amount {
+            line["amount"] = a.into();
+        }
+        (0, user.to_string(), serde_json::to_vec(&line).unwrap())
+    };
+    let users: Vec<String> = (0..20).map(|u| format!("stopped{u:02}")).collect();
+    let mut before: Vec<_> = users
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            record(
+                u,
+                &format!("{u}-buy"),
+                "purchase",
+                Some(i as f64 + 1.0),
+                base,
+            )
+        })
+        .collect();
+    before.push(record("clock", "clock-1", "view", None, wm));
+    // After the stop, every user views a second after the watermark.
+    let after: Vec<_> = users
+        .iter()
+        .map(|u| record(u, &format!("{u}-view"), "view", None, wm + 1_000))
+        .collect();
+    let group = unique("g");
+    let args = ["--exit-when-idle", "2", "--spec", &spec_arg];
+    produce_placed(&topic, &before).await;
+    wait_ok(
+        speed_run(&topic, &group, &prefix, &args),
+        Duration::from_secs(120),
+    );
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let key = duet_speed::processor::state_key(&prefix, &users[0]);
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut con).unwrap();
+    assert!(
+        (1..=75_000).contains(&ttl),
+        "{key} lives {ttl} ms: the purchases and the last event were not written together"
+    );
+    // The stop: every user's key expires.
+    tokio::time::sleep(Duration::from_millis(ttl as u64 + 2_000)).await;
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query(&mut con).unwrap();
+    assert_eq!(exists, 0, "{key} outlived its expiry");
+    produce_placed(&topic, &after).await;
+    wait_ok(
+        speed_run(&topic, &group, &prefix, &args),
+        Duration::from_secs(120),
+    );
+    let valid: Vec<_> = before
+        .iter()
+        .chain(&after)
+        .map(|(_, _, line)| parse_json_event(line).unwrap().to_event())
+        .collect();
+    // Each user's purchase still counts, then no longer does.
+    for t in [wm + 2_000, base + 2 * HOUR + 1] {
+        assert_state_matches_under(Some(&spec), &prefix, valid.clone(), t, dir.path());
+    }
     clean_redis(&prefix);
 }
 
