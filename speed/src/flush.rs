@@ -6,7 +6,7 @@
 //! which the states' event-id deduplication makes harmless.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -300,8 +300,10 @@ async fn record<S: StateStore>(
     if o.rebuilt > 0 {
         metrics.rebuilt.add(o.rebuilt);
         metrics.rebuilt_partially.add(o.rebuilt_partially);
-        // At most once a minute: a catch-up rebuilds states in many batches in a row.
+        // At most once a minute: a catch-up rebuilds states in many batches in a row. A
+        // warning when some rebuilt since the last line may miss events.
         static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
+        static PARTIAL_LOGGED: AtomicU64 = AtomicU64::new(0);
         let now = crate::now_ms();
         let last = LOGGED.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= 60_000
@@ -310,7 +312,7 @@ async fn record<S: StateStore>(
                 .is_ok()
         {
             let (total, partial) = (metrics.rebuilt.get(), metrics.rebuilt_partially.get());
-            if partial > 0 {
+            if PARTIAL_LOGGED.swap(partial, Ordering::Relaxed) < partial {
                 tracing::warn!(
                     total,
                     partial,

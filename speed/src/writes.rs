@@ -139,7 +139,7 @@ pub(crate) enum Rebuilt {
     /// Rebuilt from a history that holds every event it can need.
     Whole,
     /// Rebuilt from a history that does not reach back the streaming horizon before the state's
-    /// boundary (a `history` shorter than the horizon, or one that expired too): it may miss
+    /// boundary (a `history` shorter than the horizon): it may miss
     /// events.
     Partial,
 }
@@ -323,19 +323,28 @@ impl Settle {
         let watermark = self.stale.watermark(grouped);
         // The batch's boundary; while it is unknown (an owned partition has no watermark yet),
         // the entity's own partition's watermark before the batch, less the lateness, for no
-        // older event of the entity can still be accepted.
+        // older event of the entity can still be accepted. (That holds for events keyed by
+        // `user_id`, as [`Expiry`] assumes too; an entity whose events come from several
+        // partitions is not folded until the boundary is known.)
         let fold = self.target.or_else(|| {
             watermark
                 .filter(|_| !grouped.mixed)
                 .map(|w| w.saturating_sub(plan.lateness))
         });
-        // Taking events from the history's header on, or from its oldest event or the fold
-        // if earlier: none of the history's events, nor the batch's, is refused as late.
-        let start = [Some(from), h.events.first().map(|e| e.ts), fold]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("the header");
+        // Taking events from the history's header on, or from its oldest event, the batch's
+        // oldest or the fold if earlier: none of the history's events, nor the batch's, is
+        // refused as late (a partition without a watermark yet has accepted them all).
+        let oldest_in_batch = grouped.events.iter().map(|e| e.ts).min();
+        let start = [
+            Some(from),
+            h.events.first().map(|e| e.ts),
+            oldest_in_batch,
+            fold,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("the header");
         let mut state = EntityState::new(plan, start);
         state.apply_all(h.events);
         if let Some(t) = fold {

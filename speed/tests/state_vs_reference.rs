@@ -633,6 +633,40 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
     assert_eq!((out.applied, out.rebuilt, out.rebuilt_partially), (2, 1, 1));
     check(&short, &store, "short history");
 
+    // A group without checkpoints (its partition has no watermark yet, the boundary is not
+    // known): the state is rebuilt, and an event of the batch older than the history's header
+    // and oldest event is still taken, as an empty state would.
+    let store = MemoryStore::new();
+    drop(first_batch(&short, &store));
+    let old = ev("x", "u1", "view", None, T0 - 10 * MIN);
+    let mut unchecked = Processor::new(short.clone(), store.clone(), "t:", "events");
+    let out = rt
+        .block_on(unchecked.process(vec![message(9, &old)], stopped))
+        .unwrap();
+    assert_eq!((out.applied, out.late, out.rebuilt), (1, 0, 1));
+    let v = rt
+        .block_on(store.get_many(&[state_key("t:", "u1")]))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .expect("stored");
+    let state = EntityState::decode(&short, "u1", &v.bytes).unwrap();
+    let mut events = first.clone();
+    events.push(old);
+    let reference = Reference::new(&spec, events);
+    for t in [T0 - 5 * MIN, T0 + 3 * MIN, T0 + 111 * MIN] {
+        let got = state.evaluate(&short, t);
+        for (f, v) in short.features.iter().zip(&got.values) {
+            let expected = reference.value(&f.feature, "u1", t);
+            assert!(
+                agree(expected, *v),
+                "no watermark: {} at T0{:+}ms: reference {expected:?}, speed {v:?}",
+                f.feature.name,
+                t - T0
+            );
+        }
+    }
+
     // The cost side: with the watermark within half a minute of the clock, no key can have
     // expired early, and an absent state's history is not read.
     let store = MemoryStore::new();
