@@ -6,7 +6,7 @@
 //! which the states' event-id deduplication makes harmless.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -300,30 +300,29 @@ async fn record<S: StateStore>(
     if o.rebuilt > 0 {
         metrics.rebuilt.add(o.rebuilt);
         metrics.rebuilt_partially.add(o.rebuilt_partially);
-        // At most once a minute: a catch-up rebuilds states in many batches in a row. A
-        // warning when some rebuilt since the last line may miss events.
-        static LOGGED: AtomicI64 = AtomicI64::new(i64::MIN);
-        static PARTIAL_LOGGED: AtomicU64 = AtomicU64::new(0);
-        let now = crate::now_ms();
-        let last = LOGGED.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= 60_000
-            && LOGGED
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let (total, partial) = (metrics.rebuilt.get(), metrics.rebuilt_partially.get());
-            if PARTIAL_LOGGED.swap(partial, Ordering::Relaxed) < partial {
-                tracing::warn!(
-                    total,
-                    partial,
-                    "rebuilt absent states from their histories; some histories did not reach back the streaming horizon, so those states may miss events"
-                );
-            } else {
-                tracing::info!(
-                    total,
-                    "rebuilt absent states from their histories: their partitions' watermarks trail the clock, so their keys may have expired while still needed"
-                );
-            }
+        // Each at most once a minute: a catch-up rebuilds states in many batches in a row.
+        static INFO: AtomicI64 = AtomicI64::new(i64::MIN);
+        static WARNING: AtomicI64 = AtomicI64::new(i64::MIN);
+        let due = |last: &AtomicI64| {
+            let now = crate::now_ms();
+            let at = last.load(Ordering::Relaxed);
+            now.saturating_sub(at) >= 60_000
+                && last
+                    .compare_exchange(at, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+        };
+        let (total, partial) = (metrics.rebuilt.get(), metrics.rebuilt_partially.get());
+        if o.rebuilt_partially > 0 && due(&WARNING) {
+            tracing::warn!(
+                total,
+                partial,
+                "rebuilt absent states from their histories; some histories did not reach back the streaming horizon, so those states may miss events"
+            );
+        } else if o.rebuilt > o.rebuilt_partially && due(&INFO) {
+            tracing::info!(
+                total,
+                "rebuilt absent states from their histories: their partitions' watermarks trail the clock, so their keys may have expired while still needed"
+            );
         }
     }
     metrics.flushes.add(1);

@@ -137,8 +137,9 @@ pub fn decode(entity: &str, bytes: &[u8]) -> Result<Event, Corrupt> {
 
 /// The instant from which a history created while the newest watermark is `watermark` holds
 /// every event: one created for an entity's first events holds them all, and one created
-/// again after its key expired (no event for `history`) holds every event from
-/// `history` behind the watermark on.
+/// again after its key expired (no write for `history` of wall-clock time) holds every event
+/// from `history` behind the watermark on, as long as the watermark kept up with the clock (a
+/// stop longer than `history` breaks that claim; see docs/architecture.md).
 pub fn keep_from(plan: &SpeedPlan, watermark: i64) -> i64 {
     watermark.saturating_sub(plan.history)
 }

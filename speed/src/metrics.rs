@@ -256,7 +256,7 @@ impl SpeedMetrics {
         counter(
             &mut out,
             "duet_speed_states_rebuilt_partially_total",
-            "Of the rebuilt states, those whose history did not reach back the streaming horizon before the state's boundary (a `history` shorter than the horizon, or expired): they may miss events.",
+            "Of the rebuilt states, those whose history did not reach back the streaming horizon before the state's boundary (a `history` shorter than the horizon): they may miss events.",
             self.rebuilt_partially.get(),
         );
         let _ = writeln!(

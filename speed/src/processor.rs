@@ -74,7 +74,8 @@ pub struct BatchOutcome {
     /// Compare-and-set conflicts resolved by reloading.
     pub conflicts: u64,
     /// Absent states rebuilt from their entities' histories and written (their keys may have
-    /// expired while the partition's watermark stood still).
+    /// expired early: the partition's watermark trailed the clock by over half a minute, or it
+    /// had none).
     pub rebuilt: u64,
     /// Of those, states whose history did not reach back the streaming horizon: they may miss
     /// events.

@@ -81,8 +81,8 @@ impl Expiry {
 ///
 /// A key written while its partition's watermark stood `lag` behind the wall clock (never less
 /// than zero: expiries count from the clock when the watermark is ahead of it, see
-/// [`Expiry::new`]) expires `lag` plus the lateness plus [`KEY_GRACE_MS`] after the watermark
-/// would pass the last instant its state can count. So while a partition's watermark trails the
+/// [`Expiry::new`]) expires the lateness plus [`KEY_GRACE_MS`] after a watermark still `lag`
+/// behind the clock would pass the last instant its state can count. So while a partition's watermark trails the
 /// wall clock by at most the grace, every absent key was rightly gone. When it trails by more
 /// (the layer was stopped, the producers held their events back, or the layer falls behind),
 /// some keys may have expired while their states still counted: their entities' absent states
@@ -331,20 +331,15 @@ impl Settle {
                 .filter(|_| !grouped.mixed)
                 .map(|w| w.saturating_sub(plan.lateness))
         });
-        // Taking events from the history's header on, or from its oldest event, the batch's
-        // oldest or the fold if earlier: none of the history's events, nor the batch's, is
-        // refused as late (a partition without a watermark yet has accepted them all).
+        // Taking events from the history's oldest event, the batch's oldest or the fold,
+        // whichever is earliest: none of the history's events, nor the batch's, is refused as
+        // late (a partition without a watermark yet has accepted them all).
         let oldest_in_batch = grouped.events.iter().map(|e| e.ts).min();
-        let start = [
-            Some(from),
-            h.events.first().map(|e| e.ts),
-            oldest_in_batch,
-            fold,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .expect("the header");
+        let start = [h.events.first().map(|e| e.ts), oldest_in_batch, fold]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(from);
         let mut state = EntityState::new(plan, start);
         state.apply_all(h.events);
         if let Some(t) = fold {

@@ -652,7 +652,7 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
         .expect("stored");
     let state = EntityState::decode(&short, "u1", &v.bytes).unwrap();
     let mut events = first.clone();
-    events.push(old);
+    events.push(old.clone());
     let reference = Reference::new(&spec, events);
     for t in [T0 - 5 * MIN, T0 + 3 * MIN, T0 + 111 * MIN] {
         let got = state.evaluate(&short, t);
@@ -666,6 +666,15 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
             );
         }
     }
+
+    // The same with the catalog's 400-day history: rebuilt whole.
+    let store = MemoryStore::new();
+    drop(first_batch(&plan, &store));
+    let mut unchecked = Processor::new(plan.clone(), store.clone(), "t:", "events");
+    let out = rt
+        .block_on(unchecked.process(vec![message(9, &old)], stopped))
+        .unwrap();
+    assert_eq!((out.applied, out.rebuilt, out.rebuilt_partially), (1, 1, 0));
 
     // The cost side: with the watermark within half a minute of the clock, no key can have
     // expired early, and an absent state's history is not read.
