@@ -187,12 +187,17 @@ pub(crate) async fn commit<S: StateStore>(
         archive.write(&outcome).await?;
     }
     checkpoints.save(store, &outcome).await?;
+    // A partition revoked while its batch was in flight is not committed: its next owner reads
+    // the batch again. (With none left, there is nothing to commit; librdkafka refuses an
+    // empty commit.)
     {
         let owned = owned.lock().expect("not poisoned");
         outcome.commit.retain(|p, _| owned.contains(p));
     }
     let mut backoff = Duration::from_millis(100);
-    while let Err(e) = commit_offsets(consumer, &config.topic, &outcome).await {
+    while !outcome.commit.is_empty()
+        && let Err(e) = commit_offsets(consumer, &config.topic, &outcome).await
+    {
         if backoff > Duration::from_secs(30) {
             return Err(e);
         }

@@ -49,15 +49,12 @@ impl Expiry {
         partitions: impl Iterator<Item = &'p i32>,
         now_ms: i64,
     ) -> Self {
-        let watermarks: HashMap<i32, i64> = partitions
-            .filter_map(|p| Some((*p, *all.get(p)?)))
-            .filter(|(_, w)| *w != i64::MIN)
-            .collect();
         // A watermark ahead of the clock (events up to the allowed skew early) counts as the
         // clock: counted from the watermark, a key would expire up to the skew too soon once
         // the watermark moved with the clock again.
-        let watermarks: HashMap<i32, i64> = watermarks
-            .into_iter()
+        let watermarks: HashMap<i32, i64> = partitions
+            .filter_map(|p| Some((*p, *all.get(p)?)))
+            .filter(|(_, w)| *w != i64::MIN)
             .map(|(p, w)| (p, w.min(now_ms)))
             .collect();
         let fallback = watermarks.values().copied().min().unwrap_or(now_ms);
@@ -82,12 +79,13 @@ impl Expiry {
 /// A key written while its partition's watermark stood `lag` behind the wall clock (never less
 /// than zero: expiries count from the clock when the watermark is ahead of it, see
 /// [`Expiry::new`]) expires the lateness plus [`KEY_GRACE_MS`] after a watermark still `lag`
-/// behind the clock would pass the last instant its state can count. So while a partition's watermark trails the
-/// wall clock by at most the grace, every absent key was rightly gone. When it trails by more
-/// (the layer was stopped, the producers held their events back, or the layer falls behind),
-/// some keys may have expired while their states still counted: their entities' absent states
-/// are rebuilt from their histories. So are those of a partition without a watermark before the
-/// batch (a group without checkpoints, on a prefix that may hold states).
+/// behind the clock would pass the last instant its state can count. So while a partition's
+/// watermark trails the wall clock by at most the grace, every absent key was rightly gone.
+/// When it trails by more (the layer was stopped, the producers held their events back, or the
+/// layer falls behind), some keys may have expired while their states still counted: their
+/// entities' absent states are rebuilt from their histories. So are those of a partition
+/// without a watermark before the batch (a group without checkpoints, on a prefix that may hold
+/// states).
 #[derive(Clone, Default)]
 pub(crate) struct Stale {
     /// The watermark each partition of the batch had before it (`None`: none yet).
@@ -139,8 +137,7 @@ pub(crate) enum Rebuilt {
     /// Rebuilt from a history that holds every event it can need.
     Whole,
     /// Rebuilt from a history that does not reach back the streaming horizon before the state's
-    /// boundary (a `history` shorter than the horizon): it may miss
-    /// events.
+    /// boundary (a `history` shorter than the horizon): it may miss events.
     Partial,
 }
 

@@ -370,6 +370,22 @@ fn catalog_processing() -> (Arc<SpeedPlan>, MemoryStore, tokio::runtime::Runtime
     )
 }
 
+/// The state stored for `user` under the prefix `t:`, decoded.
+fn stored_state(
+    rt: &tokio::runtime::Runtime,
+    store: &MemoryStore,
+    plan: &SpeedPlan,
+    user: &str,
+) -> EntityState {
+    let v = rt
+        .block_on(store.get_many(&[state_key("t:", user)]))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .expect("stored");
+    EntityState::decode(plan, user, &v.bytes).unwrap()
+}
+
 /// A batch's states fold up to the watermark from *before* the batch, minus the lateness: a
 /// pipelined batch does not keep the previous batch's events as raw records. A process that
 /// dies after writing a batch's states but before committing its offsets is replaced by one
@@ -397,15 +413,7 @@ fn a_replay_after_a_crash_before_the_commit_counts_duplicates() {
         })
         .collect();
     let (first, second) = messages.split_at(60);
-    let stored = || {
-        let v = rt
-            .block_on(store.get_many(&[state_key("t:", "u1")]))
-            .unwrap()
-            .pop()
-            .unwrap()
-            .expect("stored");
-        EntityState::decode(&plan, "u1", &v.bytes).unwrap()
-    };
+    let stored = || stored_state(&rt, &store, &plan, "u1");
 
     let mut a = Processor::new(plan.clone(), store.clone(), "t:", "events");
     let one = rt.block_on(a.process(first.to_vec(), now)).unwrap();
@@ -438,14 +446,9 @@ fn a_lagging_partition_s_keys_live_as_long_as_its_own_events_need() {
     let ahead = T0 + 10 * 60 * MIN;
     // The time a key has to live beyond its state's last relevant instant counted from `wm`.
     let needed = |user: &str, wm: i64| {
-        let v = rt
-            .block_on(store.get_many(&[state_key("t:", user)]))
-            .unwrap()
-            .pop()
-            .unwrap()
-            .expect("stored");
-        let state = EntityState::decode(&plan, user, &v.bytes).unwrap();
-        let until = state.relevant_until(&plan).unwrap();
+        let until = stored_state(&rt, &store, &plan, user)
+            .relevant_until(&plan)
+            .unwrap();
         std::time::Duration::from_millis((until + plan.lateness - wm) as u64)
     };
     let left = |user: &str| store.expires_in(&state_key("t:", user)).expect("alive");
@@ -557,13 +560,7 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
     let reference = Reference::new(&spec, all);
     let check = |plan: &SpeedPlan, store: &MemoryStore, how: &str| {
         for user in ["u1", "u3"] {
-            let v = rt
-                .block_on(store.get_many(&[state_key("t:", user)]))
-                .unwrap()
-                .pop()
-                .unwrap()
-                .expect("stored");
-            let state = EntityState::decode(plan, user, &v.bytes).unwrap();
+            let state = stored_state(&rt, store, plan, user);
             for t in [next[0].ts, next[0].ts + 1, T0 + 119 * MIN, T0 + 121 * MIN] {
                 let got = state.evaluate(plan, t);
                 assert!(got.exact, "{how}: {user} not exact at T0{:+}ms", t - T0);
@@ -644,13 +641,7 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
         .block_on(unchecked.process(vec![message(9, &old)], stopped))
         .unwrap();
     assert_eq!((out.applied, out.late, out.rebuilt), (1, 0, 1));
-    let v = rt
-        .block_on(store.get_many(&[state_key("t:", "u1")]))
-        .unwrap()
-        .pop()
-        .unwrap()
-        .expect("stored");
-    let state = EntityState::decode(&short, "u1", &v.bytes).unwrap();
+    let state = stored_state(&rt, &store, &short, "u1");
     let mut events = first.clone();
     events.push(old.clone());
     let reference = Reference::new(&spec, events);
@@ -697,14 +688,7 @@ fn a_key_written_while_events_run_ahead_of_the_clock_lives_as_long_as_the_clock_
         .block_on(p.process(vec![view_message(0, 0, "u1", ts)], now))
         .unwrap();
     assert_eq!(out.commit[&0].1, ts);
-    let v = rt
-        .block_on(store.get_many(&[state_key("t:", "u1")]))
-        .unwrap()
-        .pop()
-        .unwrap()
-        .expect("stored");
-    let until = EntityState::decode(&plan, "u1", &v.bytes)
-        .unwrap()
+    let until = stored_state(&rt, &store, &plan, "u1")
         .relevant_until(&plan)
         .unwrap();
     // Until the watermark, moving with the clock from here on, passes that instant plus the

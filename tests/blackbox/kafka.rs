@@ -130,3 +130,28 @@ pub fn clean_redis(prefix: &str) {
         let _: () = redis::cmd("DEL").arg(k).query(&mut con).unwrap();
     }
 }
+
+/// True when `group` has committed every one of the `partitions` of `topic` at or past the end
+/// the broker reports for it.
+pub fn group_caught_up(topic: &str, group: &str, partitions: i32) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    committed.elements().iter().all(|e| {
+        let (_, end) = consumer
+            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+            .unwrap();
+        matches!(e.offset(), Offset::Offset(o) if o >= end)
+    })
+}

@@ -227,11 +227,19 @@ async fn exactly_once_across_kill_9_restarts() {
         child.wait().unwrap();
     }
     // The killed members leave the group when the broker's session timeout (10 s) expires.
+    // One still listed as a member holds its partitions until then, and the last run may be
+    // caught up and idle without them: it runs again until the group has consumed them all.
     std::thread::sleep(Duration::from_secs(11));
-    wait_ok(
-        speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
-        Duration::from_secs(180),
-    );
+    for runs in 1.. {
+        wait_ok(
+            speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+            Duration::from_secs(180),
+        );
+        if group_caught_up(&topic, &group, 3) {
+            break;
+        }
+        assert!(runs < 4, "{runs} runs left partitions unconsumed");
+    }
     let dir = tempfile::tempdir().unwrap();
     let t = valid.iter().map(|e| e.ts).max().unwrap() + 1;
     assert_state_matches(&prefix, valid.clone(), t, dir.path());
@@ -241,6 +249,69 @@ async fn exactly_once_across_kill_9_restarts() {
     let mut times: Vec<i64> = valid.iter().map(|e| e.ts).collect();
     times.sort();
     assert_state_matches(&prefix, valid, times[times.len() / 3], dir.path());
+    clean_redis(&prefix);
+}
+
+/// Members joining a group one after another while its first members still consume: every
+/// join takes each member's partitions back and hands them out again, mid-stream. A member
+/// whose new assignment's first messages arrived before it handled the revocation (in the same
+/// turn of its loop) dropped them with the revoked partitions' buffered messages, and never
+/// read them again: a session counted short once a dead member of a kill -9 restart left the
+/// group. So did a member handed a partition straight back (librdkafka went on after the
+/// messages dropped at the revocation). Both are fixed; the test still fails most runs on
+/// tansu, with a few messages of one partition missing after it moved between members (not
+/// yet explained), so it does not run with the suite.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a reproducer: still loses a few messages under repeated rebalances on tansu"]
+async fn rebalances_while_consuming_lose_no_message() {
+    let topic = unique("speed-rebalance");
+    let prefix = format!("{}:", unique("rebalance"));
+    create_topic(&topic, 6).await;
+    let end = now_ms() - HOUR;
+    let (lines, valid) = generated(300, 60_000, end, 17);
+    produce(&topic, &keyed(&lines)).await;
+    let group = unique("g");
+    // Small batches, so that consuming outlasts the joins.
+    let args = ["--exit-when-idle", "3", "--max-batch", "50"];
+    let mut members = Vec::new();
+    for _ in 0..4 {
+        members.push(speed_run(&topic, &group, &prefix, &args));
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let logs: Vec<String> = members
+        .into_iter()
+        .map(|m| wait_ok(m, Duration::from_secs(180)))
+        .collect();
+    let revoked = logs
+        .iter()
+        .map(|l| l.matches("partitions revoked").count())
+        .sum::<usize>();
+    assert!(revoked > 0, "no member had its partitions taken back");
+    // Members go idle and leave one by one; one may leave just as partitions come its way.
+    for runs in 1.. {
+        if group_caught_up(&topic, &group, 6) {
+            break;
+        }
+        assert!(runs < 4, "{runs} runs left partitions unconsumed");
+        wait_ok(
+            speed_run(&topic, &group, &prefix, &["--exit-when-idle", "2"]),
+            Duration::from_secs(180),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = valid.iter().map(|e| e.ts).max().unwrap() + 1;
+    assert_state_matches(&prefix, valid.clone(), t, dir.path());
+    // Further back, from the histories: every event counted once.
+    let mut times: Vec<i64> = valid.iter().map(|e| e.ts).collect();
+    times.sort();
+    for i in [1, 2, 3] {
+        assert_state_matches(
+            &prefix,
+            valid.clone(),
+            times[times.len() * i / 4],
+            dir.path(),
+        );
+    }
     clean_redis(&prefix);
 }
 
