@@ -8,7 +8,7 @@
 //! offsets together with each partition's watermark in the commit metadata, so a restarted or
 //! newly assigned process resumes with the same lateness decisions.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -240,9 +240,6 @@ pub async fn run<S: StateStore + Clone>(
     // What the consumer delivered after a rebalance callback, kept until the rebalance has
     // been handled.
     let mut held = Delivered::Nothing;
-    // Where this process stands in each partition, and what it put aside at a revocation.
-    let mut positions = Positions::default();
-    let mut parked = Parked::default();
     // One stream for the whole run: `recv` makes a stream per message, registering and
     // unregistering a waker under a lock each time.
     let mut messages = consumer.stream();
@@ -287,15 +284,14 @@ pub async fn run<S: StateStore + Clone>(
                         // (a callback makes the poll return nothing, and the select polls it
                         // again), so this belongs to the new assignment: it waits until the
                         // rebalance has been handled below. Buffered, it would be taken for a
-                        // message of the old assignment, and put aside (or dropped) with the
-                        // revoked partitions' messages, while its partition's fetch position is
-                        // already past it.
+                        // message of the old assignment and dropped with the revoked
+                        // partitions' messages, while its partition's fetch position is already
+                        // past it.
                         tracing::debug!("a message arrived before its rebalance was handled");
                         held = delivered;
                         break;
                     }
-                    received_messages +=
-                        delivered.keep(&mut buffer, &mut at_end, &mut positions);
+                    received_messages += delivered.keep(&mut buffer, &mut at_end);
                     if buffer.len() < config.max_batch && taken < DRAIN {
                         next = messages.next().now_or_never().flatten();
                     }
@@ -338,11 +334,7 @@ pub async fn run<S: StateStore + Clone>(
                 &mut rebalances,
                 &sinks,
                 processor,
-                Held {
-                    buffer: &mut buffer,
-                    parked: &mut parked,
-                    positions: &mut positions,
-                },
+                &mut buffer,
                 &mut assigned,
                 &mut at_end,
                 true,
@@ -354,7 +346,7 @@ pub async fn run<S: StateStore + Clone>(
                 }
             }
         }
-        let kept = std::mem::take(&mut held).keep(&mut buffer, &mut at_end, &mut positions);
+        let kept = std::mem::take(&mut held).keep(&mut buffer, &mut at_end);
         if kept > 0 {
             metrics.received.add(kept);
             oldest.get_or_insert_with(Instant::now);
@@ -374,11 +366,7 @@ pub async fn run<S: StateStore + Clone>(
         &mut rebalances,
         &sinks,
         processor,
-        Held {
-            buffer: &mut buffer,
-            parked: &mut parked,
-            positions: &mut positions,
-        },
+        &mut buffer,
         &mut assigned,
         &mut at_end,
         false,
@@ -549,21 +537,13 @@ enum Delivered {
 }
 
 impl Delivered {
-    /// Buffers a message (unless this process already has it, see [`Positions::admit`]) or
-    /// notes a partition's end; returns the number of messages received.
-    fn keep(
-        self,
-        buffer: &mut Vec<Message>,
-        at_end: &mut BTreeSet<i32>,
-        positions: &mut Positions,
-    ) -> u64 {
+    /// Buffers a message or notes a partition's end; returns the number of messages buffered.
+    fn keep(self, buffer: &mut Vec<Message>, at_end: &mut BTreeSet<i32>) -> u64 {
         match self {
             Delivered::Nothing => 0,
             Delivered::Message(m) => {
                 at_end.remove(&m.partition);
-                if positions.admit(m.partition, m.offset) {
-                    buffer.push(m);
-                }
+                buffer.push(m);
                 1
             }
             Delivered::End(p) => {
@@ -628,121 +608,29 @@ async fn ensure_topic(brokers: &str, topic: &str) -> Result<()> {
     Ok(())
 }
 
-/// The messages a rebalance moves: the buffer, what was put aside of revoked partitions, and
-/// where this process stands in each partition.
-struct Held<'a> {
-    buffer: &'a mut Vec<Message>,
-    parked: &'a mut Parked,
-    positions: &'a mut Positions,
-}
-
-/// Buffered messages of revoked partitions, put aside until the next assignment tells whether
-/// the partitions come back to this process.
-#[derive(Default)]
-struct Parked {
-    messages: Vec<Message>,
-    /// The revoked partitions, with their watermark then.
-    revoked: HashMap<i32, Option<i64>>,
-}
-
-/// Where this process stands in each partition's messages.
-#[derive(Default)]
-struct Positions {
-    /// By partition: the offset after the last message buffered (-1: none).
-    next: Vec<i64>,
-    /// Partitions handed straight back by a rebalance, with their `next` then.
-    skip_below: HashMap<i32, i64>,
-}
-
-impl Positions {
-    /// True when a message of `partition` at `offset` is to be buffered: false when it comes
-    /// again after its partition was handed straight back (librdkafka may fetch such a
-    /// partition again from its committed offset, which can be older than what this process
-    /// buffered and applied). The first message past those ends the skipping.
-    fn admit(&mut self, partition: i32, offset: i64) -> bool {
-        if !self.skip_below.is_empty()
-            && let Some(&from) = self.skip_below.get(&partition)
-        {
-            if offset < from {
-                return false;
-            }
-            if offset > from {
-                tracing::warn!(
-                    partition,
-                    from,
-                    to = offset,
-                    "the partition came back past messages this process has not read"
-                );
-            }
-            self.skip_below.remove(&partition);
-        }
-        if let Ok(i) = usize::try_from(partition) {
-            if self.next.len() <= i {
-                self.next.resize(i + 1, -1);
-            }
-            self.next[i] = offset + 1;
-        }
-        true
-    }
-
-    /// The offset after the last message of `partition` buffered, if any.
-    fn next(&self, partition: i32) -> Option<i64> {
-        let i = usize::try_from(partition).ok()?;
-        self.next.get(i).copied().filter(|n| *n >= 0)
-    }
-}
-
-/// Handles the queued rebalance events; returns the newly assigned partitions (except those
-/// handed straight back) with the offset each resumes from.
-///
-/// A revocation puts the revoked partitions' buffered messages aside. librdkafka revokes every
-/// partition at each rebalance (the eager protocol), and a partition handed straight back may
-/// go on from where its fetcher stood, after those messages: dropped, they would never be read.
-/// So a partition handed straight back takes them back, and its watermark from before the
-/// revocation, as if it had never left (what librdkafka fetches again of it is skipped). A
-/// partition that went to another member loses them: its new owner reads them from the
-/// committed offset.
 async fn handle_rebalances(
     rebalances: &mut mpsc::UnboundedReceiver<RebalanceEvent>,
     sinks: &Sinks,
     processor: &mut Processor<impl StateStore>,
-    held: Held<'_>,
+    buffer: &mut Vec<Message>,
     assigned: &mut BTreeMap<i32, ()>,
     at_end: &mut BTreeSet<i32>,
     check_losses: bool,
 ) -> Result<Vec<(i32, Option<i64>)>> {
     let (consumer, topic, checkpoints) = (&sinks.consumer, &sinks.config.topic, &sinks.checkpoints);
-    let Held {
-        buffer,
-        parked,
-        positions,
-    } = held;
     let mut newly = Vec::new();
     while let Ok(event) = rebalances.try_recv() {
         match event {
             RebalanceEvent::Revoked(parts) => {
                 tracing::info!(?parts, "partitions revoked");
-                let (revoked, kept): (Vec<Message>, Vec<Message>) = std::mem::take(buffer)
-                    .into_iter()
-                    .partition(|m| parts.contains(&m.partition));
-                *buffer = kept;
-                parked.messages.extend(revoked);
+                buffer.retain(|m| !parts.contains(&m.partition));
                 for p in parts {
-                    parked
-                        .revoked
-                        .insert(p, processor.watermarks().get(&p).copied());
                     processor.revoke(p);
                     assigned.remove(&p);
                     at_end.remove(&p);
                 }
             }
             RebalanceEvent::Assigned(parts) => {
-                // Revoked partitions missing here went to other members.
-                parked.revoked.retain(|p, _| parts.contains(p));
-                let revoked = &parked.revoked;
-                parked
-                    .messages
-                    .retain(|m| revoked.contains_key(&m.partition));
                 let mut tpl = TopicPartitionList::new();
                 for p in &parts {
                     tpl.add_partition(topic, *p);
@@ -764,32 +652,15 @@ async fn handle_rebalances(
                     if e.error().is_ok() {
                         resumes.push((e.partition(), offset));
                     }
-                    let p = e.partition();
-                    if let Some(wm) = parked.revoked.remove(&p) {
-                        let (back, rest): (Vec<Message>, Vec<Message>) =
-                            std::mem::take(&mut parked.messages)
-                                .into_iter()
-                                .partition(|m| m.partition == p);
-                        parked.messages = rest;
-                        buffer.extend(back);
-                        if let Some(next) = positions.next(p) {
-                            positions.skip_below.insert(p, next);
-                        }
-                        tracing::info!(partition = p, watermark = ?wm, "partition handed back");
-                        processor.assign(p, wm);
-                        assigned.insert(p, ());
-                        continue;
-                    }
-                    positions.skip_below.remove(&p);
                     let wm = e
                         .metadata()
                         .strip_prefix(WM_PREFIX)
                         .and_then(|v| v.parse::<i64>().ok())
-                        .or_else(|| Checkpoints::watermark_at(&saved, p, offset));
-                    tracing::info!(partition = p, offset = ?e.offset(), watermark = ?wm, "partition assigned");
-                    processor.assign(p, wm);
-                    assigned.insert(p, ());
-                    newly.push((p, offset));
+                        .or_else(|| Checkpoints::watermark_at(&saved, e.partition(), offset));
+                    tracing::info!(partition = e.partition(), offset = ?e.offset(), watermark = ?wm, "partition assigned");
+                    processor.assign(e.partition(), wm);
+                    assigned.insert(e.partition(), ());
+                    newly.push((e.partition(), offset));
                 }
                 if check_losses {
                     report_losses(sinks, resumes);
@@ -850,7 +721,7 @@ impl LossCheck {
         let topic = topic.to_string();
         let check = move || {
             // Per partition, the offset up to which lost messages were counted.
-            let mut counted: HashMap<i32, i64> = Default::default();
+            let mut counted: std::collections::HashMap<i32, i64> = Default::default();
             while let Ok(resumes) = rx.recv() {
                 for (p, resume) in resumes {
                     if !owned.lock().expect("not poisoned").contains(&p) {
