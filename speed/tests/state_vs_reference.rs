@@ -27,6 +27,29 @@ fn agree(expected: Value, got: Value) -> bool {
     }
 }
 
+/// Asserts that `values`, a state's evaluation of `user` as of `t`, agree with the reference
+/// feature by feature; `context` names the case in the message. Returns the features compared.
+fn assert_agrees(
+    plan: &SpeedPlan,
+    reference: &Reference<'_>,
+    user: &str,
+    t: i64,
+    values: &[Value],
+    context: impl Fn() -> String,
+) -> usize {
+    for (f, v) in plan.features.iter().zip(values) {
+        let expected = reference.value(&f.feature, user, t);
+        assert!(
+            agree(expected, *v),
+            "{}: {} of {user} at T0{:+}ms: reference {expected:?}, speed {v:?}",
+            context(),
+            f.feature.name,
+            t - T0
+        );
+    }
+    values.len()
+}
+
 fn arb_spec() -> impl Strategy<Value = String> {
     let feature = (
         0usize..9,
@@ -322,17 +345,9 @@ fn edges_match_reference_at_every_boundary() {
         let state = EntityState::decode(&plan, "u", &state.encode(&plan)).unwrap();
         for &t in probes.iter().filter(|t| **t >= b) {
             let got = state.evaluate(&plan, t);
-            for (f, v) in plan.features.iter().zip(&got.values) {
-                let expected = reference.value(&f.feature, "u", t);
-                assert!(
-                    agree(expected, *v),
-                    "{} at T0{:+}ms with boundary T0{:+}ms: reference {expected:?}, speed {v:?}",
-                    f.feature.name,
-                    t - T0,
-                    b - T0
-                );
-                checked += 1;
-            }
+            checked += assert_agrees(&plan, &reference, "u", t, &got.values, || {
+                format!("boundary T0{:+}ms", b - T0)
+            });
         }
     }
     assert!(checked > 10_000, "{checked}");
@@ -564,15 +579,7 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
             for t in [next[0].ts, next[0].ts + 1, T0 + 119 * MIN, T0 + 121 * MIN] {
                 let got = state.evaluate(plan, t);
                 assert!(got.exact, "{how}: {user} not exact at T0{:+}ms", t - T0);
-                for (f, v) in plan.features.iter().zip(&got.values) {
-                    let expected = reference.value(&f.feature, user, t);
-                    assert!(
-                        agree(expected, *v),
-                        "{how}: {} of {user} at T0{:+}ms: reference {expected:?}, speed {v:?}",
-                        f.feature.name,
-                        t - T0
-                    );
-                }
+                assert_agrees(plan, &reference, user, t, &got.values, || how.to_string());
             }
         }
     };
@@ -647,15 +654,9 @@ fn a_state_whose_key_expired_while_the_watermark_stood_still_is_rebuilt_from_its
     let reference = Reference::new(&spec, events);
     for t in [T0 - 5 * MIN, T0 + 3 * MIN, T0 + 111 * MIN] {
         let got = state.evaluate(&short, t);
-        for (f, v) in short.features.iter().zip(&got.values) {
-            let expected = reference.value(&f.feature, "u1", t);
-            assert!(
-                agree(expected, *v),
-                "no watermark: {} at T0{:+}ms: reference {expected:?}, speed {v:?}",
-                f.feature.name,
-                t - T0
-            );
-        }
+        assert_agrees(&short, &reference, "u1", t, &got.values, || {
+            "no watermark".into()
+        });
     }
 
     // The same with the catalog's 400-day history: rebuilt whole.

@@ -256,9 +256,8 @@ async fn exactly_once_across_kill_9_restarts() {
 /// join takes each member's partitions back and hands them out again, mid-stream. A member
 /// whose new assignment's first messages arrived before it handled the revocation (in the same
 /// turn of its loop) dropped them with the revoked partitions' buffered messages, and never
-/// read them again: a session counted short once a dead member of a kill -9 restart left the
-/// group. The records are produced one per record batch: tansu answers a fetch from inside a
-/// batch with the batches after it (see `produce_unbatched`).
+/// read them again. The records are produced one per record batch: tansu answers a fetch from
+/// inside a batch with the batches after it (see `produce_unbatched`).
 #[tokio::test(flavor = "multi_thread")]
 async fn rebalances_while_consuming_lose_no_message() {
     let topic = unique("speed-rebalance");
